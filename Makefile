@@ -1,0 +1,26 @@
+# Both verbs set themselves up: a .venv in the repo root, created when missing.
+VENV  := .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# The registry's CUDA builds of this pair import on CPU-only machines; the CPU-only torch
+# wheel some machines offer has no matching torchvision (see DESIGN.md).
+TORCH := torch==2.13.0 torchvision==0.28.0
+
+.PHONY: demo test test-all setup
+
+demo: $(STAMP)
+	$(VENV)/bin/tsm-surgery demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -n 2 -m ''
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check uv
+	$(VENV)/bin/uv pip install --python $(PY) -e '.[timm,mmaction,export,test]' $(TORCH)
+	touch $(STAMP)

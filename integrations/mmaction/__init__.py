@@ -1,0 +1,1 @@
+"""MMAction2 adapter (placeholder until the plugin lands)."""

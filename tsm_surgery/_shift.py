@@ -1,0 +1,152 @@
+"""The temporal shift op and its module form.
+
+A clip batch is ``(N*T, C, ...)`` with the ``T`` frames of each clip contiguous. With
+``fold = C // shift_div``:
+
+* ``"bi"``: channels ``[0, fold)`` of frame t come from frame t+1 (zeros at the last frame),
+  channels ``[fold, 2*fold)`` from frame t-1 (zeros at the first frame); the rest stay.
+* ``"uni"``: only channels ``[fold, 2*fold)`` move, from frame t-1 (zeros at the first frame),
+  so frame t never sees a later frame.
+
+The op is built from views and one ``torch.cat`` per slot, never by assigning slices into a
+zero tensor: that form is what breaks ONNX/TensorRT export of the paper's shift (upstream
+temporal-shift-module issues #77, #103, #181).
+"""
+
+from typing import List
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["temporal_shift", "TemporalShift", "DIRECTIONS"]
+
+DIRECTIONS = ("bi", "uni")
+
+
+def check_shift_args(n_segments: int, shift_div: int, direction: str) -> None:
+    """Raises ValueError for arguments no clip can satisfy."""
+    if direction not in DIRECTIONS:
+        raise ValueError(
+            f"direction={direction!r} is not one of {DIRECTIONS}: 'bi' mixes past and future "
+            "frames (offline), 'uni' only the past (online/streaming)."
+        )
+    if int(n_segments) < 1:
+        raise ValueError(f"n_segments must be a positive number of frames per clip, got {n_segments}.")
+    if int(shift_div) < 2:
+        raise ValueError(f"shift_div must be at least 2 (1/shift_div of the channels move each way), got {shift_div}.")
+
+
+def _check_input(x: Tensor, n_segments: int, shift_div: int, channel_dim: int) -> None:
+    if x.dim() < 2:
+        raise ValueError(f"temporal_shift needs a (N*T, C, ...) or (N*T, ..., C) tensor, got shape {list(x.shape)}.")
+    batch = x.shape[0]
+    if batch % n_segments != 0:
+        raise ValueError(
+            f"batch {batch} is not a multiple of n_segments={n_segments}. The input must hold whole "
+            f"clips with their frames folded into the batch: (N*T, C, H, W) with T={n_segments}. "
+            "If you passed a (N, C, T, H, W) or (N, T, C, H, W) tensor, reshape it to "
+            "(N*T, C, H, W) first; if the clip length changed, set n_segments on the converted model."
+        )
+    channels = x.shape[channel_dim]
+    if channels < shift_div:
+        raise ValueError(
+            f"{channels} channels (dim {channel_dim} of shape {list(x.shape)}) cannot be split into "
+            f"1/{shift_div} slots: lower shift_div or skip this site (convert(..., select=...))."
+        )
+
+
+def _shift_frames(v: Tensor, channel_dim: int, fold: int, direction: str) -> Tensor:
+    """Shifts a (N, T, ...) view; ``channel_dim`` indexes that 5D view."""
+    frames = v.shape[1]
+    channels = v.shape[channel_dim]
+    past = v.narrow(channel_dim, fold, fold)
+    first = torch.zeros_like(past.narrow(1, 0, 1))
+    from_past = torch.cat([first, past.narrow(1, 0, frames - 1)], dim=1)
+    rest = v.narrow(channel_dim, 2 * fold, channels - 2 * fold)
+    if direction == "uni":
+        return torch.cat([v.narrow(channel_dim, 0, fold), from_past, rest], dim=channel_dim)
+    future = v.narrow(channel_dim, 0, fold)
+    from_future = torch.cat([future.narrow(1, 1, frames - 1), first], dim=1)
+    return torch.cat([from_future, from_past, rest], dim=channel_dim)
+
+
+def _temporal_shift(x: Tensor, n_segments: int, shift_div: int, direction: str, channel_dim: int) -> Tensor:
+    channel_dim = channel_dim % x.dim()
+    _check_input(x, n_segments, shift_div, channel_dim)
+    fold = x.shape[channel_dim] // shift_div
+    # channels_last: shift the (N*T, H, W, C) view, whose memory is contiguous, so the result
+    # keeps the caller's memory format without an extra copy.
+    channels_last = (channel_dim == 1 and x.dim() == 4 and not x.is_contiguous()
+                     and x.is_contiguous(memory_format=torch.channels_last))
+    if channels_last:
+        x = x.permute(0, 2, 3, 1)
+        channel_dim = 3
+    shape: List[int] = list(x.shape)
+    clips = x.reshape([shape[0] // n_segments, n_segments] + shape[1:])
+    out = _shift_frames(clips, channel_dim + 1, fold, direction).reshape(shape)
+    return out.permute(0, 3, 1, 2) if channels_last else out
+
+
+def temporal_shift(
+    x: Tensor, n_segments: int, shift_div: int = 8, direction: str = "bi", channel_dim: int = 1
+) -> Tensor:
+    """Shifts 1/``shift_div`` of the channels one frame along time.
+
+    Args:
+        x: clips with frames folded into the batch: ``(N*T, C, H, W)`` (contiguous or
+            channels_last) or tokens ``(N*T, L, C)`` with ``channel_dim=-1``.
+        n_segments: frames per clip, ``T``.
+        shift_div: ``1/shift_div`` of the channels move each way.
+        direction: ``"bi"`` (past and future, offline) or ``"uni"`` (past only, online).
+        channel_dim: the channel dimension of ``x``.
+
+    Returns:
+        A new tensor of ``x``'s shape; ``x`` is not modified.
+
+    Raises:
+        ValueError: the batch is not a multiple of ``n_segments`` or there are fewer channels
+            than ``shift_div``.
+
+    Example:
+        >>> x = torch.arange(8.).reshape(2, 4, 1, 1)    # 2 frames, 4 channels
+        >>> temporal_shift(x, n_segments=2, shift_div=4).flatten(1)
+        tensor([[4., 0., 2., 3.],
+                [0., 1., 6., 7.]])
+
+    Under ``torch.fx`` symbolic tracing the call is recorded as one node.
+    """
+    if isinstance(x, torch.fx.Proxy):
+        return x.tracer.create_proxy(
+            "call_function", temporal_shift, (x,),
+            {"n_segments": n_segments, "shift_div": shift_div, "direction": direction, "channel_dim": channel_dim},
+        )
+    check_shift_args(n_segments, shift_div, direction)
+    return _temporal_shift(x, n_segments, shift_div, direction, channel_dim)
+
+
+class TemporalShift(nn.Module):
+    """:func:`temporal_shift` as a module with no parameters and no buffers.
+
+    ``convert`` inserts one per shifted site; its attributes can be changed after conversion
+    (for instance ``n_segments`` when test clips are longer than training clips).
+
+    Example:
+        >>> shift = TemporalShift(n_segments=8, shift_div=8, direction="uni")
+        >>> shift(torch.randn(16, 64, 7, 7)).shape
+        torch.Size([16, 64, 7, 7])
+    """
+
+    def __init__(self, n_segments: int, shift_div: int = 8, direction: str = "bi", channel_dim: int = 1):
+        super().__init__()
+        check_shift_args(n_segments, shift_div, direction)
+        self.n_segments = int(n_segments)
+        self.shift_div = int(shift_div)
+        self.direction = direction
+        self.channel_dim = int(channel_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _temporal_shift(x, self.n_segments, self.shift_div, self.direction, self.channel_dim)
+
+    def extra_repr(self) -> str:
+        return (f"n_segments={self.n_segments}, shift_div={self.shift_div}, "
+                f"direction={self.direction!r}, channel_dim={self.channel_dim}")

@@ -1,0 +1,322 @@
+"""Discovery: which additions in a traced network are residual joins, and where their branch starts.
+
+For every addition of two tensors the fork is the latest node both operands depend on. Along
+each operand we count *mixing* layers (convolutions, linear layers, matrix products; norms,
+scales and activations do not count). A join is a block residual when one operand is deep
+(two or more mixing layers: the residual branch) and the other shallow (the identity or a
+one-layer projection: the shortcut). The other additions are reported, not shifted:
+
+* ``broadcast``: an operand that does not come from the input (position embeddings, biases)
+  or a different shape (broadcasting);
+* ``multi_branch``: parallel single-layer branches summed (RepVGG, MobileOne, ACNet);
+* ``internal``: any other sum inside a block (Res2Net's split sums, GRN's ``x + f(x)``).
+"""
+
+import copy
+import operator
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from ._tracer import LeafSpec, trace
+
+__all__ = ["ResidualSite", "find_residual_sites", "site_table"]
+
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_ADD_METHODS = {"add", "add_"}
+_MIXING_FUNCTIONS = {
+    F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+    F.linear, F.scaled_dot_product_attention, torch.matmul, operator.matmul, torch.mm, torch.bmm,
+    torch.einsum, torch.addmm, torch.baddbmm,
+}
+_MIXING_METHODS = {"matmul", "mm", "bmm"}
+
+
+@dataclass(frozen=True)
+class ResidualSite:
+    """One addition in the traced network, and for residual joins what ``convert`` would shift.
+
+    Attributes:
+        name: stable name built from module paths, e.g. ``"layer2.1"`` or ``"blocks.0.attn"``.
+        kind: ``"residual"`` (shifted), ``"multi_branch"``, ``"internal"`` or ``"broadcast"``.
+        join: graph node name of the addition.
+        fork: graph node name of the tensor the residual branch starts from.
+        branch_consumers: nodes reading ``fork`` on the branch side (rewired to the shifted tensor).
+        shortcut_consumers: nodes reading ``fork`` on the shortcut side (left alone).
+        channels: channel count of ``fork``.
+        channel_dim: the dimension of ``fork`` holding channels (1 for NCHW, -1 for NHWC/tokens).
+        shape: shape of ``fork`` for the example input.
+        branch_depth: mixing layers on the branch; shortcut_depth likewise on the shortcut.
+        reason: for joins that are not shifted, why.
+    """
+
+    name: str
+    kind: str
+    join: str
+    fork: str
+    branch_consumers: Tuple[str, ...] = ()
+    shortcut_consumers: Tuple[str, ...] = ()
+    channels: int = 0
+    channel_dim: int = 1
+    shape: Tuple[int, ...] = ()
+    branch_depth: int = 0
+    shortcut_depth: int = 0
+    reason: str = field(default="", compare=False)
+
+
+def _is_add(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
+        return True
+    return node.op == "call_method" and node.target in _ADD_METHODS
+
+
+def _is_mixing(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return any(p.dim() >= 2 for p in modules[node.target].parameters())
+    if node.op == "call_function":
+        return node.target in _MIXING_FUNCTIONS
+    return node.op == "call_method" and node.target in _MIXING_METHODS
+
+
+def _tensor_shape(node) -> Optional[Tuple[int, ...]]:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if hasattr(meta, "shape") else None
+
+
+def _module_path(node: fx.Node) -> Optional[str]:
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1]
+        return path[0] if isinstance(path, tuple) else str(path)
+    return None
+
+
+def _common_prefix(paths: Sequence[str]) -> str:
+    parts = [p.split(".") for p in paths if p]
+    if not parts:
+        return ""
+    prefix = []
+    for segment in zip(*parts):
+        if len(set(segment)) != 1:
+            break
+        prefix.append(segment[0])
+    return ".".join(prefix)
+
+
+class _GraphIndex:
+    """Topological positions, ancestor bitsets and input-dependence of every node."""
+
+    def __init__(self, graph: fx.Graph, modules: Dict[str, nn.Module]):
+        self.nodes = list(graph.nodes)
+        self.modules = modules
+        self.position = {node: i for i, node in enumerate(self.nodes)}
+        self.ancestors: Dict[fx.Node, int] = {}
+        self.from_input: Dict[fx.Node, bool] = {}
+        self.branch_scope: Dict[str, str] = {}  # join name -> common module path of its branch layers
+        for node in self.nodes:
+            bits = 0
+            data = node.op == "placeholder"
+            for inp in node.all_input_nodes:
+                bits |= self.ancestors[inp] | (1 << self.position[inp])
+                data = data or self.from_input[inp]
+            self.ancestors[node] = bits
+            self.from_input[node] = data
+
+    def reaches(self, source: fx.Node, target: fx.Node) -> bool:
+        """True when ``target`` is ``source`` or depends on it."""
+        return source is target or bool(self.ancestors[target] >> self.position[source] & 1)
+
+    def fork(self, a: fx.Node, b: fx.Node) -> Optional[fx.Node]:
+        common = (self.ancestors[a] | 1 << self.position[a]) & (self.ancestors[b] | 1 << self.position[b])
+        return self.nodes[common.bit_length() - 1] if common else None
+
+    def depth(self, fork: fx.Node, end: fx.Node) -> int:
+        """Most mixing layers on any path from ``fork`` to ``end``."""
+        depth = {fork: 0}
+        for node in self.nodes[self.position[fork] + 1: self.position[end] + 1]:
+            inputs = [depth[i] for i in node.all_input_nodes if i in depth]
+            if inputs and self.reaches(node, end):
+                depth[node] = max(inputs) + _is_mixing(node, self.modules)
+        return depth.get(end, 0)
+
+    def branch_nodes(self, fork: fx.Node, end: fx.Node) -> List[fx.Node]:
+        lo, hi = self.position[fork], self.position[end]
+        return [n for n in self.nodes[lo + 1: hi + 1] if self.reaches(fork, n) and self.reaches(n, end)]
+
+
+def _first_layer_channels(index: _GraphIndex, branch: List[fx.Node]) -> Optional[Tuple[int, bool]]:
+    """Input channels of the first parametrised module on the branch, and whether it reads the last dim."""
+    for node in branch:
+        if node.op != "call_module":
+            continue
+        module = index.modules[node.target]
+        for attr in ("in_channels", "in_features", "num_features", "normalized_shape"):
+            value = getattr(module, attr, None)
+            if value is not None:
+                value = value[-1] if isinstance(value, (tuple, list)) else value
+                return int(value), isinstance(module, (nn.Linear, nn.LayerNorm))
+    return None
+
+
+def _channel_dim(shape: Tuple[int, ...], first_layer: Optional[Tuple[int, bool]]) -> int:
+    """The dim the branch's first layer reads channels from: 1 (NCHW) or -1 (NHWC, tokens)."""
+    default = -1 if len(shape) == 3 else 1
+    if first_layer is None or len(shape) < 3:
+        return default
+    channels, reads_last = first_layer
+    if shape[1] == channels and not (reads_last and shape[-1] == channels):
+        return 1
+    if shape[-1] == channels:
+        return -1
+    return default
+
+
+def _classify(index: _GraphIndex, join: fx.Node) -> Optional[ResidualSite]:
+    operands = [a for a in join.args[:2] if isinstance(a, fx.Node)]
+    if len(operands) != 2 or any(_tensor_shape(a) is None for a in operands):
+        return None  # scalar additions and non-tensor values are not joins
+    a, b = operands
+    shapes = {_tensor_shape(a), _tensor_shape(b)}
+    fork = index.fork(a, b)
+    base = dict(join=join.name, fork=fork.name if fork is not None else "")
+    if not (index.from_input[a] and index.from_input[b]):
+        return ResidualSite(name=join.name, kind="broadcast", reason="one operand does not come from the input (a parameter or constant)", **base)
+    if len(shapes) != 1:
+        return ResidualSite(name=join.name, kind="broadcast", reason=f"operands of different shapes {sorted(shapes)}", **base)
+    fork_shape = _tensor_shape(fork) if fork is not None else None
+    if fork_shape is None:
+        return ResidualSite(name=join.name, kind="internal", reason="the operands do not fork from one tensor", **base)
+    depth_a, depth_b = index.depth(fork, a), index.depth(fork, b)
+    branch, shortcut = (a, b) if depth_a >= depth_b else (b, a)
+    deep, shallow = max(depth_a, depth_b), min(depth_a, depth_b)
+    if deep >= 2 and shallow <= 1:
+        kind, reason = "residual", ""
+    elif deep == 1 and shallow == 1 or any(_is_add(x) and x.meta.get("tsm_kind") == "multi_branch" for x in operands):
+        kind, reason = "multi_branch", "parallel single-layer branches (re-parameterisable sum), not a block residual"
+    else:
+        kind, reason = "internal", f"mixing depths {deep} and {shallow}: a sum inside a block, not a residual join"
+    join.meta["tsm_kind"] = kind
+    branch_nodes = index.branch_nodes(fork, branch)
+    consumers = list(fork.users)
+    on_shortcut = [u for u in consumers if index.reaches(u, shortcut) or u is join]
+    on_branch = [u for u in consumers if u not in on_shortcut and index.reaches(u, branch)]
+    mixing_paths = [_module_path(n) for n in branch_nodes if _is_mixing(n, index.modules)]
+    branch_scope = _common_prefix([p for p in mixing_paths if p])
+    name = _module_path(join) or branch_scope or join.name
+    index.branch_scope[join.name] = branch_scope
+    channel_dim = _channel_dim(fork_shape, _first_layer_channels(index, branch_nodes))
+    return ResidualSite(
+        name=name, kind=kind, reason=reason,
+        branch_consumers=tuple(u.name for u in on_branch),
+        shortcut_consumers=tuple(u.name for u in on_shortcut),
+        channels=int(fork_shape[channel_dim]) if len(fork_shape) > 1 else 0,
+        channel_dim=channel_dim if channel_dim == 1 else -1,
+        shape=fork_shape, branch_depth=deep, shortcut_depth=shallow, **base,
+    )
+
+
+def _unique_names(sites: List[ResidualSite], branch_scope: Dict[str, str]) -> List[ResidualSite]:
+    """Names a join by the module whose forward adds; several joins in one module (a ViT block's
+    attention and MLP residuals) by the module holding each branch's layers; ``#k`` otherwise."""
+    counts: Dict[str, int] = {}
+    for site in sites:
+        counts[site.name] = counts.get(site.name, 0) + 1
+    sites = [site if counts[site.name] == 1 or not branch_scope.get(site.join)
+             else ResidualSite(**{**site.__dict__, "name": branch_scope[site.join]}) for site in sites]
+    seen: Dict[str, int] = {}
+    out = []
+    for site in sites:
+        count = seen.get(site.name, 0)
+        seen[site.name] = count + 1
+        if count:
+            site = ResidualSite(**{**site.__dict__, "name": f"{site.name}#{count + 1}"})
+        out.append(site)
+    return out
+
+
+def default_example_input(model: nn.Module) -> torch.Tensor:
+    """One image of the size the model was built for (timm's ``pretrained_cfg``) or 3x224x224."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = tuple(cfg.get("input_size", (3, 224, 224)))
+    param = next(iter(model.parameters()), None)
+    kwargs = {"device": param.device, "dtype": param.dtype} if param is not None and param.is_floating_point() else {}
+    return torch.randn((1,) + size, **kwargs)
+
+
+def analyse_graph(root: nn.Module, graph: fx.Graph, example_input: torch.Tensor) -> Tuple[fx.GraphModule, List[ResidualSite]]:
+    """Propagates shapes through ``graph`` (with ``root`` in eval mode) and classifies every addition."""
+    gm = fx.GraphModule(root, graph)
+    was_training = root.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example_input)
+    except Exception as err:
+        raise ValueError(
+            f"running the traced graph on an example input of shape {tuple(example_input.shape)} failed: "
+            f"{type(err).__name__}: {err}\nHint: pass example_input= with a shape the model accepts "
+            "(one image, e.g. torch.randn(1, 3, 224, 224))."
+        ) from err
+    finally:
+        root.train(was_training)
+    index = _GraphIndex(gm.graph, dict(gm.named_modules()))
+    sites = [s for s in (_classify(index, n) for n in index.nodes if _is_add(n)) if s is not None]
+    return gm, _unique_names(sites, index.branch_scope)
+
+
+def find_residual_sites(
+    model: nn.Module,
+    example_input: Optional[torch.Tensor] = None,
+    *,
+    leaf_modules: Sequence[LeafSpec] = (),
+    all_joins: bool = False,
+    train: bool = False,
+) -> List[ResidualSite]:
+    """Lists the residual joins ``convert`` would shift, without changing anything.
+
+    The model is deep-copied, traced with ``torch.fx`` (honouring the leaf registry and timm's
+    when timm is loaded) and run once on ``example_input`` to learn shapes.
+
+    Args:
+        model: a 2D network taking images ``(B, C, H, W)``.
+        example_input: one input batch; defaults to one random image of the model's input size.
+        leaf_modules: module classes or paths to keep as single nodes (see "When tracing fails").
+        all_joins: also return the additions that are not shifted, with ``kind`` and ``reason``.
+        train: analyse the train-mode graph instead of the eval-mode one.
+
+    Returns:
+        One :class:`ResidualSite` per join, in graph order.
+
+    Example:
+        >>> import torchvision
+        >>> sites = find_residual_sites(torchvision.models.resnet18())
+        >>> len(sites), sites[0].name, sites[0].channels
+        (8, 'layer1.0', 64)
+
+    When tracing fails:
+        A :class:`TraceError` names the module that could not be traced; pass it in
+        ``leaf_modules`` (its internals then stay unshifted) or register it once with
+        :func:`register_leaf_module`.
+    """
+    model = copy.deepcopy(model)
+    model.train(train)
+    graph = trace(model, leaf_modules)
+    example_input = default_example_input(model) if example_input is None else example_input
+    _, sites = analyse_graph(model, graph, example_input)
+    return sites if all_joins else [s for s in sites if s.kind == "residual"]
+
+
+def site_table(sites: Sequence[ResidualSite]) -> str:
+    """A plain-text table of sites, one row each."""
+    rows = [("#", "site", "kind", "channels", "dim", "depth", "shape")]
+    for i, s in enumerate(sites):
+        rows.append((str(i), s.name, s.kind, str(s.channels), str(s.channel_dim),
+                     f"{s.branch_depth}/{s.shortcut_depth}", "x".join(map(str, s.shape))))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)

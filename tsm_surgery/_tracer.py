@@ -1,0 +1,165 @@
+"""Symbolic tracing with a small registry of what must not be traced through.
+
+A module is a *leaf* when its forward cannot be traced symbolically (data-dependent control
+flow, calls into C extensions) or must stay one node; a *notrace function* is recorded as one
+call instead of being traced into. Each registry entry carries its reason. timm keeps its own
+registry for its layers; when timm is already imported, the tracer uses it too (it never
+imports timm itself).
+"""
+
+import sys
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Type, Union
+
+import torch
+from torch import fx, nn
+
+from ._shift import TemporalShift, temporal_shift
+
+__all__ = ["register_leaf_module", "register_notrace_function", "leaf_modules", "notrace_functions", "TraceError"]
+
+LeafSpec = Union[Type[nn.Module], str]
+
+_LEAF_MODULES: Dict[LeafSpec, str] = {}
+_NOTRACE_FUNCTIONS: Dict[Callable, str] = {}
+
+
+def register_leaf_module(module: LeafSpec, reason: str) -> LeafSpec:
+    """Keeps a module class (or a module path such as ``"backbone.stem"``) as one graph node.
+
+    Args:
+        module: an ``nn.Module`` subclass, or the dotted path of one submodule.
+        reason: why it cannot or should not be traced through; shown by :func:`leaf_modules`.
+
+    Returns:
+        ``module``, so the call can decorate a class definition.
+
+    Example:
+        >>> class Lookup(nn.Module):
+        ...     def forward(self, x):
+        ...         return x[: int(x.sum() > 0)]
+        >>> _ = register_leaf_module(Lookup, "slices by a value computed from the input")
+    """
+    if not reason:
+        raise ValueError("register_leaf_module needs a reason: say why the module cannot be traced through.")
+    _LEAF_MODULES[module] = reason
+    return module
+
+
+def register_notrace_function(fn: Callable, reason: str) -> Callable:
+    """Records calls to ``fn`` as one graph node instead of tracing into it.
+
+    ``fn`` must be a module-level function called through its module's globals.
+    """
+    if not reason:
+        raise ValueError("register_notrace_function needs a reason: say why the function cannot be traced.")
+    _NOTRACE_FUNCTIONS[fn] = reason
+    return fn
+
+
+def leaf_modules() -> Dict[LeafSpec, str]:
+    """The registered leaf modules with their reasons (a copy)."""
+    return dict(_LEAF_MODULES)
+
+
+def notrace_functions() -> Dict[Callable, str]:
+    """The registered notrace functions with their reasons (a copy)."""
+    return dict(_NOTRACE_FUNCTIONS)
+
+
+register_leaf_module(TemporalShift, "the shift itself: one node, so a converted model can be traced again")
+
+
+def _timm_registries() -> Tuple[List[type], List[Callable]]:
+    fx_registry = sys.modules.get("timm.layers._fx")
+    if fx_registry is None and "timm" in sys.modules:
+        try:
+            import timm.layers._fx as fx_registry  # timm is already loaded; this only reads its registry
+        except ImportError:
+            return [], []
+    if fx_registry is None:
+        return [], []
+    return list(fx_registry.get_notrace_modules()), list(fx_registry.get_notrace_functions())
+
+
+class TraceError(RuntimeError):
+    """A module could not be traced symbolically."""
+
+
+class SiteTracer(fx.Tracer):
+    """An FX tracer that honours the registries and remembers which module it was in."""
+
+    def __init__(self, extra_leaf_modules: Sequence[LeafSpec] = ()):
+        timm_modules, timm_functions = _timm_registries()
+        leaves = list(_LEAF_MODULES) + list(extra_leaf_modules) + timm_modules
+        self.leaf_types = tuple(leaf for leaf in leaves if isinstance(leaf, type))
+        self.leaf_paths = {leaf for leaf in leaves if isinstance(leaf, str)}
+        functions = tuple(_NOTRACE_FUNCTIONS) + tuple(timm_functions)
+        super().__init__(autowrap_functions=functions, param_shapes_constant=True)
+        self.module_path_stack: List[str] = []
+        self.failed_path: Optional[str] = None
+
+    def is_leaf_module(self, module: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(module, self.leaf_types) or module_qualified_name in self.leaf_paths:
+            return True
+        return super().is_leaf_module(module, module_qualified_name)
+
+    def call_module(self, module, forward, args, kwargs):
+        path = self.path_of_module(module)
+        self.module_path_stack.append(path)
+        try:
+            return super().call_module(module, forward, args, kwargs)
+        except Exception:
+            if self.failed_path is None:
+                self.failed_path = path
+            raise
+        finally:
+            self.module_path_stack.pop()
+
+
+def trace(model: nn.Module, extra_leaf_modules: Sequence[LeafSpec] = ()) -> fx.Graph:
+    """Traces ``model.forward`` in the model's current train/eval mode.
+
+    Raises:
+        TraceError: naming the innermost module that failed and how to keep it as a leaf.
+    """
+    tracer = SiteTracer(extra_leaf_modules)
+    try:
+        return tracer.trace(model)
+    except Exception as err:
+        where = tracer.failed_path
+        if where:
+            culprit = model.get_submodule(where) if where else model
+            hint = (f"keep it as one node: convert(..., leaf_modules=[{type(culprit).__name__}]) or "
+                    f"leaf_modules=['{where}'], or register it once with "
+                    f"tsm_surgery.register_leaf_module({type(culprit).__name__}, reason=...)")
+            raise TraceError(
+                f"torch.fx could not trace module '{where}' ({type(culprit).__name__}): "
+                f"{type(err).__name__}: {err}\nHint: {hint}. A leaf runs as it is; a residual join "
+                "inside it cannot be shifted."
+            ) from err
+        raise TraceError(
+            f"torch.fx could not trace {type(model).__name__}.forward itself: {type(err).__name__}: {err}\n"
+            "Hint: trace a wrapper whose forward takes only tensors, or mark the offending "
+            "submodules with leaf_modules=[...]."
+        ) from err
+
+
+def trace_train_and_eval(model: nn.Module, extra_leaf_modules: Sequence[LeafSpec] = ()) -> Tuple[fx.Graph, fx.Graph]:
+    """Traces the train and the eval graph; the model's mode is restored afterwards.
+
+    Code that reads ``self.training`` in Python (drop path, auxiliary heads) is specialised at
+    trace time, so the two modes can give different graphs; both are kept on purpose.
+    """
+    was_training = model.training
+    try:
+        graphs = []
+        for mode in (True, False):
+            model.train(mode)
+            graphs.append(trace(model, extra_leaf_modules))
+    finally:
+        model.train(was_training)
+    return graphs[0], graphs[1]
+
+
+def iter_leaf_specs(specs: Optional[Iterable[LeafSpec]]) -> Tuple[LeafSpec, ...]:
+    return tuple(specs or ())
