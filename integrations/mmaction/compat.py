@@ -1,8 +1,11 @@
 """Makes mmaction2 1.2.0 importable and usable on this stack; applied once on import.
 
-Each patch has a one-line reason. (Minimal version: more patches land with the plugin.)
+Each patch has a one-line reason and a test in tests/test_mmaction_compat.py that fails
+without it. ``apply()`` is idempotent; importing ``tsm_surgery.integrations.mmaction`` calls it.
 """
 
+import importlib.util
+import os
 import sys
 import types
 
@@ -30,10 +33,86 @@ def _placeholder_drn() -> None:
     sys.modules[module.__name__] = module
 
 
+def _is_installed(package: str) -> bool:
+    """mmengine's is_installed without pkg_resources."""
+    from importlib import metadata
+
+    try:
+        metadata.distribution(package)
+        return True
+    except metadata.PackageNotFoundError:
+        spec = importlib.util.find_spec(package)
+        return spec is not None and spec.origin is not None
+
+
+def _get_installed_path(package: str) -> str:
+    """mmengine's get_installed_path without pkg_resources (module dir of the package)."""
+    from importlib import metadata
+
+    spec = importlib.util.find_spec(package.replace("-", "_"))
+    if spec is None or spec.origin is None:
+        try:
+            top = (metadata.distribution(package).read_text("top_level.txt") or "").split()
+        except metadata.PackageNotFoundError:
+            top = []
+        spec = importlib.util.find_spec(top[0]) if top else None
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(f"package {package!r} is not installed (needed by a '{package}::' config path).")
+    return os.path.dirname(spec.origin)
+
+
+def _no_pkg_resources() -> None:
+    # mmengine resolves `mmaction::` config paths with pkg_resources, which setuptools >= 82
+    # removed (and which re-imports itself on every call, slowly): use importlib instead.
+    from mmengine.config import config as config_module
+    from mmengine.utils import package_utils
+    import mmengine.utils as utils
+
+    for module in (package_utils, config_module, utils):
+        if hasattr(module, "is_installed"):
+            module.is_installed = _is_installed
+        if hasattr(module, "get_installed_path"):
+            module.get_installed_path = _get_installed_path
+
+
+def _weights_only_checkpoints() -> None:
+    # torch >= 2.6 loads weights_only=True by default and mmengine's checkpoints hold its message
+    # hub, so load_from fails; load them safely with an exact allowlist (see checkpoint.py).
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    from .checkpoint import load_checkpoint_file
+
+    CheckpointLoader.register_scheme(prefixes="", loader=load_checkpoint_file, force=True)
+
+
+def _trusted_resume() -> None:
+    # Resuming full training state may unpickle more than weights: allowed only when the run opted
+    # in (config key trusted_resume=True, set by `tsm-surgery train --resume`).
+    from mmengine.runner import Runner
+
+    from .checkpoint import trusted_resume
+
+    original = Runner.resume
+    if getattr(original, "_tsm_surgery", False):
+        return
+
+    def resume(self, *args, **kwargs):
+        with trusted_resume(bool(self.cfg.get("trusted_resume", False))):
+            return original(self, *args, **kwargs)
+
+    resume._tsm_surgery = True
+    resume.__doc__ = original.__doc__
+    Runner.resume = resume
+
+
+PATCHES = (_placeholder_drn, _no_pkg_resources, _weights_only_checkpoints, _trusted_resume)
+
+
 def apply() -> None:
     """Applies every patch once; safe to call repeatedly."""
     global _applied
     if _applied:
         return
-    _placeholder_drn()
+    for patch in PATCHES:
+        patch()
     _applied = True

@@ -1,0 +1,276 @@
+"""``TSMSurgeryBackbone``: any 2D backbone MMAction2 users write today, converted to TSM.
+
+The wrapped network is an MMAction2 backbone dict (``ResNet``, ``MobileNetV2``, ...), a
+``timm.<name>`` model or a ``torchvision.<name>`` model. It is converted with
+:func:`tsm_surgery.convert` and returns NCHW features, as MMAction2's ``ResNetTSM`` does, so
+the stock ``TSMHead``/``TSNHead`` take them unchanged.
+
+The converted modules are this module's own children, so its ``state_dict()`` keys are the 2D
+network's keys: a 2D (ImageNet or TSN) checkpoint loads unchanged.
+"""
+
+import copy
+import logging
+import os
+from typing import Any, Dict, Optional, Sequence, Union
+
+import torch
+from mmengine.logging import print_log
+from mmengine.model import BaseModule
+from torch import nn
+
+import tsm_surgery
+from mmaction.registry import MODELS
+
+from .checkpoint import load_weights
+
+__all__ = ["TSMSurgeryBackbone", "SHIFT_PLACES"]
+
+# ResNetTSM's vocabulary -> tsm_surgery.convert's `place`.
+SHIFT_PLACES = {"blockres": "residual", "block": "block", "residual": "residual"}
+_FROM_PREFIXES = ("timm.", "torchvision.")
+
+
+def _build_timm(name: str, kwargs: Dict[str, Any]) -> nn.Module:
+    import timm
+
+    # num_classes=0 drops the classifier and global_pool='' keeps the map: forward() then
+    # returns the NCHW features the stock heads pool themselves.
+    kwargs = {"num_classes": 0, "global_pool": "", **kwargs}
+    try:
+        return timm.create_model(name, **kwargs)
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise KeyError(f"model.backbone.backbone.type='timm.{name}': timm has no model {name!r}. "
+                           "Hint: list the names with timm.list_models('*pattern*').") from err
+        raise
+
+
+def _build_torchvision(name: str, kwargs: Dict[str, Any]) -> nn.Module:
+    import torchvision
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    try:
+        model = torchvision.models.get_model(name, **kwargs)
+    except ValueError as err:
+        raise KeyError(f"model.backbone.backbone.type='torchvision.{name}': {err}. Hint: "
+                       "torchvision.models.list_models() lists the names.") from err
+    if hasattr(model, "features"):
+        # The convolutional part, as Recognizer2D uses for torchvision backbones.
+        return model.features
+    if hasattr(model, "layer4"):
+        # ResNet family: everything up to the last stage; module names (keys) are kept.
+        return create_feature_extractor(model, {"layer4": "features"})
+    raise ValueError(f"torchvision.{name} has neither `.features` nor `.layer4`; wrap its feature part in "
+                     "your own nn.Module and register it in MODELS, then name that type.")
+
+
+def _build_2d(cfg: Union[dict, nn.Module]) -> nn.Module:
+    if isinstance(cfg, nn.Module):
+        return cfg
+    if not isinstance(cfg, dict) or "type" not in cfg:
+        raise TypeError(f"model.backbone.backbone must be a dict with a 'type' key (or an nn.Module), got {cfg!r}.")
+    cfg = dict(cfg)
+    kind = cfg.pop("type")
+    if isinstance(kind, str) and kind.startswith("timm."):
+        return _build_timm(kind[len("timm."):], cfg)
+    if isinstance(kind, str) and kind.startswith("torchvision."):
+        return _build_torchvision(kind[len("torchvision."):], cfg)
+    if isinstance(kind, str) and kind in ("TSMSurgeryBackbone", "ResNetTSM", "MobileNetV2TSM", "MobileOneTSM"):
+        raise ValueError(f"model.backbone.backbone.type={kind!r} is already a TSM network; wrap its 2D "
+                         f"form instead (e.g. 'ResNet' for 'ResNetTSM', 'MobileNetV2' for 'MobileNetV2TSM').")
+    if isinstance(kind, str) and MODELS.get(kind) is None:
+        raise KeyError(
+            f"model.backbone.backbone.type={kind!r} is not a registered MMAction2 model. Hint: use an "
+            f"MMAction2 backbone ('ResNet', 'MobileNetV2', ...), 'timm.<name>' or 'torchvision.<name>'; "
+            "a type from your own package needs custom_imports.")
+    return MODELS.build(dict(type=kind, **cfg))
+
+
+@MODELS.register_module()
+class TSMSurgeryBackbone(BaseModule):
+    """A 2D backbone turned into a Temporal Shift Module network by graph surgery.
+
+    Takes clips folded into the batch, ``(N*T, C, H, W)`` with ``T = num_segments`` frames of
+    each clip contiguous (what ``Recognizer2D`` feeds), and returns NCHW feature maps.
+
+    Args:
+        backbone: the 2D network: an MMAction2 backbone dict (``dict(type='ResNet', depth=50)``,
+            ``dict(type='MobileNetV2')``), ``dict(type='timm.<name>', **kwargs)`` (``num_classes``
+            defaults to 0 and ``global_pool`` to ``''`` so features stay NCHW), or
+            ``dict(type='torchvision.<name>', **kwargs)`` (its ``.features`` or, for ResNets,
+            everything up to ``layer4``).
+        num_segments: frames per clip ``T``. :class:`ClipLengthHook` keeps it equal to the
+            pipeline's ``SampleFrames`` at run time; it is settable (``backbone.num_segments = 16``).
+        shift_div: ``1/shift_div`` of the channels move each way.
+        shift_place: ``'blockres'`` (shift the residual branch, ResNetTSM's default) or
+            ``'block'`` (shift the block input, in-place TSM).
+        direction: ``'bi'`` (past and future) or ``'uni'`` (past only; streamable online).
+        pretrained: path of a 2D checkpoint loaded into the 2D network by ``init_weights``, keys
+            unchanged, with ``torch.load(weights_only=True)``. A ``state_dict``/``model`` entry is
+            used when present.
+        pretrained_prefix: keep only checkpoint keys with this prefix and strip it, e.g.
+            ``'backbone.'`` for an MMAction2 TSN checkpoint.
+        select: which residual sites to shift (glob patterns over site names), see
+            :func:`tsm_surgery.convert`.
+        leaf_modules: module classes or paths not to trace through.
+        example_input_size: side of the square example image used to learn shapes while
+            converting; defaults to the model's own input size (224 if unknown).
+        init_cfg: mmengine's init config. Ignored for the wrapped network (see ``init_weights``).
+
+    Example:
+        >>> backbone = dict(type='TSMSurgeryBackbone', num_segments=8,
+        ...                 backbone=dict(type='timm.resnet50', pretrained=False))
+    """
+
+    def __init__(self,
+                 backbone: Union[dict, nn.Module],
+                 num_segments: int = 8,
+                 shift_div: int = 8,
+                 shift_place: str = "blockres",
+                 direction: str = "bi",
+                 pretrained: Optional[str] = None,
+                 pretrained_prefix: Optional[str] = None,
+                 select: Union[None, str, Sequence[str]] = None,
+                 leaf_modules: Sequence[Union[str, type]] = (),
+                 example_input_size: Optional[int] = None,
+                 init_cfg: Optional[dict] = None) -> None:
+        super().__init__(init_cfg=init_cfg)
+        if shift_place not in SHIFT_PLACES:
+            raise ValueError(f"model.backbone.shift_place={shift_place!r} is not one of {sorted(SHIFT_PLACES)}: "
+                             "'blockres' shifts the residual branch, 'block' the block input.")
+        if pretrained is not None and not isinstance(pretrained, str):
+            raise TypeError(f"model.backbone.pretrained must be a checkpoint path, got {pretrained!r}.")
+        self.backbone_cfg = copy.deepcopy(backbone) if isinstance(backbone, dict) else type(backbone).__name__
+        self.pretrained = pretrained
+        self.pretrained_prefix = pretrained_prefix
+        model2d = _build_2d(backbone)
+        example = None
+        if example_input_size is not None:
+            example = torch.randn(1, 3, int(example_input_size), int(example_input_size))
+        # inplace=True: the converted net shares the 2D network's modules, so the 2D network's
+        # own init_weights/train (norm_eval, frozen stages) still act on them.
+        net = tsm_surgery.convert(model2d, n_segments=num_segments, shift_div=shift_div, direction=direction,
+                                  place=SHIFT_PLACES[shift_place], select=select, example_input=example,
+                                  leaf_modules=leaf_modules, inplace=True)
+        # Adopt the converted net's children/parameters/buffers so the state_dict keys are the 2D
+        # network's; keep the net and the 2D object outside the module tree (no key prefix).
+        self._modules.update(net._modules)
+        self._parameters.update(net._parameters)
+        self._buffers.update(net._buffers)
+        self._non_persistent_buffers_set |= set(net._non_persistent_buffers_set)
+        object.__setattr__(self, "_net", net)
+        object.__setattr__(self, "_model2d", model2d)
+        self.train(self.training)
+
+    @property
+    def net(self) -> "tsm_surgery.TSMNet":
+        """The converted network (shares this module's parameters)."""
+        return self._net
+
+    @property
+    def model2d(self) -> nn.Module:
+        """The wrapped 2D network object (shares this module's parameters)."""
+        return self._model2d
+
+    @property
+    def sites(self):
+        """The shifted residual sites, see :class:`tsm_surgery.ResidualSite`."""
+        return self._net.sites
+
+    @property
+    def num_segments(self) -> int:
+        """Frames per clip; setting it changes every shift without tracing again."""
+        return self._net.n_segments
+
+    @num_segments.setter
+    def num_segments(self, value: int) -> None:
+        self._net.n_segments = int(value)
+
+    @property
+    def shift_div(self) -> int:
+        return self._net.shift_div
+
+    @property
+    def direction(self) -> str:
+        return self._net.direction
+
+    def train(self, mode: bool = True) -> "TSMSurgeryBackbone":
+        super().train(mode)
+        self._net.train(mode)  # switches between the traced train and eval graphs
+        custom_train = type(self._model2d).train is not nn.Module.train
+        if custom_train:
+            # e.g. MMAction2 ResNet's norm_eval and frozen stages act on the shared modules.
+            self._model2d.train(mode)
+        return self
+
+    def init_weights(self) -> None:
+        """Initialises the 2D network its own way, then loads ``pretrained``; once only.
+
+        mmengine's ``BaseModule.init_weights`` would walk into the children and re-initialise
+        pretrained timm weights; this method never does. An MMAction2 backbone's own
+        ``init_weights`` runs (its ``pretrained`` or its default init); timm and torchvision
+        models keep the weights they were built with.
+        """
+        if getattr(self, "_is_init", False):
+            return
+        inner_init = getattr(self._model2d, "init_weights", None)
+        if isinstance(self._model2d, BaseModule) and callable(inner_init):
+            inner_init()
+        if self.pretrained:
+            self.load_pretrained(self.pretrained, self.pretrained_prefix)
+        self._is_init = True
+
+    def load_pretrained(self, path: str, prefix: Optional[str] = None) -> None:
+        """Loads a 2D checkpoint into the wrapped network (``weights_only=True``), keys unchanged.
+
+        Raises:
+            FileNotFoundError: ``path`` does not exist.
+            KeyError: the checkpoint's keys do not match the 2D network's (the message lists some).
+        """
+        if not os.path.isfile(os.path.expanduser(path)):
+            raise FileNotFoundError(f"model.backbone.pretrained={path!r}: no such file.")
+        state = load_weights(path)
+        if isinstance(state, dict):
+            for key in ("state_dict", "model"):
+                if key in state and isinstance(state[key], dict):
+                    state = state[key]
+                    break
+        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+        if prefix:
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        own = self.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        if missing:
+            hint = ""
+            if any(k.startswith("backbone.") for k in state) and not prefix:
+                hint = " The checkpoint's keys start with 'backbone.': set model.backbone.pretrained_prefix='backbone.'."
+            raise KeyError(
+                f"model.backbone.pretrained={path!r} does not match the 2D network: {len(missing)} of its "
+                f"{len(own)} keys are missing (e.g. {missing[:3]}), {len(unexpected)} checkpoint keys are "
+                f"unknown (e.g. {unexpected[:3]}).{hint}")
+        mismatched = [k for k in own if tuple(state[k].shape) != tuple(own[k].shape)]
+        if mismatched:
+            k = mismatched[0]
+            raise KeyError(f"model.backbone.pretrained={path!r}: {len(mismatched)} tensors have other shapes, "
+                           f"e.g. {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}.")
+        self.load_state_dict({k: state[k] for k in own}, strict=True)
+        if unexpected:
+            print_log(f"TSMSurgeryBackbone: ignored {len(unexpected)} checkpoint keys the 2D feature network "
+                      f"does not have (e.g. {unexpected[:3]}) from {path}", logger="current", level=logging.INFO)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Runs ``(N*T, C, H, W)`` clips; returns NCHW features ``(N*T, C', H', W')``."""
+        t = self.num_segments
+        if x.shape[0] % t != 0:
+            raise ValueError(
+                f"TSMSurgeryBackbone got {x.shape[0]} frames, not a multiple of model.backbone.num_segments={t}. "
+                "The pipeline's SampleFrames num_clips (times clip_len) must equal num_segments: add "
+                "custom_hooks=[dict(type='ClipLengthHook')] to keep them equal, or set num_segments.")
+        out = self._net(x)
+        if isinstance(out, dict):  # torchvision feature extractors
+            out = next(iter(out.values()))
+        if isinstance(out, (tuple, list)) and len(out) == 1:
+            out = out[0]
+        return out
