@@ -15,6 +15,7 @@ Example:
 """
 
 from ._convert import TSMNet, convert
+from ._online import OnlineTSM, to_online
 from ._shift import TemporalShift, temporal_shift
 from ._sites import ResidualSite, find_residual_sites, site_table
 from ._tracer import TraceError, leaf_modules, notrace_functions, register_leaf_module, register_notrace_function
@@ -32,4 +33,6 @@ __all__ = [
     "register_notrace_function",
     "leaf_modules",
     "notrace_functions",
+    "to_online",
+    "OnlineTSM",
 ]
