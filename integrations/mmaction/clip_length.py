@@ -23,6 +23,7 @@ from mmaction.registry import HOOKS
 
 __all__ = ["ClipLengthHook", "sync_clip_length", "frames_per_clip"]
 
+_TAKE_NUM_SEGMENTS = ("TSMSurgeryBackbone", "ResNetTSM", "MobileNetV2TSM", "MobileOneTSM", "TSMHead")
 _SAMPLERS = ("SampleFrames", "UntrimmedSampleFrames", "DenseSampleFrames", "SampleAVAFrames")
 
 
@@ -54,7 +55,9 @@ def _dataset_pipeline(dataset_cfg: Any) -> Optional[list]:
 def sync_clip_length(cfg: Any, split: str = "train") -> Optional[int]:
     """Sets ``model.backbone.num_segments`` and ``model.cls_head.num_segments`` from the pipeline.
 
-    Only keys the model already has are set (a TSN head without ``num_segments`` is left alone).
+    Only parts that take it are set: a ``num_segments`` key already there, or a type in
+    ``TSMSurgeryBackbone``/``ResNetTSM``/``MobileNetV2TSM``/``MobileOneTSM``/``TSMHead``
+    (a TSN head is left alone).
 
     Args:
         cfg: an mmengine ``Config`` (changed in place).
@@ -77,8 +80,11 @@ def sync_clip_length(cfg: Any, split: str = "train") -> Optional[int]:
     model = cfg.get("model", {})
     for part in ("backbone", "cls_head"):
         sub = model.get(part)
-        if sub is not None and "num_segments" in sub and sub["num_segments"] != frames:
-            print_log(f"clip length: model.{part}.num_segments {sub['num_segments']} -> {frames} "
+        if sub is None:
+            continue
+        takes_it = "num_segments" in sub or _type_name(sub.get("type")) in _TAKE_NUM_SEGMENTS
+        if takes_it and sub.get("num_segments") != frames:
+            print_log(f"clip length: model.{part}.num_segments {sub.get('num_segments', 'default')} -> {frames} "
                       f"(from {name}_dataloader's SampleFrames)", logger="current")
             sub["num_segments"] = frames
     return frames
