@@ -39,11 +39,11 @@ class TSMNet(fx.GraphModule):
     """
 
     def __init__(self, root: nn.Module, train_graph: fx.Graph, eval_graph: fx.Graph,
-                 shifts: nn.ModuleDict, sites: List[ResidualSite], place: str):
+                 shifts: nn.ModuleDict, sites: List[ResidualSite], place: str, class_name: Optional[str] = None):
         holder = nn.Module()
         _adopt_module_tree(holder, root)
         holder.add_module(SHIFTS, shifts)
-        super().__init__(holder, eval_graph, class_name=type(root).__name__ + "TSM")
+        super().__init__(holder, eval_graph, class_name=class_name or type(root).__name__ + "TSM")
         _adopt_module_tree(self, holder)
         self.train_graph, self.eval_graph = train_graph, eval_graph
         self.sites = list(sites)
@@ -61,7 +61,7 @@ class TSMNet(fx.GraphModule):
         return {site.name: getattr(self, SHIFTS)[_module_key(site.name)] for site in self.sites}
 
     def _setting(self, attr):
-        return next(iter(self.shift_modules().values())).__getattribute__(attr)
+        return getattr(next(iter(self.shift_modules().values())), attr)
 
     @property
     def n_segments(self) -> int:
@@ -88,7 +88,8 @@ class TSMNet(fx.GraphModule):
         root.train(self.training)
         root = copy.deepcopy(root, memo)
         return TSMNet(root, copy.deepcopy(self.train_graph), copy.deepcopy(self.eval_graph),
-                      copy.deepcopy(getattr(self, SHIFTS), memo), self.sites, self.place)
+                      copy.deepcopy(getattr(self, SHIFTS), memo), self.sites, self.place,
+                      type(self).__name__)
 
     def __reduce__(self):
         # fx graphs do not pickle on their own; like GraphModule, pickle each graph's generated
@@ -98,15 +99,15 @@ class TSMNet(fx.GraphModule):
         for graph in (self.train_graph, self.eval_graph):
             code = graph.python_code("self")
             sources.append(_format_import_block(code.globals, sys_importer) + code.src)
-        return (_rebuild, (body, *sources))
+        return (_rebuild, (body, *sources, type(self).__name__))
 
 
-def _rebuild(body: dict, train_src: str, eval_src: str) -> "TSMNet":
+def _rebuild(body: dict, train_src: str, eval_src: str, class_name: str) -> "TSMNet":
     train_gm, eval_gm = (_deserialize_graph_module(_forward_from_src(src, {}), body) for src in (train_src, eval_src))
     root = nn.Module()
     _adopt_module_tree(root, eval_gm, skip=(SHIFTS,))
     root.train(body["training"])
-    return TSMNet(root, train_gm.graph, eval_gm.graph, getattr(eval_gm, SHIFTS), body["sites"], body["place"])
+    return TSMNet(root, train_gm.graph, eval_gm.graph, getattr(eval_gm, SHIFTS), body["sites"], body["place"], class_name)
 
 
 def _adopt_module_tree(target: nn.Module, source: nn.Module, skip=()) -> None:

@@ -8,7 +8,7 @@ imports timm itself).
 """
 
 import sys
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Type, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import fx, nn
@@ -128,7 +128,7 @@ def trace(model: nn.Module, extra_leaf_modules: Sequence[LeafSpec] = ()) -> fx.G
     except Exception as err:
         where = tracer.failed_path
         if where:
-            culprit = model.get_submodule(where) if where else model
+            culprit = model.get_submodule(where)
             hint = (f"keep it as one node: convert(..., leaf_modules=[{type(culprit).__name__}]) or "
                     f"leaf_modules=['{where}'], or register it once with "
                     f"tsm_surgery.register_leaf_module({type(culprit).__name__}, reason=...)")
@@ -159,7 +159,3 @@ def trace_train_and_eval(model: nn.Module, extra_leaf_modules: Sequence[LeafSpec
     finally:
         model.train(was_training)
     return graphs[0], graphs[1]
-
-
-def iter_leaf_specs(specs: Optional[Iterable[LeafSpec]]) -> Tuple[LeafSpec, ...]:
-    return tuple(specs or ())
