@@ -1,0 +1,475 @@
+"""``tsm-surgery demo``: TSN vs TSM on the embedded time-reversal videos, then streaming.
+
+The main job, end to end on CPU with MMAction2's own pieces:
+
+1. ``synth-data``: writes the six-class time-reversal dataset (real mp4 files plus
+   VideoDataset lists) into ``RUN_DIR/data``.
+2. Trains three recognizers from ``configs/demo/`` with mmengine's ``Runner``: TSN (a timm
+   ResNet-18, average consensus), TSM (the same network through ``TSMSurgeryBackbone``) and a
+   uni-directional TSM (causal, streamable). Only the backbone differs.
+3. Tests them on the test split: top-1 overall, per pair (6-way top-1 on the pair's videos)
+   and *within* each pair (which of the pair's two classes scores higher; chance is 50%).
+4. Writes ``RUN_DIR/curves.png`` (training loss and validation top-1 per epoch) and
+   ``RUN_DIR/summary.json`` (every number printed).
+5. Streams one test video frame by frame through the online form of the uni TSM
+   (``tsm_surgery.to_online``) and prints the prediction after each frame.
+
+Work directories are never overwritten: without ``--out-dir`` every run gets a fresh
+``work_dirs/demo/<YYYYmmdd-HHMMSS>``; an explicit ``--out-dir`` that is not empty is refused
+unless ``--force``.
+
+Example:
+    tsm-surgery demo                       # about 10 minutes on 2 CPU cores
+    tsm-surgery demo --epochs 2 --videos-per-class 20 --out-dir /tmp/demo --force
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import compat
+from . import synth_data
+
+__all__ = ["MODELS_TRAINED", "TimeReversalPairMetric", "DemoProgressHook", "config_path", "run_demo",
+           "stream_video", "add_arguments", "run"]
+
+compat.apply()
+
+from mmengine.evaluator import BaseMetric  # noqa: E402
+from mmengine.hooks import Hook  # noqa: E402
+
+from mmaction.registry import HOOKS, METRICS  # noqa: E402
+
+# name -> (config file in configs/demo, what it is)
+MODELS_TRAINED = {
+    "tsn": ("tsn_r18w32_1x1x8_demo.py", "TSN: 2D ResNet-18, average consensus"),
+    "tsm": ("tsm_r18w32_1x1x8_demo.py", "TSM: the same ResNet-18, bi-directional shift"),
+    "tsm-uni": ("tsm-uni_r18w32_1x1x8_demo.py", "TSM uni: past-only shift, runs online"),
+}
+DEFAULT_EPOCHS = 12
+
+
+def config_path(name: str, config_dir: Optional[os.PathLike] = None) -> Path:
+    """Path of a demo model's config (``tsn``, ``tsm`` or ``tsm-uni``).
+
+    Args:
+        name: a key of :data:`MODELS_TRAINED`.
+        config_dir: folder with the demo configs; default ``configs/demo`` of this source tree
+            (or ``$TSM_DEMO_CONFIGS``).
+
+    Raises:
+        FileNotFoundError: the config is not there, with the folder that was searched.
+    """
+    if config_dir is None:
+        config_dir = os.environ.get("TSM_DEMO_CONFIGS") or Path(__file__).resolve().parents[2] / "configs" / "demo"
+    path = Path(config_dir) / MODELS_TRAINED[name][0]
+    if not path.is_file():
+        raise FileNotFoundError(f"demo config {path} not found. The demo reads configs/demo/ of a source "
+                                "checkout (pip install -e .); elsewhere pass --config-dir or set $TSM_DEMO_CONFIGS.")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# mmengine pieces: the per-pair metric and a quiet progress hook that records the curves.
+# --------------------------------------------------------------------------------------------
+
+@METRICS.register_module()
+class TimeReversalPairMetric(BaseMetric):
+    """Top-1 per time-reversal pair of the embedded data.
+
+    Labels ``2p`` and ``2p+1`` form pair ``p`` (:data:`synth_data.PAIRS`). Reports, with the
+    prefix ``pair/``: ``top1`` (6-way, all videos), ``<pair>_top1`` (6-way, that pair's videos)
+    and ``<pair>_within`` (that pair's videos, deciding only between its two classes: 50% is
+    chance, what a bag-of-frames model gets).
+
+    Example:
+        >>> test_evaluator = [dict(type='AccMetric'), dict(type='TimeReversalPairMetric')]
+    """
+
+    default_prefix = "pair"
+
+    def __init__(self, pairs: Sequence[str] = tuple(p[0] for p in synth_data.PAIRS), **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.pairs = list(pairs)
+
+    def process(self, data_batch, data_samples: Sequence[dict]) -> None:
+        for sample in data_samples:
+            score = sample["pred_score"]
+            label = sample["gt_label"]
+            self.results.append((np.asarray(score.detach().cpu(), np.float64), int(label.reshape(-1)[0])))
+
+    def compute_metrics(self, results: List) -> Dict[str, float]:
+        scores = np.stack([r[0] for r in results])
+        labels = np.array([r[1] for r in results])
+        metrics = {"top1": float((scores.argmax(1) == labels).mean())}
+        for p, name in enumerate(self.pairs):
+            mask = labels // 2 == p
+            if not mask.any():
+                continue
+            s, y = scores[mask], labels[mask]
+            metrics[f"{name}_top1"] = float((s.argmax(1) == y).mean())
+            within = np.where(s[:, 2 * p + 1] > s[:, 2 * p], 2 * p + 1, 2 * p)
+            metrics[f"{name}_within"] = float((within == y).mean())
+            metrics[f"{name}_n"] = int(mask.sum())
+        return metrics
+
+
+@HOOKS.register_module()
+class DemoProgressHook(Hook):
+    """Prints one short line per epoch (and a heartbeat within it) and records the curves.
+
+    Args:
+        tag: the model's name in the printed lines.
+        every: print a heartbeat every this many training iterations (0: never).
+
+    Attributes:
+        curves: ``{'train_loss': [(epoch_float, loss)], 'val_top1': [(epoch, top1)]}``.
+    """
+
+    priority = "LOW"
+
+    def __init__(self, tag: str = "", every: int = 0) -> None:
+        self.tag, self.every = tag, every
+        self.curves: Dict[str, list] = {"train_loss": [], "val_top1": []}
+        self._epoch_start = time.time()
+        self._losses: List[float] = []
+
+    def before_train_epoch(self, runner) -> None:
+        self._epoch_start = time.time()
+        self._losses = []
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        loss = float(outputs["loss"].detach() if torch.is_tensor(outputs["loss"]) else outputs["loss"]) \
+            if outputs and "loss" in outputs else float("nan")
+        self._losses.append(loss)
+        n = len(runner.train_dataloader)
+        self.curves["train_loss"].append((runner.epoch + (batch_idx + 1) / n, loss))
+        if self.every and (batch_idx + 1) % self.every == 0 and batch_idx + 1 < n:
+            print(f"  [{self.tag}] epoch {runner.epoch + 1}/{runner.max_epochs} iter {batch_idx + 1}/{n} "
+                  f"loss {np.mean(self._losses[-self.every:]):.3f}", flush=True)
+
+    def after_val_epoch(self, runner, metrics: Optional[Dict[str, float]] = None) -> None:
+        if not runner.train_loop or runner.epoch == 0 and not self._losses:
+            return
+        top1 = (metrics or {}).get("acc/top1", float("nan"))
+        self.curves["val_top1"].append((runner.epoch, float(top1)))
+        print(f"  [{self.tag}] epoch {runner.epoch}/{runner.max_epochs}  train loss {np.mean(self._losses):.3f}  "
+              f"val top-1 {100 * top1:5.1f}%  ({time.time() - self._epoch_start:.0f} s)", flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Training and testing one model.
+# --------------------------------------------------------------------------------------------
+
+def build_cfg(name: str, data_root: Path, work_dir: Path, epochs: int, seed: int,
+              config_dir: Optional[os.PathLike] = None, batch_size: Optional[int] = None):
+    """Loads a demo config and points it at ``data_root`` and ``work_dir``.
+
+    Returns:
+        The mmengine ``Config``, with the per-pair metric added to the test evaluator.
+    """
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(str(config_path(name, config_dir)))
+    for split in ("train", "val", "test"):
+        dataset = cfg[f"{split}_dataloader"]["dataset"]
+        dataset["ann_file"] = str(data_root / f"{split}.txt")
+        dataset["data_prefix"] = dict(video=str(data_root / "videos"))
+        if batch_size:
+            cfg[f"{split}_dataloader"]["batch_size"] = batch_size
+    cfg.work_dir = str(work_dir)
+    cfg.train_cfg.max_epochs = epochs
+    for scheduler in cfg.param_scheduler:  # the cosine phase follows the epoch count
+        if scheduler["type"] == "CosineAnnealingLR":
+            scheduler["T_max"] = max(epochs - 1, 1)
+            scheduler["end"] = max(epochs, 2)
+    cfg.randomness = dict(seed=seed)
+    cfg.test_evaluator = [dict(type="AccMetric"), dict(type="TimeReversalPairMetric")]
+    cfg.log_level = "ERROR"  # the progress hook prints the lines that matter
+    cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=epochs, max_keep_ckpts=1,
+                                        save_last=True)
+    cfg.default_hooks.logger = dict(type="LoggerHook", interval=50)
+    cfg.visualizer = dict(type="ActionVisualizer", vis_backends=[dict(type="LocalVisBackend")],
+                          name=f"demo-{name}-{time.time_ns()}")
+    return cfg
+
+
+def train_and_test(name: str, cfg) -> Dict:
+    """Trains one demo model with mmengine's Runner and tests it.
+
+    Returns:
+        ``{'runner', 'curves', 'test' (metrics), 'train_s', 'test_s'}``.
+    """
+    from mmengine.runner import Runner
+
+    hook = DemoProgressHook(tag=name, every=0)
+    runner = Runner.from_cfg(cfg)
+    runner.register_hook(hook, priority="LOW")
+    start = time.time()
+    runner.train()
+    train_s = time.time() - start
+    start = time.time()
+    metrics = runner.test()
+    return {"runner": runner, "curves": hook.curves, "test": dict(metrics), "train_s": train_s,
+            "test_s": time.time() - start}
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming.
+# --------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def stream_video(model, inputs: torch.Tensor) -> Dict:
+    """Streams one clip frame by frame through the online form of a uni TSM recognizer.
+
+    The recognizer's backbone must be a ``direction='uni'`` ``TSMSurgeryBackbone``. At frame t
+    the online backbone sees only frame t plus its caches; the head averages the features of
+    frames 0..t (TSN's consensus, computed as a running mean), which is the offline network's
+    prediction on the clip 0..t.
+
+    Args:
+        model: the trained ``Recognizer2D``.
+        inputs: the preprocessed clip, ``(T, C, H, W)`` float.
+
+    Returns:
+        ``{'online': bool, 'per_frame': [...], 'max_abs_diff_vs_offline': float}``; each
+        per-frame entry holds the frame's own top class and the running top class and its
+        probability.
+    """
+    import tsm_surgery
+
+    model.eval()
+    backbone, head = model.backbone, model.cls_head
+    net = backbone.net
+    to_online = getattr(tsm_surgery, "to_online", None)
+    online = to_online(net) if to_online is not None else None
+    if online is not None:
+        online.eval()
+        online.reset()
+    feats = []
+    per_frame = []
+    for t in range(inputs.shape[0]):
+        if online is not None:
+            feat = online(inputs[t:t + 1])
+        else:  # no online form available: the offline uni network on the growing prefix
+            net.n_segments = t + 1
+            feat = net(inputs[:t + 1])[t:t + 1]
+        if isinstance(feat, dict):
+            feat = next(iter(feat.values()))
+        feats.append(feat)
+        frame_logits = head(feat, num_segs=1)[0]
+        running = head(torch.cat(feats), num_segs=t + 1)[0]
+        prob = running.softmax(-1)
+        per_frame.append({"frame": t, "frame_top": int(frame_logits.argmax()),
+                          "running_top": int(prob.argmax()), "running_prob": float(prob.max()),
+                          "running_probs": [round(float(p), 4) for p in prob]})
+    # The definition of the online form: equal to the offline uni network on the whole clip.
+    net.n_segments = inputs.shape[0]
+    offline = head(backbone(inputs), num_segs=inputs.shape[0])[0]
+    diff = float((offline - running).abs().max())
+    return {"online": online is not None, "per_frame": per_frame, "max_abs_diff_vs_offline": diff}
+
+
+# --------------------------------------------------------------------------------------------
+# Report.
+# --------------------------------------------------------------------------------------------
+
+def format_table(results: Dict[str, Dict]) -> str:
+    """The results table: test top-1 overall, per pair and within pair, per model."""
+    pairs = [p[0] for p in synth_data.PAIRS]
+    head = f"{'model':<9}{'top-1':>7}" + "".join(f"{p + ' (within)':>20}" for p in pairs)
+    lines = [head, "-" * len(head)]
+    for name, res in results.items():
+        m = res["test"]
+        row = f"{name:<9}{100 * m['pair/top1']:6.1f}%"
+        for p in pairs:
+            row += f"{100 * m[f'pair/{p}_top1']:11.1f}% ({100 * m[f'pair/{p}_within']:4.1f}%)"
+        lines.append(row)
+    lines.append("top-1: 6-way test accuracy; per pair: 6-way top-1 on the pair's videos (within: deciding "
+                 "between the pair's two classes only, chance = 50%)")
+    return "\n".join(lines)
+
+
+def plot_curves(results: Dict[str, Dict], path: Path) -> None:
+    """Saves the training-loss and validation top-1 curves of every model as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, res in results.items():
+        loss = np.array(res["curves"]["train_loss"])
+        if len(loss):
+            k = max(1, len(loss) // 40)  # smooth over ~1/40 of the run
+            smooth = np.convolve(loss[:, 1], np.ones(k) / k, mode="valid")
+            ax_loss.plot(loss[k - 1:, 0], smooth, label=name)
+        acc = np.array(res["curves"]["val_top1"])
+        if len(acc):
+            ax_acc.plot(acc[:, 0], 100 * acc[:, 1], marker="o", label=name)
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss")
+    ax_acc.set(xlabel="epoch", ylabel="val top-1 (%)", title="validation top-1 (6 classes)", ylim=(0, 100))
+    ax_acc.axhline(50, color="grey", ls=":", lw=1)
+    ax_acc.text(0.02, 51, "bag of frames: 50%", color="grey", fontsize=8, transform=ax_acc.get_yaxis_transform())
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _prepare_run_dir(out_dir: Optional[str], force: bool) -> Path:
+    if out_dir is None:
+        run_dir = Path("work_dirs/demo") / time.strftime("%Y%m%d-%H%M%S")
+        while run_dir.exists():
+            run_dir = run_dir.with_name(run_dir.name + "x")
+    else:
+        run_dir = Path(out_dir)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise FileExistsError(f"--out-dir {run_dir} exists and is not a directory.")
+        if run_dir.is_dir() and any(run_dir.iterdir()):
+            if not force:
+                raise FileExistsError(f"--out-dir {run_dir} is not empty; refusing to overwrite it. Pass --force, "
+                                      "or leave --out-dir out to get a fresh work_dirs/demo/<timestamp>.")
+            for name in ["data", "curves.png", "summary.json", *MODELS_TRAINED]:  # only what the demo writes
+                target = run_dir / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def run_demo(out_dir: Optional[str] = None, epochs: int = DEFAULT_EPOCHS, videos_per_class: int = 80,
+             frames: int = 16, size: int = 64, seed: int = 0, models: Sequence[str] = tuple(MODELS_TRAINED),
+             force: bool = False, config_dir: Optional[str] = None, batch_size: Optional[int] = None,
+             stream: bool = True) -> Dict:
+    """Runs the whole demo; returns the summary (also written to ``RUN_DIR/summary.json``).
+
+    Args:
+        out_dir: the run directory; default a fresh ``work_dirs/demo/<timestamp>``.
+        epochs: training epochs per model.
+        videos_per_class, frames, size, seed: passed to :func:`synth_data.generate`; ``seed``
+            also seeds training.
+        models: which of ``tsn``, ``tsm``, ``tsm-uni`` to train (streaming needs ``tsm-uni``).
+        force: replace what a previous demo wrote into ``out_dir``.
+        config_dir: folder of the demo configs (default ``configs/demo``).
+        batch_size: override the configs' batch size.
+        stream: stream one test video through the online uni TSM at the end.
+    """
+    unknown = [m for m in models if m not in MODELS_TRAINED]
+    if unknown:
+        raise ValueError(f"--models {','.join(unknown)}: choose from {', '.join(MODELS_TRAINED)}.")
+    for name in models:
+        config_path(name, config_dir)  # fail before generating data
+    wall = time.time()
+    run_dir = _prepare_run_dir(out_dir, force)
+    data_root = run_dir / "data"
+    print(f"tsm-surgery demo: run directory {run_dir}  (torch threads: {torch.get_num_threads()})", flush=True)
+
+    print(f"[1/4] generating {6 * videos_per_class} videos ({size}x{size} px, {frames} frames, seed {seed}) "
+          f"into {data_root}", flush=True)
+    start = time.time()
+    meta = synth_data.generate(data_root, videos_per_class=videos_per_class, size=size, frames=frames, seed=seed)
+    print(f"      done in {time.time() - start:.0f} s: " + ", ".join(f"{k} {v}" for k, v in meta["counts"].items()),
+          flush=True)
+
+    results: Dict[str, Dict] = {}
+    for i, name in enumerate(models):
+        print(f"[2/4] training {name} ({i + 1}/{len(models)}): {MODELS_TRAINED[name][1]}; {epochs} epochs", flush=True)
+        cfg = build_cfg(name, data_root, run_dir / name, epochs, seed, config_dir, batch_size)
+        results[name] = train_and_test(name, cfg)
+        m = results[name]["test"]
+        print(f"      {name}: test top-1 {100 * m['pair/top1']:.1f}%  (train {results[name]['train_s']:.0f} s)", flush=True)
+
+    print("[3/4] test split results", flush=True)
+    print(format_table(results), flush=True)
+    plot_curves(results, run_dir / "curves.png")
+    print(f"      curves: {run_dir / 'curves.png'}", flush=True)
+
+    streamed = None
+    if stream and "tsm-uni" in results:
+        print("[4/4] streaming one test video frame by frame through the online uni TSM", flush=True)
+        streamed = _stream_one(results["tsm-uni"]["runner"], seed)
+    elif stream:
+        print("[4/4] streaming skipped: tsm-uni was not trained", flush=True)
+
+    summary = {
+        "run_dir": str(run_dir), "wall_s": round(time.time() - wall, 1), "epochs": epochs, "seed": seed,
+        "torch_threads": torch.get_num_threads(), "data": meta,
+        "models": {name: {"config": str(config_path(name, config_dir)), "test": res["test"],
+                          "train_s": round(res["train_s"], 1), "test_s": round(res["test_s"], 1),
+                          "val_top1_per_epoch": [v for _, v in res["curves"]["val_top1"]]}
+                   for name, res in results.items()},
+        "stream": streamed,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"summary: {run_dir / 'summary.json'}; total {summary['wall_s']:.0f} s", flush=True)
+    return summary
+
+
+def _stream_one(runner, seed: int) -> Dict:
+    dataset = runner.test_dataloader.dataset
+    # A reversed-class video of the rotate pair: the hardest to tell from its bag of frames.
+    target = synth_data.CLASSES.index("rotate_cw")
+    index = next((i for i in range(len(dataset)) if dataset.get_data_info(i)["label"] == target), 0)
+    sample = dataset[index]
+    model = runner.model
+    batch = model.data_preprocessor({"inputs": [sample["inputs"]], "data_samples": [sample["data_samples"]]},
+                                    training=False)
+    inputs = batch["inputs"][0]  # (T, C, H, W)
+    label = int(sample["data_samples"].gt_label)
+    result = stream_video(model, inputs)
+    video = dataset.get_data_info(index)["filename"]
+    print(f"      video {video} (true class {synth_data.CLASSES[label]}), {inputs.shape[0]} frames"
+          f"{'' if result['online'] else '  [offline uni network on growing prefixes: to_online unavailable]'}",
+          flush=True)
+    for step in result["per_frame"]:
+        print(f"      frame {step['frame']}: this frame alone -> {synth_data.CLASSES[step['frame_top']]:<11} "
+              f"frames 0..{step['frame']} -> {synth_data.CLASSES[step['running_top']]:<11} "
+              f"p={step['running_prob']:.2f}", flush=True)
+    print(f"      online vs offline uni network on the whole clip: max |logit diff| = "
+          f"{result['max_abs_diff_vs_offline']:.2e}", flush=True)
+    result.update(video=video, label=label)
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the ``demo`` options to ``parser``."""
+    parser.add_argument("--out-dir", default=None,
+                        help="run directory (default: a fresh work_dirs/demo/<timestamp>); refused if not empty "
+                             "unless --force")
+    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help=f"epochs per model (default {DEFAULT_EPOCHS})")
+    parser.add_argument("--videos-per-class", type=int, default=80, help="videos per class (default 80)")
+    parser.add_argument("--frames", type=int, default=16, help="frames per video (default 16)")
+    parser.add_argument("--size", type=int, default=64, help="frame size in px (default 64)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the data and the training (default 0)")
+    parser.add_argument("--models", default=",".join(MODELS_TRAINED),
+                        help="comma-separated subset of tsn,tsm,tsm-uni (default all three)")
+    parser.add_argument("--batch-size", type=int, default=None, help="override the configs' batch size (16)")
+    parser.add_argument("--config-dir", default=None, help="folder of the demo configs (default configs/demo)")
+    parser.add_argument("--no-stream", action="store_true", help="skip the streaming step")
+    parser.add_argument("--force", action="store_true", help="replace what a previous demo wrote into --out-dir")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs ``tsm-surgery demo``."""
+    try:
+        run_demo(args.out_dir, args.epochs, args.videos_per_class, args.frames, args.size, args.seed,
+                 [m for m in args.models.split(",") if m], args.force, args.config_dir, args.batch_size,
+                 not args.no_stream)
+    except (FileExistsError, FileNotFoundError, ValueError) as err:
+        print(f"tsm-surgery demo: {err}", file=sys.stderr)
+        return 1
+    return 0
