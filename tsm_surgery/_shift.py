@@ -56,7 +56,11 @@ def _check_input(x: Tensor, n_segments: int, shift_div: int, channel_dim: int) -
 
 
 def _shift_frames(v: Tensor, channel_dim: int, fold: int, direction: str) -> Tensor:
-    """Shifts a (N, T, ...) view; ``channel_dim`` indexes that 5D view."""
+    """Shifts a (N, T, ...) view with views and ``torch.cat`` only; ``channel_dim`` indexes that 5D view.
+
+    This functional form is the one TorchScript, tracing/ONNX export and ``torch.compile`` see:
+    it has no in-place writes, so exporters emit plain Slice/Concat and inductor fuses it.
+    """
     frames = v.shape[1]
     channels = v.shape[channel_dim]
     past = v.narrow(channel_dim, fold, fold)
@@ -68,6 +72,75 @@ def _shift_frames(v: Tensor, channel_dim: int, fold: int, direction: str) -> Ten
     future = v.narrow(channel_dim, 0, fold)
     from_future = torch.cat([future.narrow(1, 1, frames - 1), first], dim=1)
     return torch.cat([from_future, from_past, rest], dim=channel_dim)
+
+
+# Which frame each moving slot reads, as (first channel in folds, frame offset): +1 reads frame
+# t+1 (a shift towards the past), -1 reads frame t-1. The backward of a shift is the shift with
+# every offset negated: the op is a permutation of entries with some of them replaced by zeros.
+_SLOTS = {
+    ("bi", False): ((0, 1), (1, -1)),
+    ("bi", True): ((0, -1), (1, 1)),
+    ("uni", False): ((1, -1),),
+    ("uni", True): ((1, 1),),
+}
+
+
+def _shift_copy(v: Tensor, channel_dim: int, fold: int, direction: str, reverse: bool) -> Tensor:
+    """Eager form: one uninitialised output and strided copies, no zero-filled full tensor.
+
+    Every output element is written exactly once (copied, or zeroed at the clip ends), so the
+    op moves one read and one write of the tensor, the least an out-of-place shift can move.
+
+    Args:
+        v: a dense ``(N, T, ...)`` view of the clips.
+        channel_dim: the channel dimension of ``v``.
+        fold: channels per moving slot.
+        direction: ``"bi"`` or ``"uni"``.
+        reverse: shift the other way (the backward of the forward shift).
+    """
+    frames = v.shape[1]
+    channels = v.shape[channel_dim]
+    out = torch.empty_like(v)
+    for slot, offset in _SLOTS[(direction, reverse)]:
+        src = v.narrow(channel_dim, slot * fold, fold)
+        dst = out.narrow(channel_dim, slot * fold, fold)
+        if frames > 1:
+            read_from = 1 if offset > 0 else 0
+            write_to = 0 if offset > 0 else 1
+            dst.narrow(1, write_to, frames - 1).copy_(src.narrow(1, read_from, frames - 1))
+        dst.narrow(1, frames - 1 if offset > 0 else 0, 1).zero_()
+    if direction == "uni":
+        out.narrow(channel_dim, 0, fold).copy_(v.narrow(channel_dim, 0, fold))
+    out.narrow(channel_dim, 2 * fold, channels - 2 * fold).copy_(v.narrow(channel_dim, 2 * fold, channels - 2 * fold))
+    return out
+
+
+class _ShiftFunction(torch.autograd.Function):
+    """The shift with a backward that is the reverse shift of the gradient; saves no tensor."""
+
+    @staticmethod
+    def forward(ctx, v: Tensor, channel_dim: int, fold: int, direction: str) -> Tensor:  # type: ignore[override]
+        ctx.channel_dim, ctx.fold, ctx.direction = channel_dim, fold, direction
+        return _shift_copy(v, channel_dim, fold, direction, reverse=False)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        if not grad.is_contiguous():
+            grad = grad.contiguous()
+        return _shift_copy(grad, ctx.channel_dim, ctx.fold, ctx.direction, reverse=True), None, None, None
+
+
+def _eager_shift(v: Tensor, channel_dim: int, fold: int, direction: str) -> Tensor:
+    if torch.is_grad_enabled() and v.requires_grad:
+        return _ShiftFunction.apply(v, channel_dim, fold, direction)
+    return _shift_copy(v, channel_dim, fold, direction, reverse=False)
+
+
+def _use_functional_form() -> bool:
+    """True where the op is being scripted, traced, exported or compiled: use views + cat."""
+    if torch.jit.is_scripting() or torch.jit.is_tracing():
+        return True
+    return bool(torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export())
 
 
 def _temporal_shift(x: Tensor, n_segments: int, shift_div: int, direction: str, channel_dim: int) -> Tensor:
@@ -83,7 +156,13 @@ def _temporal_shift(x: Tensor, n_segments: int, shift_div: int, direction: str, 
         channel_dim = 3
     shape: List[int] = list(x.shape)
     clips = x.reshape([shape[0] // n_segments, n_segments] + shape[1:])
-    out = _shift_frames(clips, channel_dim + 1, fold, direction).reshape(shape)
+    if torch.jit.is_scripting():
+        out = _shift_frames(clips, channel_dim + 1, fold, direction)
+    elif _use_functional_form():
+        out = _shift_frames(clips, channel_dim + 1, fold, direction)
+    else:
+        out = _eager_shift(clips.contiguous(), channel_dim + 1, fold, direction)
+    out = out.reshape(shape)
     return out.permute(0, 3, 1, 2) if channels_last else out
 
 
