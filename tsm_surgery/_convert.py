@@ -167,7 +167,8 @@ def convert(
     example_input: Optional[torch.Tensor] = None,
     leaf_modules: Sequence[LeafSpec] = (),
     inplace: bool = False,
-) -> TSMNet:
+    online: bool = False,
+) -> Union[TSMNet, "OnlineTSM"]:
     """Turns a 2D image network into a Temporal Shift Module video network.
 
     The network is traced with ``torch.fx``; at every residual join found by
@@ -188,10 +189,12 @@ def convert(
         leaf_modules: module classes or paths to keep as single nodes when tracing.
         inplace: reuse ``model``'s modules instead of deep-copying them. The returned network
             then shares parameters with ``model``; ``model`` itself keeps its forward.
+        online: return ``to_online(net)``, the frame-by-frame streaming form (needs
+            ``direction="uni"``), instead of the clip network.
 
     Returns:
         A :class:`TSMNet` whose ``state_dict()`` keys are exactly ``model``'s, with no added
-        parameters or buffers.
+        parameters or buffers; with ``online=True`` the :class:`OnlineTSM` made from it.
 
     Raises:
         ValueError: bad settings, or no residual site to shift (with a hint).
@@ -208,6 +211,9 @@ def convert(
         with :func:`register_leaf_module`. Residual joins inside a leaf are not shifted.
     """
     check_shift_args(n_segments, shift_div, direction)
+    if online and direction != "uni":
+        raise ValueError(f"online=True needs direction='uni': with direction={direction!r} a frame reads "
+                         "the next frame, which a stream has not seen yet. Hint: convert(..., direction='uni', online=True).")
     if place not in PLACES:
         raise ValueError(f"place={place!r} is not one of {PLACES}: 'residual' shifts the branch only, "
                          "'block' the block input for every consumer.")
@@ -239,4 +245,9 @@ def convert(
         shifts[_module_key(site.name)] = TemporalShift(n_segments, shift_div, direction, site.channel_dim)
     _insert_shifts(train_graph, per_mode["train"], place)
     _insert_shifts(eval_graph, per_mode["eval"], place)
-    return TSMNet(root, train_graph, eval_graph, shifts, per_mode["eval"], place)
+    net = TSMNet(root, train_graph, eval_graph, shifts, per_mode["eval"], place)
+    if online:
+        from ._online import to_online  # _online imports this module
+
+        return to_online(net, frame_shape=tuple(example_input.shape[1:]), inplace=True)
+    return net

@@ -1,0 +1,289 @@
+"""The online (streaming) form: equal to the offline uni network on every prefix, state handling, errors, stream verb."""
+
+import doctest
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import tsm_surgery
+from tsm_surgery import OnlineTSM, to_online
+from tsm_surgery import _online
+from tsm_surgery.integrations.models import build_model
+
+from utils import randomize_norms
+
+# torchvision RegNetY: in-place ReLU, squeeze-excitation and grouped convolutions in the branch.
+MODELS = ["timm:resnet18", "timm:mobilenetv2_100", "timm:efficientnet_b0", "timm:convnext_atto",
+          "torchvision:regnet_y_400mf"]
+SIZE = 64
+FRAMES = 5
+RTOL = 1e-5
+
+
+def _model(spec="timm:resnet18", classes=7):
+    return randomize_norms(build_model(spec, num_classes=classes)).eval()
+
+
+def _uni(spec="timm:resnet18", segments=FRAMES):
+    model = _model(spec)
+    return model, tsm_surgery.convert(model, n_segments=segments, direction="uni").eval()
+
+
+def _offline_prefix(net, clips, t):
+    """The offline uni network on frames 0..t of each clip; its output at frame t."""
+    n = clips.shape[0]
+    net.n_segments = t + 1
+    out = net(clips[:, :t + 1].reshape((-1,) + clips.shape[2:]))
+    return out.view(n, t + 1, -1)[:, t]
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("spec", MODELS)
+@torch.no_grad()
+def test_online_equals_offline_uni_on_every_prefix(spec):
+    model, net = _uni(spec)
+    online = to_online(net)
+    clips = torch.randn(2, FRAMES, 3, SIZE, SIZE)
+    outs = [online(clips[:, t]) for t in range(FRAMES)]
+    for t in range(FRAMES):
+        reference = _offline_prefix(net, clips, t)
+        assert _rel(outs[t], reference) <= RTOL, (spec, t)
+    # The shift must matter: the last frame's output is not the 2D model's on that frame, by
+    # far more than the tolerance (efficientnet_b0 is the closest, about 3e-4 relative).
+    plain = model(clips[:, -1])
+    assert _rel(outs[-1], plain) > 10 * RTOL
+
+
+@torch.no_grad()
+def test_explicit_step_equals_internal_state_and_is_pure():
+    _, net = _uni()
+    online = to_online(net)
+    clips = torch.randn(3, 4, 3, SIZE, SIZE)
+    state = online.init_state(3, frame_shape=(3, SIZE, SIZE))
+    assert list(state) == online.state_names == [s.name for s in net.sites]
+    for t in range(4):
+        before = {k: v.clone() for k, v in state.items()}
+        out, new_state = online.step(clips[:, t], state)
+        assert all(torch.equal(state[k], before[k]) for k in state)  # the input state is untouched
+        internal = online(clips[:, t])
+        torch.testing.assert_close(out, internal, rtol=0, atol=0)
+        for k in state:
+            torch.testing.assert_close(new_state[k], online.state[k], rtol=0, atol=0)
+        state = new_state
+
+
+@torch.no_grad()
+def test_cache_is_the_past_slot_of_each_site():
+    """Checked against hooks on the offline network: the cache after frame t is [fold, 2*fold) of the site input."""
+    _, net = _uni(segments=1)
+    online = to_online(net)
+    frame = torch.randn(2, 3, SIZE, SIZE)
+    seen = {}
+    for name, shift in net.shift_modules().items():
+        shift.register_forward_hook(lambda mod, args, out, name=name: seen.__setitem__(name, args[0]))
+    net(frame)
+    _, state = online.step(frame, online.init_state(2, frame_shape=(3, SIZE, SIZE)))
+    for site in net.sites:
+        fold = site.channels // net.shift_div
+        torch.testing.assert_close(state[site.name], seen[site.name].narrow(site.channel_dim, fold, fold), rtol=0, atol=0)
+    # init_state's shapes, from the sites convert saw (224x224 example) and from a probe frame.
+    default = online.init_state(1)
+    assert [tuple(default[s.name].shape) for s in net.sites] == [
+        (1, s.channels // 8) + tuple(s.shape[2:]) for s in net.sites]
+
+
+@torch.no_grad()
+def test_reset_all_and_reset_with_mask():
+    _, net = _uni()
+    online = to_online(net)
+    a = torch.randn(2, FRAMES, 3, SIZE, SIZE)
+    b = torch.randn(2, FRAMES, 3, SIZE, SIZE)
+    for t in range(2):
+        online(a[:, t])
+    online.reset()  # every stream starts again: b is seen from its first frame
+    for t in range(2):
+        torch.testing.assert_close(online(b[:, t]), _offline_prefix(net, b, t), rtol=RTOL, atol=1e-6)
+    # Stream 0 switches to video c at frame 2; stream 1 goes on with b.
+    c = torch.randn(1, FRAMES, 3, SIZE, SIZE)
+    online.reset(torch.tensor([True, False]))
+    for t in range(2, FRAMES):
+        out = online(torch.cat([c[:, t - 2], b[1:, t]]))
+        torch.testing.assert_close(out[:1], _offline_prefix(net, c, t - 2), rtol=RTOL, atol=1e-6)
+        torch.testing.assert_close(out[1:], _offline_prefix(net, b[1:], t), rtol=RTOL, atol=1e-6)
+    with pytest.raises(ValueError, match=r"shape \(2,\)"):
+        online.reset(torch.tensor([True, False, True]))
+    with pytest.raises(ValueError, match="boolean"):
+        online.reset(torch.tensor([1, 0]))
+    online.reset()
+    assert online.state is None
+    online.reset(torch.tensor([True]))  # nothing running: a no-op
+
+
+@torch.no_grad()
+def test_convert_online_shortcut():
+    model = _model()
+    online = tsm_surgery.convert(model, n_segments=4, direction="uni", online=True)
+    assert isinstance(online, OnlineTSM) and not online.training
+    reference = to_online(tsm_surgery.convert(model, n_segments=4, direction="uni"))
+    frames = torch.randn(3, 1, 3, SIZE, SIZE)
+    for frame in frames:
+        torch.testing.assert_close(online(frame), reference(frame), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="uni"):
+        tsm_surgery.convert(model, n_segments=4, online=True)
+
+
+def test_bi_network_is_refused_with_a_hint():
+    net = tsm_surgery.convert(_model(), n_segments=4)
+    with pytest.raises(ValueError, match=r"future|t\+1") as err:
+        to_online(net)
+    assert "direction='uni'" in str(err.value)
+    with pytest.raises(TypeError, match="convert"):
+        to_online(_model())
+
+
+@torch.no_grad()
+def test_mid_stream_input_changes_raise_naming_both():
+    _, net = _uni()
+    online = to_online(net)
+    online(torch.randn(2, 3, SIZE, SIZE))
+    bad = {
+        "batch": torch.randn(3, 3, SIZE, SIZE),
+        "size": torch.randn(2, 3, SIZE + 32, SIZE + 32),
+        "dtype": torch.randn(2, 3, SIZE, SIZE, dtype=torch.float64),
+        "device": torch.randn(2, 3, SIZE, SIZE, device="meta"),
+    }
+    for what, frame in bad.items():
+        with pytest.raises(ValueError) as err:
+            online(frame)
+        message = str(err.value)
+        assert "(2, 3, 64, 64)" in message and "float32 on cpu" in message, what
+        assert str(tuple(frame.shape)) in message and "reset()" in message, what
+    online(torch.randn(2, 3, SIZE, SIZE))  # the stream itself is intact after the refusals
+    online.reset()
+    assert online(torch.randn(3, 3, SIZE + 32, SIZE + 32)).shape == (3, 7)  # new streams may differ
+
+
+@torch.no_grad()
+def test_explicit_state_mismatch_errors():
+    _, net = _uni()
+    online = to_online(net)
+    frames = torch.randn(2, 3, SIZE, SIZE)
+    with pytest.raises(ValueError, match=r"batch 2 .* 1 stream"):
+        online.step(frames, online.init_state(1, frame_shape=(3, SIZE, SIZE)))
+    with pytest.raises(ValueError, match=r"site 'layer1.0': the cache is shape \(2, 8, 8, 8\)") as err:
+        online.step(frames, online.init_state(2, frame_shape=(3, 32, 32)))
+    assert "(2, 8, 16, 16)" in str(err.value)
+    with pytest.raises(ValueError, match="float64"):
+        online.step(frames, online.init_state(2, dtype=torch.float64, frame_shape=(3, SIZE, SIZE)))
+    state = online.init_state(2, frame_shape=(3, SIZE, SIZE))
+    del state["layer2.0"]
+    with pytest.raises(ValueError, match="lacks the sites"):
+        online.step(frames, state)
+    with pytest.raises(ValueError, match="frame_shape"):
+        online.init_state(1, frame_shape=(3, 2, 2, 2))
+
+
+def test_state_dict_keys_dtype_and_no_graph_growth():
+    model, net = _uni()
+    online = to_online(net)
+    assert list(online.state_dict()) == list(model.state_dict())
+    assert sum(p.numel() for p in online.parameters()) == sum(p.numel() for p in model.parameters())
+    # to_online copies by default: the offline network is untouched and independent.
+    with torch.no_grad():
+        next(iter(online.parameters())).add_(1.0)
+    assert not torch.equal(next(iter(online.parameters())), next(iter(net.parameters())))
+    # Internal state is detached: a long stream does not keep every frame's autograd graph.
+    out = online(torch.randn(1, 3, SIZE, SIZE, requires_grad=True))
+    assert out.requires_grad and all(not v.requires_grad for v in online.state.values())
+    # The explicit form keeps the graph, so gradients flow through time.
+    x0 = torch.randn(1, 3, SIZE, SIZE, requires_grad=True)
+    _, state = online.step(x0, online.init_state(1, frame_shape=(3, SIZE, SIZE)))
+    out, _ = online.step(torch.randn(1, 3, SIZE, SIZE), state)
+    out.sum().backward()
+    assert x0.grad is not None and x0.grad.abs().sum() > 0
+
+
+@torch.no_grad()
+def test_dtype_and_module_conversion_reach_the_step():
+    """.double() on the online module changes the parameters its step graph uses."""
+    _, net = _uni(segments=3)
+    online = to_online(net).double()
+    clips = torch.randn(1, 3, 3, SIZE, SIZE, dtype=torch.float64)
+    outs = [online(clips[:, t]) for t in range(3)]
+    net.double()
+    for t in range(3):
+        torch.testing.assert_close(outs[t], _offline_prefix(net, clips, t), rtol=1e-10, atol=1e-12)
+    assert online.init_state(1).popitem()[1].dtype == torch.float64
+
+
+def test_docstring_examples():
+    import torchvision
+
+    online = to_online(tsm_surgery.convert(torchvision.models.resnet18(), n_segments=8, direction="uni"))
+    result = doctest.testmod(_online, extraglobs={"tsm_surgery": tsm_surgery, "online": online},
+                             optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
+
+
+# ---------------------------------------------------------------------------------- stream verb
+
+def write_video(path, frames):
+    """Writes (T, H, W, 3) uint8 frames with PyAV (MPEG-4 part 2; all-intra, no B-frames)."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        stream.gop_size = 1
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@torch.no_grad()
+def test_stream_verb_prints_the_offline_networks_topk(tmp_path, capsys):
+    from tsm_surgery.cli import main
+    from tsm_surgery.integrations.stream import Preprocess, decode
+
+    rng = np.random.default_rng(0)
+    video = tmp_path / "clip.mp4"
+    write_video(video, rng.integers(0, 256, (6, 48, 64, 3), dtype=np.uint8))
+    model = _model("timm:mobilenetv2_100", classes=5)
+    torch.save(model.state_dict(), tmp_path / "weights.pth")
+    code = main(["stream", str(video), "--model", "timm:mobilenetv2_100", "--checkpoint", str(tmp_path / "weights.pth"),
+                 "--num-classes", "5", "--size", "48", "--topk", "2", "--benchmark", "--warmup", "1"])
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    frame_lines = [line for line in lines if line.startswith("frame ")]
+    assert len(frame_lines) == 6
+    # Independent computation: decode again, run the offline uni network on each prefix.
+    clip = torch.cat([Preprocess(48)(f) for f in decode(str(video))])[None]
+    net = tsm_surgery.convert(model, n_segments=6, direction="uni").eval()
+    for t, line in enumerate(frame_lines):
+        probs = _offline_prefix(net, clip, t).softmax(-1)[0]
+        values, classes = probs.topk(2)
+        printed = re.findall(r"(\d+):([\d.]+)", line.split("top-2:")[1])
+        assert [int(c) for c, _ in printed] == classes.tolist()
+        np.testing.assert_allclose([float(v) for _, v in printed], values.numpy(), atol=1e-3)
+    summary = "\n".join(lines)
+    assert "frames/s" in summary
+    ratio = re.search(r"median paired ratio online/2D = ([\d.]+)", summary)
+    assert ratio and float(ratio.group(1)) > 0
+
+
+def test_stream_verb_errors(tmp_path):
+    from tsm_surgery.cli import main
+
+    empty = tmp_path / "missing.mp4"
+    with pytest.raises(Exception):
+        main(["stream", str(empty), "--model", "timm:resnet18", "--size", "32"])
+    with pytest.raises(SystemExit):  # --model or --config is required
+        main(["stream", str(empty)])
