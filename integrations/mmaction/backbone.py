@@ -216,7 +216,16 @@ class TSMSurgeryBackbone(BaseModule):
             return
         inner_init = getattr(self._model2d, "init_weights", None)
         if isinstance(self._model2d, BaseModule) and callable(inner_init):
-            inner_init()
+            # The 2D object is outside the module tree: share mmengine's init bookkeeping with
+            # it so it does not act as a top-level module (and delete the records of ours).
+            shared = getattr(self, "_params_init_info", None)
+            if shared is not None:
+                self._model2d._params_init_info = shared
+            try:
+                inner_init()
+            finally:
+                if shared is not None:
+                    self._model2d.__dict__.pop("_params_init_info", None)
         if self.pretrained:
             self.load_pretrained(self.pretrained, self.pretrained_prefix)
         self._is_init = True

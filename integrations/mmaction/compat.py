@@ -105,7 +105,29 @@ def _trusted_resume() -> None:
     Runner.resume = resume
 
 
-PATCHES = (_placeholder_drn, _no_pkg_resources, _weights_only_checkpoints, _trusted_resume)
+def _cpu_distributed() -> None:
+    # mmengine's torchrun launcher calls torch.cuda.set_device unconditionally, so DDP on CPU
+    # (gloo) fails on a machine without a GPU; skip it there.
+    from mmengine.dist import utils as dist_utils
+
+    original = dist_utils._init_dist_pytorch
+    if getattr(original, "_tsm_surgery", False):
+        return
+
+    def init_dist_pytorch(backend, init_backend="torch", **kwargs):
+        import torch
+
+        if torch.cuda.is_available() or init_backend != "torch":
+            return original(backend, init_backend=init_backend, **kwargs)
+        if backend == "nccl":
+            backend = "gloo"  # nccl needs CUDA
+        torch.distributed.init_process_group(backend=backend, **kwargs)
+
+    init_dist_pytorch._tsm_surgery = True
+    dist_utils._init_dist_pytorch = init_dist_pytorch
+
+
+PATCHES = (_placeholder_drn, _no_pkg_resources, _weights_only_checkpoints, _trusted_resume, _cpu_distributed)
 
 
 def apply() -> None:
