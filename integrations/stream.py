@@ -148,7 +148,16 @@ class _WithHead(nn.Module):
         object.__setattr__(self, "_head", head)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        return self._head(self._backbone(frames), num_segs=1)
+        features = self._backbone(frames)
+        # TSMHead reshapes by its own num_segments, not by the num_segs argument: one frame here.
+        segments = getattr(self._head, "num_segments", None)
+        if segments is not None:
+            self._head.num_segments = 1
+        try:
+            return self._head(features, num_segs=1)
+        finally:
+            if segments is not None:
+                self._head.num_segments = segments
 
     def reset(self) -> None:
         self._backbone.reset()

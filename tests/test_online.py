@@ -287,3 +287,52 @@ def test_stream_verb_errors(tmp_path):
         main(["stream", str(empty), "--model", "timm:resnet18", "--size", "32"])
     with pytest.raises(SystemExit):  # --model or --config is required
         main(["stream", str(empty)])
+
+
+MMACTION_CONFIG = """
+default_scope = 'mmaction'
+custom_imports = dict(imports=['tsm_surgery.integrations.mmaction'], allow_failed_imports=False)
+model = dict(
+    type='Recognizer2D',
+    backbone=dict(type='TSMSurgeryBackbone', backbone=dict(type='timm.resnet18'), num_segments=4,
+                  direction='uni', example_input_size=48),
+    cls_head=dict(type='TSMHead', num_classes=5, in_channels=512, num_segments=4, spatial_type='avg',
+                  consensus=dict(type='AvgConsensus', dim=1), dropout_ratio=0.5, is_shift=True,
+                  average_clips='prob'),
+    data_preprocessor=dict(type='ActionDataPreprocessor', mean=[123.675, 116.28, 103.53],
+                           std=[58.395, 57.12, 57.375], format_shape='NCHW'))
+"""
+
+
+@pytest.mark.slow  # importing MMAction2 alone takes tens of seconds here
+@torch.no_grad()
+def test_stream_verb_with_an_mmaction_config(tmp_path, capsys):
+    pytest.importorskip("mmaction")
+    from tsm_surgery.cli import main
+    from tsm_surgery.integrations.stream import Preprocess, decode
+
+    import tsm_surgery.integrations.mmaction  # noqa: F401
+    from mmaction.apis import init_recognizer
+
+    config = tmp_path / "tsm_uni.py"
+    config.write_text(MMACTION_CONFIG)
+    recognizer = init_recognizer(str(config), None, device="cpu")
+    randomize_norms(recognizer)
+    torch.save({"state_dict": recognizer.state_dict()}, tmp_path / "ckpt.pth")
+    video = tmp_path / "clip.mp4"
+    write_video(video, np.random.default_rng(1).integers(0, 256, (4, 48, 48, 3), dtype=np.uint8))
+    assert main(["stream", str(video), "--config", str(config), "--checkpoint", str(tmp_path / "ckpt.pth"),
+                 "--size", "48", "--topk", "1"]) == 0
+    frame_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("frame ")]
+    assert len(frame_lines) == 4
+    recognizer.eval()
+    mean, std = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
+    clip = torch.cat([Preprocess(48, mean, std, scale=1.0)(f) for f in decode(str(video))])
+    for t, line in enumerate(frame_lines):
+        recognizer.backbone.num_segments = t + 1
+        features = recognizer.backbone(clip[:t + 1])[t:t + 1]
+        recognizer.cls_head.num_segments = 1  # TSMHead reshapes by its own num_segments
+        probs = recognizer.cls_head(features, num_segs=1).softmax(-1)[0]
+        printed = re.search(r"top-1: (\d+):([\d.]+)", line)
+        assert int(printed.group(1)) == int(probs.argmax())
+        assert abs(float(printed.group(2)) - float(probs.max())) < 1e-3

@@ -61,7 +61,8 @@ class OnlineShift(nn.Module):
         past = x.narrow(dim, fold, fold)
         if cache is None:
             cache = torch.zeros_like(past)
-        elif cache.shape != past.shape or cache.dtype != x.dtype or cache.device != x.device:
+        elif not torch.jit.is_tracing() and (cache.shape != past.shape or cache.dtype != x.dtype
+                                             or cache.device != x.device):
             raise ValueError(
                 f"site {self.site!r}: the cache is {_describe(cache)} but this frame's activation needs "
                 f"{_describe(past)}. Hint: the state was made for frames of another size, batch, dtype "
