@@ -221,6 +221,25 @@ def test_dtype_and_module_conversion_reach_the_step():
     assert online.init_state(1).popitem()[1].dtype == torch.float64
 
 
+@torch.no_grad()
+def test_deepcopy_and_pickle_keep_the_stream_computation(tmp_path):
+    import copy
+
+    _, net = _uni()
+    online = to_online(net)
+    torch.save(online, tmp_path / "online.pt")
+    copies = [copy.deepcopy(online), torch.load(tmp_path / "online.pt", weights_only=False)]
+    frames = torch.randn(3, 1, 3, SIZE, SIZE)
+    expected = [online(f) for f in frames]
+    for other in copies:
+        assert list(other.state_dict()) == list(online.state_dict()) and not other.training
+        for f, e in zip(frames, expected):
+            torch.testing.assert_close(other(f), e, rtol=0, atol=0)
+        other.reset()
+        other.double()  # the copy's step graph runs on the copy's own (converted) parameters
+        assert other(frames[0].double()).dtype == torch.float64
+
+
 def test_docstring_examples():
     import torchvision
 

@@ -21,6 +21,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, fx, nn
+from torch.fx.graph_module import _deserialize_graph_module, _format_import_block, _forward_from_src
+from torch.package import sys_importer
 
 from ._convert import SHIFTS, TSMNet, _adopt_module_tree, _module_key
 
@@ -319,13 +321,23 @@ class OnlineTSM(nn.Module):
         if mask.dtype != torch.bool or mask.shape != (batch,):
             raise ValueError(f"mask must be a boolean tensor of shape ({batch},), one entry per running stream; "
                              f"got {str(mask.dtype).replace('torch.', '')} of shape {tuple(mask.shape)}.")
-        keep = ~mask.to(self._stream[2])
-        self._state = {k: v * keep.view((-1,) + (1,) * (v.dim() - 1)).to(v.dtype) for k, v in self._state.items()}
+        mask = mask.to(self._stream[2])
+        self._state = {k: torch.where(mask.view((-1,) + (1,) * (v.dim() - 1)), torch.zeros_like(v), v)
+                       for k, v in self._state.items()}
 
     @property
     def state(self) -> Optional[State]:
         """The internal-state form's current caches (``None`` before the first frame)."""
         return self._state
+
+    def __reduce__(self):
+        # fx graphs do not pickle; like GraphModule, pickle the graph's code and trace it on load.
+        code = self.graph.python_code("self")
+        root = nn.Module()
+        _adopt_module_tree(root, self)
+        root.training = self.training
+        return (_rebuild, (root, _format_import_block(code.globals, sys_importer) + code.src, self.sites,
+                           self.shift_div, self.frame_shape))
 
     def __deepcopy__(self, memo):
         root = nn.Module()
@@ -334,6 +346,11 @@ class OnlineTSM(nn.Module):
                           self.frame_shape)
         clone.train(self.training)
         return clone
+
+
+def _rebuild(root: nn.Module, src: str, sites: Sequence, shift_div: int, frame_shape) -> OnlineTSM:
+    gm = _deserialize_graph_module(_forward_from_src(src, {}), dict(root.__dict__))
+    return OnlineTSM(root, gm.graph, sites, shift_div, frame_shape).train(root.training)
 
 
 def _describe_stream(stream: Tuple) -> str:
