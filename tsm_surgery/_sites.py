@@ -195,9 +195,12 @@ def _classify(index: _GraphIndex, join: fx.Node) -> Optional[ResidualSite]:
     depth_a, depth_b = index.depth(fork, a), index.depth(fork, b)
     branch, shortcut = (a, b) if depth_a >= depth_b else (b, a)
     deep, shallow = max(depth_a, depth_b), min(depth_a, depth_b)
+    multi = any(_is_add(x) and x.meta.get("tsm_kind") == "multi_branch" for x in operands)
     if deep >= 2 and shallow <= 1:
         kind, reason = "residual", ""
-    elif deep == 1 and shallow == 1 or any(_is_add(x) and x.meta.get("tsm_kind") == "multi_branch" for x in operands):
+    elif deep == 1 and shallow == 0 and shortcut is fork and not multi:
+        kind, reason = "residual", ""  # one layer wrapped in an identity residual (ConvMixer, conv position encodings)
+    elif deep == 1 and shallow <= 1 or multi:
         kind, reason = "multi_branch", "parallel single-layer branches (re-parameterisable sum), not a block residual"
     else:
         kind, reason = "internal", f"mixing depths {deep} and {shallow}: a sum inside a block, not a residual join"
@@ -219,6 +222,103 @@ def _classify(index: _GraphIndex, join: fx.Node) -> Optional[ResidualSite]:
         channel_dim=channel_dim if channel_dim == 1 else -1,
         shape=fork_shape, branch_depth=deep, shortcut_depth=shallow, **base,
     )
+
+
+_FLAT_SEQUENCE = 4  # a module with this many mixing layers as direct children is a plain layer stack
+
+
+def _mixing_owner(node: fx.Node) -> str:
+    """The module a mixing node belongs to: the layer itself (``features.3``) or, for a functional
+    call, the innermost module whose forward made it (timm's ``StdConv2d`` -> its path)."""
+    return _module_path(node) or ""
+
+
+def _parent(path: str) -> str:
+    return path.rsplit(".", 1)[0] if "." in path else ""
+
+
+def _inside(path: Optional[str], block: str) -> bool:
+    return path is not None and (block == "" or path == block or path.startswith(block + "."))
+
+
+def _first_conv_entries(index: _GraphIndex) -> List[ResidualSite]:
+    """The no-residual policy: one site per block, shifting the tensor that enters its first layers.
+
+    A *block* is the innermost module holding two or more mixing layers (DenseNet's dense
+    layer, an Inception branch, LCNet's depthwise-separable block); in a plain stack of layers
+    (a module with four or more mixing layers as direct children, such as VGG's ``features``)
+    every layer is its own block. A block's *first* layers are its mixing layers that no other
+    mixing layer of the block precedes. From each first layer we walk back through the block's
+    single-input, non-mixing ops (norm, activation, pooling) to the tensor that enters the
+    block, and shift that tensor for those consumers only. Sibling blocks entered by the same
+    tensor (an Inception module's parallel branches) share one site, named after the module
+    they all sit in; a block on another path (an auxiliary head) gets its own. Tensors no
+    mixing layer has touched yet (the image) and tensors without spatial or token dimensions
+    (pooled features entering a classifier) are not shifted.
+    """
+    mixing = [n for n in index.nodes if _is_mixing(n, index.modules) and n.all_input_nodes]
+    owners = {n: _mixing_owner(n) for n in mixing}
+    under: Dict[str, set] = {}
+    children: Dict[str, int] = {}
+    for owner in set(owners.values()):
+        parts = owner.split(".") if owner else []
+        for k in range(len(parts)):
+            under.setdefault(".".join(parts[:k]), set()).add(owner)
+        children[_parent(owner)] = children.get(_parent(owner), 0) + 1
+
+    def block_of(owner: str) -> str:
+        path = _parent(owner) if owner else ""
+        while path and len(under.get(path, ())) < 2:
+            path = _parent(path)
+        return owner if not path or children.get(path, 0) >= _FLAT_SEQUENCE else path
+
+    blocks: Dict[str, List[fx.Node]] = {}
+    for node in mixing:
+        blocks.setdefault(block_of(owners[node]), []).append(node)
+    mixing_bits = 0
+    for node in mixing:
+        mixing_bits |= 1 << index.position[node]
+    entries: Dict[Tuple[str, fx.Node], List[fx.Node]] = {}
+    entry_blocks: Dict[Tuple[str, fx.Node], List[str]] = {}
+    for block, nodes in blocks.items():
+        for node in nodes:
+            if any(index.reaches(other, node) for other in nodes if other is not node):
+                continue  # not a first layer of its block
+            consumer, data = node, node.all_input_nodes[0]
+            while (data.op != "placeholder" and len(data.all_input_nodes) == 1 and len(data.users) == 1
+                   and not _is_mixing(data, index.modules) and _inside(_module_path(data), block)):
+                consumer, data = data, data.all_input_nodes[0]
+            shape = _tensor_shape(data)
+            if shape is None or len(shape) < 3 or not (index.ancestors[data] | 1 << index.position[data]) & mixing_bits:
+                continue
+            per_sample = 1
+            for size in shape[1:]:
+                per_sample *= size
+            if per_sample in shape[1:]:
+                continue  # pooled features (a squeeze-excite input, a head): no spatial or token extent
+            key = block
+            if not _inside(_module_path(data), block):  # climb to the outermost module data enters
+                while key and _parent(key) and not _inside(_module_path(data), _parent(key)):
+                    key = _parent(key)
+            entries.setdefault((key, data), [])
+            entry_blocks.setdefault((key, data), []).append(block)
+            if consumer not in entries[(key, data)]:
+                entries[(key, data)].append(consumer)
+    sites = []
+    for (key, data), firsts in entries.items():
+        block = _common_prefix(entry_blocks[(key, data)]) if len(entry_blocks[(key, data)]) > 1 else entry_blocks[(key, data)][0]
+        shape = _tensor_shape(data)
+        layers = [n for n in mixing if any(index.reaches(f, n) for f in firsts)][:1]
+        channel_dim = _channel_dim(shape, _first_layer_channels(index, layers))
+        sites.append(ResidualSite(
+            name=block or data.name, kind="first_conv", join=firsts[0].name, fork=data.name,
+            branch_consumers=tuple(n.name for n in firsts),
+            shortcut_consumers=tuple(u.name for u in data.users if u not in firsts),
+            channels=int(shape[channel_dim]), channel_dim=channel_dim if channel_dim == 1 else -1, shape=shape,
+            reason="no residual join in the network: the input of a block's first layers (no_residual='first_conv')",
+        ))
+    order = {node.name: index.position[node] for node in index.nodes}
+    return sorted(sites, key=lambda site: order[site.fork])
 
 
 def _unique_names(sites: List[ResidualSite], branch_scope: Dict[str, str]) -> List[ResidualSite]:
@@ -267,6 +367,8 @@ def analyse_graph(root: nn.Module, graph: fx.Graph, example_input: torch.Tensor)
         root.train(was_training)
     index = _GraphIndex(gm.graph, dict(gm.named_modules()))
     sites = [s for s in (_classify(index, n) for n in index.nodes if _is_add(n)) if s is not None]
+    if not any(s.kind == "residual" for s in sites):
+        sites += _first_conv_entries(index)
     return gm, _unique_names(sites, index.branch_scope)
 
 

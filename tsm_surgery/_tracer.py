@@ -7,6 +7,7 @@ registry for its layers; when timm is already imported, the tracer uses it too (
 imports timm itself).
 """
 
+import inspect
 import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
 
@@ -116,6 +117,35 @@ class SiteTracer(fx.Tracer):
             self.module_path_stack.pop()
 
 
+def _default_arguments(model: nn.Module) -> Dict[str, object]:
+    """The forward's parameters after the first that have defaults (masks, flags), fixed to them.
+
+    Rule: the converted network takes one tensor, the frames. Optional extras such as
+    ``attn_mask=None`` or ``is_causal=False`` (timm's ViT) are specialised to their defaults
+    so the graph has exactly one input.
+    """
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: p.default for p in params[1:] if p.kind in positional and p.default is not inspect.Parameter.empty}
+
+
+def _drop_concrete_placeholders(graph: fx.Graph, concrete: Dict[str, object]) -> None:
+    """Removes the placeholders fx keeps for concrete arguments, with the checks it adds on them."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"][1:]
+    dead = set(placeholders)
+    for node in graph.nodes:  # nodes computed only from those placeholders (the value checks)
+        if node.op != "placeholder" and node.all_input_nodes and all(i in dead for i in node.all_input_nodes):
+            dead.add(node)
+    if any(user not in dead for node in dead for user in node.users):
+        return  # a concrete argument feeds the computation itself: keep the signature as it is
+    for node in reversed(list(graph.nodes)):
+        if node in dead:
+            graph.erase_node(node)
+
+
 def trace(model: nn.Module, extra_leaf_modules: Sequence[LeafSpec] = ()) -> fx.Graph:
     """Traces ``model.forward`` in the model's current train/eval mode.
 
@@ -123,8 +153,12 @@ def trace(model: nn.Module, extra_leaf_modules: Sequence[LeafSpec] = ()) -> fx.G
         TraceError: naming the innermost module that failed and how to keep it as a leaf.
     """
     tracer = SiteTracer(extra_leaf_modules)
+    concrete = _default_arguments(model)
     try:
-        return tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=concrete or None)
+        if concrete:
+            _drop_concrete_placeholders(graph, concrete)
+        return graph
     except Exception as err:
         where = tracer.failed_path
         if where:
