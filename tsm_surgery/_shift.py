@@ -13,12 +13,15 @@ zero tensor: that form is what breaks ONNX/TensorRT export of the paper's shift 
 temporal-shift-module issues #77, #103, #181).
 """
 
-from typing import List
+import contextlib
+import threading
+import weakref
+from typing import Iterator, List
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["temporal_shift", "TemporalShift", "DIRECTIONS"]
+__all__ = ["temporal_shift", "TemporalShift", "DIRECTIONS", "recompute_shifts"]
 
 DIRECTIONS = ("bi", "uni")
 
@@ -144,6 +147,7 @@ def _use_functional_form() -> bool:
 
 
 def _temporal_shift(x: Tensor, n_segments: int, shift_div: int, direction: str, channel_dim: int) -> Tensor:
+    source, original_dim = x, channel_dim
     channel_dim = channel_dim % x.dim()
     _check_input(x, n_segments, shift_div, channel_dim)
     fold = x.shape[channel_dim] // shift_div
@@ -163,7 +167,113 @@ def _temporal_shift(x: Tensor, n_segments: int, shift_div: int, direction: str, 
     else:
         out = _eager_shift(clips.contiguous(), channel_dim + 1, fold, direction)
     out = out.reshape(shape)
-    return out.permute(0, 3, 1, 2) if channels_last else out
+    out = out.permute(0, 3, 1, 2) if channels_last else out
+    if not torch.jit.is_scripting():
+        if _RECOMPUTE.depth and out.requires_grad and not _use_functional_form():
+            # Inside a recompute scope: a consumer that saves this output for its backward
+            # (the branch's first conv saves its input) stores how to rebuild it instead.
+            out._tsm_shift_of = (weakref.ref(source), source._version,
+                                 (n_segments, shift_div, direction, original_dim))
+    return out
+
+
+class _Recompute(threading.local):
+    depth = 0
+
+
+_RECOMPUTE = _Recompute()
+
+
+class _ShiftRecipe:
+    """What a saved shifted tensor becomes: its input and the shift's settings."""
+
+    __slots__ = ("source", "version", "settings")
+
+    def __init__(self, source: Tensor, version: int, settings):
+        self.source, self.version, self.settings = source, version, settings
+
+    def rebuild(self) -> Tensor:
+        if self.source._version != self.version:
+            raise RuntimeError(
+                "the input of a temporal shift was modified in place after the shift ran, so its "
+                "output cannot be recomputed for the backward pass. Hint: avoid the in-place op on "
+                "the block input, or run the model without the recompute scope "
+                "(net.recompute_shifts = False)."
+            )
+        with torch.no_grad():
+            return _temporal_shift(self.source.detach(), *self.settings)
+
+
+def _pack_shifted(t: Tensor):
+    tag = getattr(t, "_tsm_shift_of", None)
+    if tag is not None:
+        source = tag[0]()
+        if source is not None:
+            return _ShiftRecipe(source, tag[1], tag[2])
+    # detach: the saved object must not hold this tensor's graph (a reference cycle for outputs).
+    return t.detach()
+
+
+def _unpack_shifted(packed) -> Tensor:
+    return packed.rebuild() if isinstance(packed, _ShiftRecipe) else packed
+
+
+@contextlib.contextmanager
+def recompute_shifts() -> Iterator[None]:
+    """Within this scope, tensors saved for backward that are shift outputs are recomputed.
+
+    A shift's output is saved by its consumer (a conv saves its input for the weight
+    gradient), which would keep one extra activation per site alive until the backward pass.
+    In this scope the consumer saves the shift's input instead, which is alive anyway (it is
+    the shortcut, and usually saved by the activation that produced it), and the backward
+    pass rebuilds the shift, a copy, when it needs it. Other saved tensors are unchanged.
+
+    The scope does nothing when saved-tensor hooks are already active (activation
+    checkpointing or offloading of the caller's own), under ``torch.compile`` (whose
+    partitioner makes the same save-or-recompute choice itself) and when tracing.
+
+    Example:
+        >>> net = torch.nn.Conv2d(16, 16, 1)
+        >>> x = torch.randn(8, 16, 4, 4, requires_grad=True)
+        >>> with recompute_shifts():
+        ...     net(temporal_shift(x, n_segments=8)).sum().backward()
+    """
+    if (_use_functional_form() or not torch.is_grad_enabled()
+            or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None):
+        yield
+        return
+    _RECOMPUTE.depth += 1
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(_pack_shifted, _unpack_shifted):
+            yield
+    finally:
+        _RECOMPUTE.depth -= 1
+
+
+def _scope_enter(module: nn.Module, args) -> None:
+    if torch.compiler.is_compiling() or not getattr(module, "recompute_shifts", True):
+        return
+    scope = recompute_shifts()
+    scope.__enter__()
+    module.__dict__.setdefault("_tsm_scopes", []).append(scope)
+
+
+def _scope_exit(module: nn.Module, args, output) -> None:
+    if torch.compiler.is_compiling():
+        return
+    scopes = module.__dict__.get("_tsm_scopes")
+    if scopes:
+        scopes.pop().__exit__(None, None, None)
+
+
+def install_recompute_scope(module: nn.Module) -> nn.Module:
+    """Runs every forward of ``module`` inside :func:`recompute_shifts` (``convert`` does this).
+
+    Set ``module.recompute_shifts = False`` to keep the shift outputs saved instead.
+    """
+    module.register_forward_pre_hook(_scope_enter)
+    module.register_forward_hook(_scope_exit, always_call=True)
+    return module
 
 
 def temporal_shift(
