@@ -101,6 +101,7 @@ def _trusted_resume() -> None:
             return original(self, *args, **kwargs)
 
     resume._tsm_surgery = True
+    resume._original = original
     resume.__doc__ = original.__doc__
     Runner.resume = resume
 
@@ -124,6 +125,7 @@ def _cpu_distributed() -> None:
         torch.distributed.init_process_group(backend=backend, **kwargs)
 
     init_dist_pytorch._tsm_surgery = True
+    init_dist_pytorch._original = original
     dist_utils._init_dist_pytorch = init_dist_pytorch
 
 
