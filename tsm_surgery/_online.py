@@ -202,12 +202,14 @@ class OnlineTSM(nn.Module):
                 specs.append((tuple(shape), self._param_dtype()))
             return specs
         frame_shape = tuple(int(d) for d in frame_shape)
-        if frame_shape not in self._cache_specs:
-            param = next(iter(self.parameters()), None)
-            probe = torch.zeros((1,) + frame_shape, device=None if param is None else param.device,
-                                dtype=self._param_dtype())
+        param = next(iter(self.parameters()), None)
+        device = None if param is None else param.device
+        key = (frame_shape, self._param_dtype(), device)  # .double() or .to() changes the answer
+        if key not in self._cache_specs:
+            probe = torch.zeros((1,) + frame_shape, device=device, dtype=self._param_dtype())
             was_training = self.training
-            self.eval()
+            if was_training:  # leave per-module modes alone unless we must switch
+                self.eval()
             try:
                 with torch.no_grad():
                     outs = self._step_module(probe, *[None] * len(self.state_names))
@@ -215,9 +217,10 @@ class OnlineTSM(nn.Module):
                 raise ValueError(f"cannot run the network on a frame of shape {frame_shape}: "
                                  f"{type(err).__name__}: {err}. Hint: frame_shape is (C, H, W) without the batch.") from err
             finally:
-                self.train(was_training)
-            self._cache_specs[frame_shape] = [(tuple(c.shape[1:]), c.dtype) for c in outs[1:]]
-        return self._cache_specs[frame_shape]
+                if was_training:
+                    self.train(True)
+            self._cache_specs[key] = [(tuple(c.shape[1:]), c.dtype) for c in outs[1:]]
+        return self._cache_specs[key]
 
     def _param_dtype(self) -> torch.dtype:
         param = next((p for p in self.parameters() if p.is_floating_point()), None)
