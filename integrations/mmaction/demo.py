@@ -177,16 +177,16 @@ def build_cfg(name: str, data_root: Path, work_dir: Path, epochs: int, seed: int
     Returns:
         The mmengine ``Config``, with the per-pair metric added to the test evaluator.
     """
-    from mmengine.config import Config
+    from .runner import load_config
 
-    cfg = Config.fromfile(str(config_path(name, config_dir)))
+    # The project's runner API: clip length synced from the pipeline, gloo without CUDA.
+    cfg = load_config(str(config_path(name, config_dir)), work_dir=str(work_dir))
     for split in ("train", "val", "test"):
         dataset = cfg[f"{split}_dataloader"]["dataset"]
         dataset["ann_file"] = str(data_root / f"{split}.txt")
         dataset["data_prefix"] = dict(video=str(data_root / "videos"))
         if batch_size:
             cfg[f"{split}_dataloader"]["batch_size"] = batch_size
-    cfg.work_dir = str(work_dir)
     cfg.train_cfg.max_epochs = epochs
     for scheduler in cfg.param_scheduler:  # the cosine phase follows the epoch count
         if scheduler["type"] == "CosineAnnealingLR":
@@ -209,10 +209,10 @@ def train_and_test(name: str, cfg) -> Dict:
     Returns:
         ``{'runner', 'curves', 'test' (metrics), 'train_s', 'test_s'}``.
     """
-    from mmengine.runner import Runner
+    from .runner import build_runner
 
     hook = DemoProgressHook(tag=name, every=0)
-    runner = Runner.from_cfg(cfg)
+    runner = build_runner(cfg)  # mmengine's Runner.from_cfg plus the checkpoint-key check
     runner.register_hook(hook, priority="LOW")
     start = time.time()
     runner.train()
@@ -459,12 +459,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated subset of tsn,tsm,tsm-uni (default all three)")
     parser.add_argument("--batch-size", type=int, default=None, help="override the configs' batch size (16)")
     parser.add_argument("--config-dir", default=None, help="folder of the demo configs (default configs/demo)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (default 0: torch's choice, one per core)")
     parser.add_argument("--no-stream", action="store_true", help="skip the streaming step")
     parser.add_argument("--force", action="store_true", help="replace what a previous demo wrote into --out-dir")
 
 
 def run(args: argparse.Namespace) -> int:
     """Runs ``tsm-surgery demo``."""
+    import warnings
+
+    # mmcv-lite's missing CUDA ops and timm's init notice are expected here; keep the output readable.
+    warnings.filterwarnings("ignore", category=UserWarning)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     try:
         run_demo(args.out_dir, args.epochs, args.videos_per_class, args.frames, args.size, args.seed,
                  [m for m in args.models.split(",") if m], args.force, args.config_dir, args.batch_size,
