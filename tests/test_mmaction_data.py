@@ -105,7 +105,7 @@ def write_config(path: str, data_root: str, num_frames: int = 4, backbone: str =
     val_cfg = dict(type='ValLoop')
     test_cfg = dict(type='TestLoop')
     optim_wrapper = dict(constructor='TSMSurgeryOptimWrapperConstructor', paramwise_cfg=dict(fc_lr5=True),
-                         optimizer=dict(type='SGD', lr=0.01, momentum=0.9, weight_decay=1e-4))
+                         optimizer=dict(type='SGD', lr=0.002, momentum=0.9, weight_decay=1e-4))
     param_scheduler = []
     default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=1, save_best=None))
     custom_hooks = [dict(type='ClipLengthHook')]
