@@ -17,6 +17,7 @@ from ._tracer import LeafSpec, trace_train_and_eval
 __all__ = ["convert", "TSMNet", "PLACES"]
 
 PLACES = ("residual", "block")
+NO_RESIDUAL = ("error", "first_conv")  # policies for networks without a residual join
 SHIFTS = "temporal_shifts"  # the container holding one TemporalShift per site; it has no state
 
 Select = Union[None, str, Sequence[str], Callable[[ResidualSite], bool]]
@@ -119,6 +120,9 @@ def _adopt_module_tree(target: nn.Module, source: nn.Module, skip=()) -> None:
     target._parameters.update(source._parameters)
     target._buffers.update(source._buffers)
     target._non_persistent_buffers_set = set(source._non_persistent_buffers_set)
+    for name, value in vars(source).items():  # tensors torch.fx lifted out of the traced code
+        if name.startswith("_tensor_constant"):
+            setattr(target, name, value)
 
 
 def _select_sites(sites: List[ResidualSite], select: Select) -> List[ResidualSite]:
@@ -152,7 +156,9 @@ def _no_sites_error(model: nn.Module, found: List[ResidualSite], select: Select)
         f"{type(model).__name__} has no residual join to shift: no addition of a deep branch and a "
         "shortcut was found. Hint: inspect the additions with "
         "tsm_surgery.find_residual_sites(model, all_joins=True); a residual block hidden inside a leaf "
-        "module cannot be seen, so trace into it (drop it from leaf_modules)."
+        "module cannot be seen, so trace into it (drop it from leaf_modules). A network built without "
+        "residual joins (DenseNet, VGG, Inception) converts with no_residual='first_conv', which shifts "
+        "the input of each block's first layer."
     )
 
 
@@ -168,6 +174,7 @@ def convert(
     leaf_modules: Sequence[LeafSpec] = (),
     inplace: bool = False,
     online: bool = False,
+    no_residual: str = "error",
 ) -> Union[TSMNet, "OnlineTSM"]:
     """Turns a 2D image network into a Temporal Shift Module video network.
 
@@ -191,6 +198,10 @@ def convert(
             then shares parameters with ``model``; ``model`` itself keeps its forward.
         online: return ``to_online(net)``, the frame-by-frame streaming form (needs
             ``direction="uni"``), instead of the clip network.
+        no_residual: what to do with a network that has no residual join (DenseNet, VGG,
+            Inception, LCNet): ``"error"`` raises (the default); ``"first_conv"`` shifts the
+            tensor entering the first layer(s) of each block instead (sites of kind
+            ``"first_conv"``; see :func:`find_residual_sites`).
 
     Returns:
         A :class:`TSMNet` whose ``state_dict()`` keys are exactly ``model``'s, with no added
@@ -217,6 +228,8 @@ def convert(
     if place not in PLACES:
         raise ValueError(f"place={place!r} is not one of {PLACES}: 'residual' shifts the branch only, "
                          "'block' the block input for every consumer.")
+    if no_residual not in NO_RESIDUAL:
+        raise ValueError(f"no_residual={no_residual!r} is not one of {NO_RESIDUAL}.")
     root = model if inplace else copy.deepcopy(model)
     train_graph, eval_graph = trace_train_and_eval(root, leaf_modules)
     example_input = default_example_input(root) if example_input is None else example_input
@@ -224,19 +237,22 @@ def convert(
     for mode, graph in (("train", train_graph), ("eval", eval_graph)):
         _, found = analyse_graph(root, graph, example_input)
         residual = [s for s in found if s.kind == "residual"]
+        if not residual and no_residual == "first_conv":
+            residual = [s for s in found if s.kind == "first_conv"]
         chosen = _select_sites(residual, select)
         if not chosen:
             raise _no_sites_error(model, residual, select)
         per_mode[mode] = chosen
-    train_names = [s.name for s in per_mode["train"]]
-    eval_names = [s.name for s in per_mode["eval"]]
-    if train_names != eval_names:
+    # The eval graph decides the sites; the train graph shifts the same ones. Joins only the
+    # train graph has (an auxiliary head, a train-only branch) stay unshifted.
+    train_by_name = {s.name: s for s in per_mode["train"]}
+    missing = [s.name for s in per_mode["eval"] if s.name not in train_by_name]
+    if missing:
         raise RuntimeError(
-            "the train and eval graphs have different residual sites "
-            f"(only in train: {sorted(set(train_names) - set(eval_names))}, only in eval: "
-            f"{sorted(set(eval_names) - set(train_names))}). Hint: mark the module whose forward "
-            "depends on self.training as a leaf (leaf_modules=[...])."
+            f"the train graph lacks residual sites of the eval graph ({missing[:6]}). Hint: mark the "
+            "module whose forward depends on self.training as a leaf (leaf_modules=[...])."
         )
+    per_mode["train"] = [train_by_name[s.name] for s in per_mode["eval"]]
     shifts = nn.ModuleDict()
     for site in per_mode["eval"]:
         if site.channels < shift_div:

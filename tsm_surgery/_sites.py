@@ -82,6 +82,14 @@ def _is_mixing(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
     return node.op == "call_method" and node.target in _MIXING_METHODS
 
 
+_LAYER_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, F.linear}
+
+
+def _is_layer(node: fx.Node) -> bool:
+    """A parametrised layer (a module with weights, or a functional conv/linear), not a product of activations."""
+    return node.op == "call_module" or (node.op == "call_function" and node.target in _LAYER_FUNCTIONS)
+
+
 def _tensor_shape(node) -> Optional[Tuple[int, ...]]:
     meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
     return tuple(meta.shape) if hasattr(meta, "shape") else None
@@ -119,6 +127,7 @@ class _GraphIndex:
         self.ancestors: Dict[fx.Node, int] = {}
         self.from_input: Dict[fx.Node, bool] = {}
         self.branch_scope: Dict[str, str] = {}  # join name -> common module path of its branch layers
+        self.batch: Optional[int] = None  # the example input's batch size; frames live in that dim
         for node in self.nodes:
             bits = 0
             data = node.op == "placeholder"
@@ -192,6 +201,13 @@ def _classify(index: _GraphIndex, join: fx.Node) -> Optional[ResidualSite]:
     fork_shape = _tensor_shape(fork) if fork is not None else None
     if fork_shape is None:
         return ResidualSite(name=join.name, kind="internal", reason="the operands do not fork from one tensor", **base)
+    join_shape = _tensor_shape(a)
+    if len(fork_shape) != len(join_shape):
+        return ResidualSite(name=join.name, kind="internal", reason=f"the sum has rank {len(join_shape)} but its fork "
+                            f"rank {len(fork_shape)}: a sum inside a layer (split heads), not a block residual", **base)
+    if index.batch is not None and fork_shape[0] != index.batch:
+        return ResidualSite(name=join.name, kind="internal", reason=f"the fork's leading dim {fork_shape[0]} is not the "
+                            f"batch {index.batch}: it folds windows or patches into the batch, not frames", **base)
     depth_a, depth_b = index.depth(fork, a), index.depth(fork, b)
     branch, shortcut = (a, b) if depth_a >= depth_b else (b, a)
     deep, shallow = max(depth_a, depth_b), min(depth_a, depth_b)
@@ -204,8 +220,12 @@ def _classify(index: _GraphIndex, join: fx.Node) -> Optional[ResidualSite]:
         kind, reason = "multi_branch", "parallel single-layer branches (re-parameterisable sum), not a block residual"
     else:
         kind, reason = "internal", f"mixing depths {deep} and {shallow}: a sum inside a block, not a residual join"
-    join.meta["tsm_kind"] = kind
     branch_nodes = index.branch_nodes(fork, branch)
+    first_mixing = next((n for n in branch_nodes if _is_mixing(n, index.modules)), None)
+    if kind == "residual" and first_mixing is not None and not _is_layer(first_mixing):
+        kind, reason = "internal", ("the branch starts with a product of activations (q @ k inside attention), "
+                                    "not a layer: a sum inside a layer, not a block residual")
+    join.meta["tsm_kind"] = kind
     consumers = list(fork.users)
     on_shortcut = [u for u in consumers if index.reaches(u, shortcut) or u is join]
     on_branch = [u for u in consumers if u not in on_shortcut and index.reaches(u, branch)]
@@ -291,6 +311,8 @@ def _first_conv_entries(index: _GraphIndex) -> List[ResidualSite]:
             shape = _tensor_shape(data)
             if shape is None or len(shape) < 3 or not (index.ancestors[data] | 1 << index.position[data]) & mixing_bits:
                 continue
+            if index.batch is not None and shape[0] != index.batch:
+                continue  # windows or patches folded into the batch: not one entry per frame
             per_sample = 1
             for size in shape[1:]:
                 per_sample *= size
@@ -366,6 +388,7 @@ def analyse_graph(root: nn.Module, graph: fx.Graph, example_input: torch.Tensor)
     finally:
         root.train(was_training)
     index = _GraphIndex(gm.graph, dict(gm.named_modules()))
+    index.batch = int(example_input.shape[0]) if example_input.dim() else None
     sites = [s for s in (_classify(index, n) for n in index.nodes if _is_add(n)) if s is not None]
     if not any(s.kind == "residual" for s in sites):
         sites += _first_conv_entries(index)

@@ -91,7 +91,11 @@ class SiteTracer(fx.Tracer):
 
     def __init__(self, extra_leaf_modules: Sequence[LeafSpec] = ()):
         timm_modules, timm_functions = _timm_registries()
-        leaves = list(_LEAF_MODULES) + list(extra_leaf_modules) + timm_modules
+        # timm registers whole blocks (NormFreeBlock, TinyVitBlock, MobileVitBlock) for its
+        # feature extractor, not only untraceable layers; a leaf block would hide its residual
+        # join, so those are traced into and kept whole only when that fails (see trace()).
+        self.soft_leaf_types = tuple(timm_modules)
+        leaves = list(_LEAF_MODULES) + list(extra_leaf_modules)
         self.leaf_types = tuple(leaf for leaf in leaves if isinstance(leaf, type))
         self.leaf_paths = {leaf for leaf in leaves if isinstance(leaf, str)}
         functions = tuple(_NOTRACE_FUNCTIONS) + tuple(timm_functions)
@@ -146,36 +150,57 @@ def _drop_concrete_placeholders(graph: fx.Graph, concrete: Dict[str, object]) ->
             graph.erase_node(node)
 
 
+def _failed_soft_leaf(model: nn.Module, tracer: "SiteTracer") -> Optional[type]:
+    """The innermost timm-registered module class on the failing call path, if any."""
+    path = tracer.failed_path
+    if not path or not tracer.soft_leaf_types:
+        return None
+    parts = path.split(".")
+    for k in range(len(parts), 0, -1):
+        module = model.get_submodule(".".join(parts[:k]))
+        if isinstance(module, tracer.soft_leaf_types):
+            return type(module)
+    return None
+
+
 def trace(model: nn.Module, extra_leaf_modules: Sequence[LeafSpec] = ()) -> fx.Graph:
     """Traces ``model.forward`` in the model's current train/eval mode.
 
     Raises:
         TraceError: naming the innermost module that failed and how to keep it as a leaf.
     """
-    tracer = SiteTracer(extra_leaf_modules)
     concrete = _default_arguments(model)
-    try:
-        graph = tracer.trace(model, concrete_args=concrete or None)
-        if concrete:
-            _drop_concrete_placeholders(graph, concrete)
-        return graph
-    except Exception as err:
-        where = tracer.failed_path
-        if where:
-            culprit = model.get_submodule(where)
-            hint = (f"keep it as one node: convert(..., leaf_modules=[{type(culprit).__name__}]) or "
-                    f"leaf_modules=['{where}'], or register it once with "
-                    f"tsm_surgery.register_leaf_module({type(culprit).__name__}, reason=...)")
-            raise TraceError(
-                f"torch.fx could not trace module '{where}' ({type(culprit).__name__}): "
-                f"{type(err).__name__}: {err}\nHint: {hint}. A leaf runs as it is; a residual join "
-                "inside it cannot be shifted."
-            ) from err
+    kept_whole: List[type] = []
+    while True:
+        tracer = SiteTracer(list(extra_leaf_modules) + kept_whole)
+        try:
+            graph = tracer.trace(model, concrete_args=concrete or None)
+            if concrete:
+                _drop_concrete_placeholders(graph, concrete)
+            graph.kept_whole = tuple(kept_whole)  # timm-registered classes that had to stay one node
+            return graph
+        except Exception as caught:
+            err = caught
+            soft = _failed_soft_leaf(model, tracer)
+            if soft is None or soft in kept_whole:
+                break
+            kept_whole.append(soft)
+    where = tracer.failed_path
+    if where:
+        culprit = model.get_submodule(where)
+        hint = (f"keep it as one node: convert(..., leaf_modules=[{type(culprit).__name__}]) or "
+                f"leaf_modules=['{where}'], or register it once with "
+                f"tsm_surgery.register_leaf_module({type(culprit).__name__}, reason=...)")
         raise TraceError(
-            f"torch.fx could not trace {type(model).__name__}.forward itself: {type(err).__name__}: {err}\n"
-            "Hint: trace a wrapper whose forward takes only tensors, or mark the offending "
-            "submodules with leaf_modules=[...]."
+            f"torch.fx could not trace module '{where}' ({type(culprit).__name__}): "
+            f"{type(err).__name__}: {err}\nHint: {hint}. A leaf runs as it is; a residual join "
+            "inside it cannot be shifted."
         ) from err
+    raise TraceError(
+        f"torch.fx could not trace {type(model).__name__}.forward itself: {type(err).__name__}: {err}\n"
+        "Hint: trace a wrapper whose forward takes only tensors, or mark the offending "
+        "submodules with leaf_modules=[...]."
+    ) from err
 
 
 def trace_train_and_eval(model: nn.Module, extra_leaf_modules: Sequence[LeafSpec] = ()) -> Tuple[fx.Graph, fx.Graph]:
