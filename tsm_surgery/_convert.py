@@ -10,7 +10,7 @@ from torch import fx, nn
 from torch.fx.graph_module import _deserialize_graph_module, _format_import_block, _forward_from_src
 from torch.package import sys_importer
 
-from ._shift import TemporalShift, check_shift_args, install_recompute_scope
+from ._shift import TemporalShift, check_shift_args
 from ._sites import ResidualSite, analyse_graph, default_example_input
 from ._tracer import LeafSpec, trace_train_and_eval
 
@@ -49,9 +49,6 @@ class TSMNet(fx.GraphModule):
         self.train_graph, self.eval_graph = train_graph, eval_graph
         self.sites = list(sites)
         self.place = place
-        # Training memory: shift outputs saved by their consumers are rebuilt in backward
-        # instead of kept (see _shift.recompute_shifts); `net.recompute_shifts = False` opts out.
-        install_recompute_scope(self)
         self.train(root.training)
 
     def train(self, mode: bool = True):
@@ -123,9 +120,12 @@ def _adopt_module_tree(target: nn.Module, source: nn.Module, skip=()) -> None:
     target._parameters.update(source._parameters)
     target._buffers.update(source._buffers)
     target._non_persistent_buffers_set = set(source._non_persistent_buffers_set)
-    for name, value in vars(source).items():  # tensors torch.fx lifted out of the traced code
-        if name.startswith("_tensor_constant"):
-            setattr(target, name, value)
+    # Tensors torch.fx lifted out of the traced code (a table built in forward): non-persistent
+    # buffers, so they follow .to() and every graph module sharing this tree, and stay out of state_dict().
+    constants = {k: v for k, v in vars(source).items() if k.startswith("_tensor_constant") and isinstance(v, torch.Tensor)}
+    for name, value in constants.items():
+        target.__dict__.pop(name, None)
+        target.register_buffer(name, value, persistent=False)
 
 
 def _select_sites(sites: List[ResidualSite], select: Select) -> List[ResidualSite]:
