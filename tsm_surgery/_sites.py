@@ -351,11 +351,12 @@ def _unique_names(sites: List[ResidualSite], branch_scope: Dict[str, str]) -> Li
         counts[site.name] = counts.get(site.name, 0) + 1
     sites = [site if counts[site.name] == 1 or not branch_scope.get(site.join)
              else ResidualSite(**{**site.__dict__, "name": branch_scope[site.join]}) for site in sites]
-    seen: Dict[str, int] = {}
+    seen: Dict[Tuple[bool, str], int] = {}
     out = []
-    for site in sites:
-        count = seen.get(site.name, 0)
-        seen[site.name] = count + 1
+    for site in sites:  # shifted sites are numbered among themselves: other joins never rename them
+        key = (site.kind in ("residual", "first_conv"), site.name)
+        count = seen.get(key, 0)
+        seen[key] = count + 1
         if count:
             site = ResidualSite(**{**site.__dict__, "name": f"{site.name}#{count + 1}"})
         out.append(site)
