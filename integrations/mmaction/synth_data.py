@@ -123,10 +123,10 @@ def sample_params(pair: int, rng: np.random.Generator, size: int, frames: int) -
         r1 = rng.uniform(15, 22) * s
         params.update(shape=str(rng.choice(["disc", "square"])), r0=rng.uniform(3, 7) * s, r1=r1,
                       cx=rng.uniform(r1 * 0.7, size - r1 * 0.7), cy=rng.uniform(r1 * 0.7, size - r1 * 0.7))
-    elif pair == 2:  # rotate: a hand turns 120-240 degrees counter-clockwise (on screen)
-        length = rng.uniform(15, 22) * s
-        params.update(length=length, width=rng.uniform(3, 5) * s, angle0=rng.uniform(0, 2 * math.pi),
-                      turn=math.radians(rng.uniform(120, 240)),
+    elif pair == 2:  # rotate: a hand turns 200-300 degrees counter-clockwise (on screen)
+        length = rng.uniform(16, 24) * s
+        params.update(length=length, width=rng.uniform(4, 6) * s, angle0=rng.uniform(0, 2 * math.pi),
+                      turn=math.radians(rng.uniform(200, 300)),
                       cx=rng.uniform(length + 2, size - length - 2), cy=rng.uniform(length + 2, size - length - 2))
     else:
         raise ValueError(f"pair index {pair} out of range 0..{len(PAIRS) - 1} (see PAIRS in synth_data.py)")
@@ -169,7 +169,7 @@ def _draw_hand(canvas: np.ndarray, cx: float, cy: float, angle: float, length: f
     pt = lambda x, y: (round(x * scale), round(y * scale))  # noqa: E731
     cv2.line(canvas, pt(cx, cy), pt(*tip), color, max(1, round(width)), cv2.LINE_AA, shift)
     cv2.circle(canvas, pt(*tip), round(width * 1.1 * scale), color, -1, cv2.LINE_AA, shift)
-    dim = tuple(0.45 * c for c in color)
+    dim = tuple(0.6 * c for c in color)
     cv2.circle(canvas, pt(cx, cy), round(width * 0.9 * scale), dim, -1, cv2.LINE_AA, shift)
 
 
