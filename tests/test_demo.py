@@ -112,7 +112,7 @@ def test_tiny_end_to_end_demo(tmp_path, capsys):
         assert len(res["val_top1_per_epoch"]) == 1
     assert on_disk["stream"]["online"] is True
     assert on_disk["stream"]["max_abs_diff_vs_offline"] < 1e-4
-    assert summary["data"]["counts"] == {"train": 12, "val": 6, "test": 6}
+    assert summary["data"]["counts"] == {"train": 6, "val": 6, "test": 6}
     # A second run into the same directory is refused; --force replaces the demo's own files.
     with pytest.raises(FileExistsError):
         demo.run_demo(str(run_dir), epochs=1, videos_per_class=3, frames=8, size=32)

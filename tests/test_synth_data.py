@@ -174,7 +174,7 @@ def test_refuses_to_overwrite_unless_forced(tmp_path, capsys):
     assert "refusing to overwrite" in capsys.readouterr().out
     assert main(["synth-data", str(out), "--videos-per-class", "3", "--size", "32", "--frames", "8", "--force"]) == 0
     assert (out / "mine.txt").read_text() == "keep me"  # --force replaces only generated files
-    assert len(_lines(out / "train.txt")) == 12
+    assert len(_lines(out / "train.txt")) == 6  # 3 per class: one each for train, val, test
 
 
 @pytest.mark.parametrize("kwargs, match", [(dict(size=33), "even"), (dict(frames=4), "frames"),

@@ -249,8 +249,8 @@ def write_video(path: os.PathLike, frames: np.ndarray, fps: int = 8) -> None:
 # --------------------------------------------------------------------------------------------
 
 def _split_of(index: int, count: int) -> str:
-    n_train = round(count * SPLIT_FRACTIONS[0])
-    n_val = round(count * SPLIT_FRACTIONS[1])
+    n_val = max(1, round(count * SPLIT_FRACTIONS[1]))  # every split gets at least one video per class
+    n_train = count - n_val - max(1, round(count * SPLIT_FRACTIONS[2]))
     return "train" if index < n_train else "val" if index < n_train + n_val else "test"
 
 
