@@ -82,6 +82,12 @@ def _timm_registries() -> Tuple[List[type], List[Callable]]:
     return list(fx_registry.get_notrace_modules()), list(fx_registry.get_notrace_functions())
 
 
+# Rule: norm layers (and subclasses such as timm's BatchNormAct2d) stay one node. Traced into,
+# their `self.training` branch would be frozen into the graph, and running the train graph to
+# learn shapes would update the running statistics of the model being converted.
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
 class TraceError(RuntimeError):
     """A module could not be traced symbolically."""
 
@@ -106,6 +112,8 @@ class SiteTracer(fx.Tracer):
     def is_leaf_module(self, module: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(module, self.leaf_types) or module_qualified_name in self.leaf_paths:
             return True
+        if isinstance(module, _NORM_TYPES):
+            return True  # norm subclasses (timm's BatchNormAct2d) read self.training when run: one node serves both graphs
         return super().is_leaf_module(module, module_qualified_name)
 
     def call_module(self, module, forward, args, kwargs):
