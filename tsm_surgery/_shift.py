@@ -16,7 +16,7 @@ temporal-shift-module issues #77, #103, #181).
 import contextlib
 import threading
 import weakref
-from typing import Iterator, List
+from typing import Dict, Iterator, List
 
 import torch
 from torch import Tensor, nn
@@ -250,20 +250,32 @@ def recompute_shifts() -> Iterator[None]:
         _RECOMPUTE.depth -= 1
 
 
+class _OpenScopes(threading.local):
+    def __init__(self):
+        self.by_module: Dict[int, List[contextlib.AbstractContextManager]] = {}
+
+
+# Saved-tensor hooks live on a per-thread stack, so the scopes a module's forward opened are
+# kept per thread too: a module called from two threads closes each thread's own scope.
+_OPEN_SCOPES = _OpenScopes()
+
+
 def _scope_enter(module: nn.Module, args) -> None:
     if torch.compiler.is_compiling() or not getattr(module, "recompute_shifts", True):
         return
     scope = recompute_shifts()
     scope.__enter__()
-    module.__dict__.setdefault("_tsm_scopes", []).append(scope)
+    _OPEN_SCOPES.by_module.setdefault(id(module), []).append(scope)
 
 
 def _scope_exit(module: nn.Module, args, output) -> None:
     if torch.compiler.is_compiling():
         return
-    scopes = module.__dict__.get("_tsm_scopes")
+    scopes = _OPEN_SCOPES.by_module.get(id(module))
     if scopes:
         scopes.pop().__exit__(None, None, None)
+        if not scopes:
+            del _OPEN_SCOPES.by_module[id(module)]
 
 
 def install_recompute_scope(module: nn.Module) -> nn.Module:
