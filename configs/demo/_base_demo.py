@@ -61,8 +61,8 @@ test_pipeline = [
 def _loader(split, pipeline, shuffle, batch_size):
     return dict(
         batch_size=batch_size,
-        num_workers=0,
-        persistent_workers=False,
+        num_workers=1,  # decodes the next batch while the model runs (tsm-surgery demo: threads = cores - 1)
+        persistent_workers=True,
         sampler=dict(type='DefaultSampler', shuffle=shuffle),
         dataset=dict(type=dataset_type, ann_file=f'{data_root}/{split}.txt',
                      data_prefix=dict(video=f'{data_root}/videos'), pipeline=pipeline,

@@ -376,7 +376,9 @@ def run_demo(out_dir: Optional[str] = None, epochs: int = DEFAULT_EPOCHS, videos
     wall = time.time()
     run_dir = _prepare_run_dir(out_dir, force)
     data_root = run_dir / "data"
-    print(f"tsm-surgery demo: run directory {run_dir}  (torch threads: {torch.get_num_threads()})", flush=True)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"tsm-surgery demo: run directory {run_dir}  (torch threads: {torch.get_num_threads()}, "
+          f"cores: {os.cpu_count()}, load average: {load:.1f})", flush=True)
 
     print(f"[1/4] generating {6 * videos_per_class} videos ({size}x{size} px, {frames} frames, seed {seed}) "
           f"into {data_root}", flush=True)
@@ -407,7 +409,8 @@ def run_demo(out_dir: Optional[str] = None, epochs: int = DEFAULT_EPOCHS, videos
 
     summary = {
         "run_dir": str(run_dir), "wall_s": round(time.time() - wall, 1), "epochs": epochs, "seed": seed,
-        "torch_threads": torch.get_num_threads(), "data": meta,
+        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "load_average_at_start": load, "data": meta,
         "models": {name: {"config": str(config_path(name, config_dir)), "test": res["test"],
                           "train_s": round(res["train_s"], 1), "test_s": round(res["test_s"], 1),
                           "val_top1_per_epoch": [v for _, v in res["curves"]["val_top1"]]}
@@ -460,7 +463,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="override the configs' batch size (16)")
     parser.add_argument("--config-dir", default=None, help="folder of the demo configs (default configs/demo)")
     parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads (default 0: torch's choice, one per core)")
+                        help="torch CPU threads (default 0: one per core minus one, which decodes videos)")
     parser.add_argument("--no-stream", action="store_true", help="skip the streaming step")
     parser.add_argument("--force", action="store_true", help="replace what a previous demo wrote into --out-dir")
 
@@ -471,8 +474,9 @@ def run(args: argparse.Namespace) -> int:
 
     # mmcv-lite's missing CUDA ops and timm's init notice are expected here; keep the output readable.
     warnings.filterwarnings("ignore", category=UserWarning)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    # One core decodes videos (the dataloader worker), the others run the model: on 2 cores, one
+    # torch thread. More threads than free cores makes CPU training several times slower.
+    torch.set_num_threads(args.threads if args.threads > 0 else max(1, (os.cpu_count() or 2) - 1))
     try:
         run_demo(args.out_dir, args.epochs, args.videos_per_class, args.frames, args.size, args.seed,
                  [m for m in args.models.split(",") if m], args.force, args.config_dir, args.batch_size,
