@@ -370,6 +370,31 @@ def _short(err: BaseException, limit: int = 220) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+def calibrate_batch_norms(model, batch) -> None:
+    """Sets BatchNorm running statistics to those of ``batch``, then leaves the model in eval mode.
+
+    With random statistics some deep random networks (CSPNeXt at 64 px, for one) lose their
+    signal layer by layer until the output no longer depends on the input, and then no shift
+    can change it; calibrated statistics keep every layer's activations at unit scale.
+    """
+    import torch
+    from torch import nn
+
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average: one batch sets the statistics
+    model.train()
+    try:
+        with torch.no_grad():
+            model(batch)
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.eval()
+
+
 def check_model(spec: ModelSpec, frames: int = 4, seed: int = 0) -> Result:
     """Runs every check on one model; never raises, the failure goes into ``Result.reason``.
 
@@ -394,9 +419,9 @@ def check_model(spec: ModelSpec, frames: int = 4, seed: int = 0) -> Result:
         res.input_size = size
         res.params_m = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
         randomize_norms(model)
-        model.eval()
         image = torch.randn(1, 3, size, size)
         clip = torch.randn(frames, 3, size, size)
+        calibrate_batch_norms(model, torch.randn(max(frames, 2), 3, size, size))
 
         stage = "trace"
         traced = copy.deepcopy(model)
