@@ -167,7 +167,7 @@ def paired_ratios(fns: Dict[str, Callable[[], object]], base: str, rounds: int, 
     result = {}
     for name, values in times.items():
         ratios = sorted(v / b for v, b in zip(values, times[base]))
-        result[name] = dict(median_s=statistics.median(values), ratio=statistics.median(ratios),
+        result[name] = dict(median_s=statistics.median(values), min_s=min(values), ratio=statistics.median(ratios),
                             ratio_p25=_quantile(ratios, 0.25), ratio_p75=_quantile(ratios, 0.75))
     return result
 
@@ -381,6 +381,9 @@ def run(args: argparse.Namespace) -> int:
     # ---- end to end, eval and training step
     eval_fns = {name: (lambda m=m: _eval_call(m, x_eval, autocast)) for name, m in models.items()}
     eval_res = paired_ratios(eval_fns, "2d", args.rounds, seed=args.seed)
+    # The op-level denominator is the fastest 2D forward seen at all: on a shared machine a
+    # short minimum series can fall in a busy moment and flatter the fraction.
+    base_2d = min(base_2d, eval_res["2d"]["min_s"])
     for model in models.values():
         _set_mode(model, True)
     train_fns = {name: (lambda m=m: _train_call(m, x_train, autocast)) for name, m in models.items()}
@@ -494,6 +497,7 @@ def _compiled(models, sites, x_eval, frames, args, autocast):
     out["eval"] = paired_ratios({"2d": lambda: _eval_call(plain_c, x_eval, autocast),
                                  "ours": lambda: _eval_call(ours_c, x_eval, autocast)}, "2d",
                                 args.rounds, seed=args.seed + 3)
+    out["base_2d"] = min(out["base_2d"], out["eval"]["2d"]["min_s"])
     return out
 
 
@@ -643,7 +647,7 @@ def _report(args, r) -> str:
                                                for n in ("2d", "ours", "mmaction", "zero-fill")) + " |")
     add("| training step, median | " + " | ".join(_fmt_ms(train.get(n, {}).get("median_s"))
                                                 for n in ("2d", "ours", "mmaction", "zero-fill")) + " |")
-    add(f"| eval forward, minimum (op-level denominator) | {_fmt_ms(r['base_2d'])} | | | |")
+    add(f"| eval forward, minimum over all runs (op-level denominator) | {_fmt_ms(r['base_2d'])} | | | |")
     add("| sum over sites of the shift's minimum | | " + " | ".join(
         _fmt_ms(r["op_eager"].get(n)) for n in ("ours", "mmaction", "zero-fill")) + " |")
     add("| peak training memory | " + " | ".join(_mib(memory.get(n)) for n in ("2d", "ours", "mmaction", "zero-fill")) + " |")
