@@ -115,7 +115,6 @@ class Result:
     effective: bool = False
     uni: bool = False
     online: bool = False
-    online_check: str = ""
     backward: bool = False
     passed: bool = False
     stage: str = ""
@@ -323,45 +322,12 @@ def _close(a, b, tol: float = 1e-4) -> bool:
     return a.shape == b.shape and bool(torch.allclose(a, b, rtol=tol, atol=tol * scale))
 
 
-def _online_reference(uni_net, frames):
-    """Per-frame outputs of ``uni_net`` run one frame at a time with a cache per shift site.
-
-    Used when ``tsm_surgery.to_online`` is not available: every shift module is replaced by
-    one that swaps in the previous frame's past slot, exactly DESIGN.md's online definition.
-    """
-    import torch
-    from torch import nn
-
-    net = copy.deepcopy(uni_net).eval()
-
-    class _Cached(nn.Module):
-        def __init__(self, shift):
-            super().__init__()
-            self.shift_div, self.channel_dim, self.cache = shift.shift_div, shift.channel_dim, None
-
-        def forward(self, x):
-            dim = self.channel_dim % x.dim()
-            fold = x.shape[dim] // self.shift_div
-            mine = x.narrow(dim, fold, fold)
-            prev = torch.zeros_like(mine) if self.cache is None else self.cache
-            self.cache = mine.clone()
-            return torch.cat([x.narrow(dim, 0, fold), prev, x.narrow(dim, 2 * fold, x.shape[dim] - 2 * fold)], dim)
-
-    holder = net.temporal_shifts
-    for key in list(holder.keys()):
-        holder[key] = _Cached(holder[key])
-    return [_main_output(net(frame)) for frame in frames]
-
-
-def _online_outputs(uni_net, frames) -> Tuple[List[Any], str]:
+def _online_outputs(uni_net, frames) -> List[Any]:
     import tsm_surgery
 
-    to_online = getattr(tsm_surgery, "to_online", None)
-    if to_online is None:
-        return _online_reference(uni_net, frames), "reference cache (tsm_surgery.to_online not available)"
-    online = to_online(uni_net)
+    online = tsm_surgery.to_online(uni_net)
     online.reset()
-    return [_main_output(online(frame)) for frame in frames], "tsm_surgery.to_online"
+    return [_main_output(online(frame)) for frame in frames]
 
 
 def _short(err: BaseException, limit: int = 220) -> str:
@@ -469,7 +435,7 @@ def check_model(spec: ModelSpec, frames: int = 4, seed: int = 0) -> Result:
             offline = _main_output(uni(clip))
             res.uni = True
             stage = "online"
-            online, res.online_check = _online_outputs(uni, [clip[t:t + 1] for t in range(frames)])
+            online = _online_outputs(uni, [clip[t:t + 1] for t in range(frames)])
         bad = [t for t in range(frames) if not _close(online[t], offline[t:t + 1])]
         if bad:
             diff = max(float((online[t] - offline[t:t + 1]).abs().max()) for t in bad)
