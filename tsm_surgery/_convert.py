@@ -10,7 +10,7 @@ from torch import fx, nn
 from torch.fx.graph_module import _deserialize_graph_module, _format_import_block, _forward_from_src
 from torch.package import sys_importer
 
-from ._shift import TemporalShift, check_shift_args
+from ._shift import TemporalShift, check_shift_args, install_recompute_scope
 from ._sites import ResidualSite, analyse_graph, default_example_input
 from ._tracer import LeafSpec, trace_train_and_eval
 
@@ -49,6 +49,9 @@ class TSMNet(fx.GraphModule):
         self.train_graph, self.eval_graph = train_graph, eval_graph
         self.sites = list(sites)
         self.place = place
+        # Training memory: shift outputs saved by their consumers are rebuilt in backward
+        # instead of kept (see _shift.recompute_shifts); `net.recompute_shifts = False` opts out.
+        install_recompute_scope(self)
         self.train(root.training)
 
     def train(self, mode: bool = True):
