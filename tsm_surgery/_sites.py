@@ -10,6 +10,9 @@ one-layer projection: the shortcut). The other additions are reported, not shift
   or a different shape (broadcasting);
 * ``multi_branch``: parallel single-layer branches summed (RepVGG, MobileOne, ACNet);
 * ``internal``: any other sum inside a block (Res2Net's split sums, GRN's ``x + f(x)``).
+
+Networks without any residual join (VGG, DenseNet, Inception) get ``first_conv`` entries
+instead: the tensor entering the first layer(s) of each block, shifted only on request.
 """
 
 import copy
@@ -42,7 +45,9 @@ class ResidualSite:
 
     Attributes:
         name: stable name built from module paths, e.g. ``"layer2.1"`` or ``"blocks.0.attn"``.
-        kind: ``"residual"`` (shifted), ``"multi_branch"``, ``"internal"`` or ``"broadcast"``.
+        kind: ``"residual"`` (shifted), ``"multi_branch"``, ``"internal"``, ``"broadcast"``, or
+            ``"first_conv"`` (the entry of a block in a network without residual joins, shifted
+            only with ``convert(..., no_residual="first_conv")``).
         join: graph node name of the addition.
         fork: graph node name of the tensor the residual branch starts from.
         branch_consumers: nodes reading ``fork`` on the branch side (rewired to the shifted tensor).
