@@ -660,6 +660,8 @@ def run(args: argparse.Namespace) -> int:
         "torchvision": torchvision.__version__.split("+")[0], "python": platform.python_version(),
     }
     json_path = args.json or os.path.splitext(args.out)[0] + ".json"
+    for path in (json_path, args.out):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(json_path, "w") as f:
         json.dump({"meta": meta, "summary": summary, "results": rows}, f, indent=1)
     with open(args.out, "w") as f:
