@@ -1,10 +1,11 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import tsm_surgery
-from tsm_surgery.cli import main
+from tsm_surgery.cli import VERBS, main
 
 
 def test_convert_prints_table_and_saves(tmp_path, capsys):
@@ -31,3 +32,11 @@ def test_console_script_help():
     result = subprocess.run([sys.executable, "-m", "tsm_surgery.cli", "convert", "--help"],
                             capture_output=True, text=True, check=True)
     assert "--n-segments" in result.stdout
+
+
+@pytest.mark.parametrize("verb", list(VERBS))
+def test_every_verb_has_help(verb, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([verb, "--help"])
+    assert exit_info.value.code == 0
+    assert f"tsm-surgery {verb}" in capsys.readouterr().out
