@@ -15,26 +15,19 @@ pytest.importorskip("mmaction")
 av = pytest.importorskip("av")
 
 import tsm_surgery.integrations.mmaction  # noqa: E402,F401
+from tsm_surgery.integrations.mmaction import synth_data  # noqa: E402
 
 
 def write_video(path: str, direction: int, frames: int = 8, size: int = 32, seed: int = 0) -> None:
     """Writes an mp4 of a square moving right (direction=+1) or left (-1)."""
     rng = np.random.default_rng(seed)
-    container = av.open(path, mode="w")
-    stream = container.add_stream("mpeg4", rate=8)
-    stream.width = stream.height = size
-    stream.pix_fmt = "yuv420p"
     start = int(rng.integers(2, size // 4))
     y = int(rng.integers(4, size - 12))
+    video = np.full((frames, size, size, 3), 20, np.uint8)
     for t in range(frames):
-        img = np.full((size, size, 3), 20, np.uint8)
         x = start + 2 * t if direction > 0 else size - 10 - start - 2 * t
-        img[y:y + 8, max(x, 0):max(x, 0) + 8] = 230
-        for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-            container.mux(packet)
-    for packet in stream.encode():
-        container.mux(packet)
-    container.close()
+        video[t, y:y + 8, max(x, 0):max(x, 0) + 8] = 230
+    synth_data.write_video(path, video)
 
 
 def make_dataset(root: str, per_class: int = 4, frames: int = 8, size: int = 32) -> str:

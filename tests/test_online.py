@@ -251,21 +251,7 @@ def test_docstring_examples():
 
 # ---------------------------------------------------------------------------------- stream verb
 
-def write_video(path, frames):
-    """Writes (T, H, W, 3) uint8 frames with PyAV (MPEG-4 part 2; all-intra, no B-frames)."""
-    import av
-
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=8)
-        stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = "yuv420p"
-        stream.gop_size = 1
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
+from tsm_surgery.integrations.mmaction.synth_data import write_video  # noqa: E402
 
 @torch.no_grad()
 def test_stream_verb_prints_the_offline_networks_topk(tmp_path, capsys):
