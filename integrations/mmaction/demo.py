@@ -26,7 +26,6 @@ Example:
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -334,18 +333,8 @@ def _prepare_run_dir(out_dir: Optional[str], force: bool) -> Path:
             run_dir = run_dir.with_name(run_dir.name + "x")
     else:
         run_dir = Path(out_dir)
-        if run_dir.exists() and not run_dir.is_dir():
-            raise FileExistsError(f"--out-dir {run_dir} exists and is not a directory.")
-        if run_dir.is_dir() and any(run_dir.iterdir()):
-            if not force:
-                raise FileExistsError(f"--out-dir {run_dir} is not empty; refusing to overwrite it. Pass --force, "
-                                      "or leave --out-dir out to get a fresh work_dirs/demo/<timestamp>.")
-            for name in ["data", "curves.png", "summary.json", *MODELS_TRAINED]:  # only what the demo writes
-                target = run_dir / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
+        synth_data.claim_out_dir(run_dir, force, ["data", "curves.png", "summary.json", *MODELS_TRAINED],
+                                 "leave --out-dir out to get a fresh work_dirs/demo/<timestamp>.")
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 

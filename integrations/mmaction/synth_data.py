@@ -44,7 +44,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -254,14 +254,22 @@ def _split_of(index: int, count: int) -> str:
     return "train" if index < n_train else "val" if index < n_train + n_val else "test"
 
 
-def _check_out_dir(out: Path, force: bool) -> None:
+def claim_out_dir(out: Path, force: bool, owned: Sequence[str], hint: str) -> None:
+    """Refuses a non-empty ``out`` unless ``force``; with ``force`` removes only the ``owned`` names.
+
+    Args:
+        out: the output directory (created by the caller).
+        force: replace what a previous run wrote there.
+        owned: the file and folder names this writer creates; anything else is left alone.
+        hint: what to do instead, appended to the error.
+    """
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory: pass another OUT_DIR.")
+        raise FileExistsError(f"{out} exists and is not a directory: {hint}")
     if out.is_dir() and any(out.iterdir()):
         if not force:
             raise FileExistsError(f"{out} is not empty; refusing to overwrite it. Pass --force "
-                                  "(force=True) to replace the generated files, or choose an empty OUT_DIR.")
-        for name in GENERATED:  # only what this generator writes; other files stay
+                                  f"(force=True) to replace the files this command writes, or {hint}")
+        for name in owned:
             target = out / name
             if target.is_dir():
                 shutil.rmtree(target)
@@ -302,7 +310,7 @@ def generate(out_dir: os.PathLike, videos_per_class: int = 80, size: int = 64, f
     if videos_per_class < 3:
         raise ValueError(f"--videos-per-class {videos_per_class}: use at least 3 (one per split).")
     out = Path(out_dir)
-    _check_out_dir(out, force)
+    claim_out_dir(out, force, GENERATED, "choose an empty OUT_DIR.")
     for name in CLASSES:
         (out / "videos" / name).mkdir(parents=True, exist_ok=True)
 
