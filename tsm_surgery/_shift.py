@@ -77,6 +77,28 @@ def _shift_frames(v: Tensor, channel_dim: int, fold: int, direction: str) -> Ten
     return torch.cat([from_future, from_past, rest], dim=channel_dim)
 
 
+def _shift_selecting(x: Tensor, n_segments: int, fold: int, direction: str, channel_dim: int) -> Tensor:
+    """The form ``torch.compile`` sees: one elementwise select between ``x`` and its neighbour frames.
+
+    Inductor on CPU lowers every ``cat`` to a copy kernel whose output it lays out contiguous,
+    while it runs the convolutions channels-last; with the ``cat`` form each shift added two
+    layout transposes, and compiled ResNet-50 ran at 1.3-1.4x the compiled 2D network. A
+    ``where`` over the batch rolled by one frame is a single pointwise node: inductor fuses it
+    into the kernel that produces ``x`` and writes it in the layout its consumer wants. Rolling
+    the whole ``(N*T)`` batch crosses clip boundaries only at the frames the mask zeroes.
+    """
+    batch, channels = x.shape[0], x.shape[channel_dim]
+    frame = (torch.arange(batch, device=x.device) % n_segments).view([batch] + [1] * (x.dim() - 1))
+    channel_shape = [1] * x.dim()
+    channel_shape[channel_dim] = channels
+    channel = torch.arange(channels, device=x.device).view(channel_shape)
+    from_past = torch.where(frame != 0, x.roll(1, 0), 0.0)
+    if direction == "uni":
+        return torch.where((channel >= fold) & (channel < 2 * fold), from_past, x)
+    from_future = torch.where(frame != n_segments - 1, x.roll(-1, 0), 0.0)
+    return torch.where(channel < fold, from_future, torch.where(channel < 2 * fold, from_past, x))
+
+
 # Which frame each moving slot reads, as (first channel in folds, frame offset): +1 reads frame
 # t+1 (a shift towards the past), -1 reads frame t-1. The backward of a shift is the shift with
 # every offset negated: the op is a permutation of entries with some of them replaced by zeros.
@@ -146,11 +168,19 @@ def _use_functional_form() -> bool:
     return bool(torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export())
 
 
+def _compiling_not_exporting() -> bool:
+    if torch.jit.is_scripting():
+        return False
+    return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+
+
 def _temporal_shift(x: Tensor, n_segments: int, shift_div: int, direction: str, channel_dim: int) -> Tensor:
     source, original_dim = x, channel_dim
     channel_dim = channel_dim % x.dim()
     _check_input(x, n_segments, shift_div, channel_dim)
     fold = x.shape[channel_dim] // shift_div
+    if _compiling_not_exporting():
+        return _shift_selecting(x, n_segments, fold, direction, channel_dim)
     # channels_last: shift the (N*T, H, W, C) view, whose memory is contiguous, so the result
     # keeps the caller's memory format without an extra copy.
     channels_last = (channel_dim == 1 and x.dim() == 4 and not x.is_contiguous()
