@@ -299,3 +299,14 @@ def test_bench_quick_writes_report(tmp_path):
                    "online per-frame step", "convert()", "threads", "float32"):
         assert needle in text, needle
     assert "x (" in text  # ratios with their interquartile range
+    assert "A/A control" in text
+
+
+def test_bench_verdicts_tell_noise_from_misses():
+    from tsm_surgery.integrations.bench import _verdict
+
+    assert _verdict((1.01, 1.02, 0.03)) == "holds"
+    assert _verdict((1.04, 1.02, 0.03)).startswith("within noise")
+    assert _verdict((1.06, 1.02, 0.03)) == "missed"
+    assert _verdict((0.012, 0.01, None)) == "missed"
+    assert _verdict(None) == "n/a"
