@@ -59,6 +59,54 @@ def test_online_equals_offline_uni_on_every_prefix(spec):
     assert _rel(outs[-1], plain) > 10 * RTOL
 
 
+def _swapped_sites(online):
+    return sum(n.op == "call_function" and n.target is _online._restore_slot for n in online.graph.nodes)
+
+
+@pytest.mark.parametrize("spec", ["timm:resnet18", "timm:convnext_atto"])
+def test_in_place_slot_swap_equals_the_copy(spec):
+    # Without autograd each site writes the cache into its input, lets the branch's first layer
+    # read it, and writes the slot back; with autograd it makes a shifted copy. Same numbers.
+    _, net = _uni(spec)
+    online = to_online(net)
+    assert _swapped_sites(online) == len(net.sites)
+    frames = torch.randn(FRAMES, 2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        swapped = [online(frame) for frame in frames]
+    online.reset()
+    copied = [online(frame).detach() for frame in frames]  # grad mode on: the copy path
+    for a, b in zip(swapped, copied):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+class _InPlaceBranch(torch.nn.Module):
+    """A residual branch that starts with an in-place ReLU on the block input."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.branch = torch.nn.Sequential(torch.nn.ReLU(inplace=True), torch.nn.Conv2d(16, 16, 3, padding=1),
+                                          torch.nn.BatchNorm2d(16), torch.nn.Conv2d(16, 16, 1))
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.branch(x)
+        return self.head(x.mean((2, 3)))
+
+
+@torch.no_grad()
+def test_no_slot_swap_when_the_consumer_could_write_its_input():
+    model = randomize_norms(_InPlaceBranch()).eval()
+    net = tsm_surgery.convert(model, n_segments=FRAMES, direction="uni", example_input=torch.randn(FRAMES, 3, 8, 8)).eval()
+    online = to_online(net)
+    assert _swapped_sites(online) == 0
+    clips = torch.randn(2, FRAMES, 3, 8, 8)
+    outs = [online(clips[:, t]) for t in range(FRAMES)]
+    for t in range(FRAMES):
+        assert _rel(outs[t], _offline_prefix(net, clips, t)) <= RTOL
+
+
 @torch.no_grad()
 def test_explicit_step_equals_internal_state_and_is_pure():
     _, net = _uni()

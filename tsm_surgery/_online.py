@@ -56,7 +56,9 @@ class OnlineShift(nn.Module):
         self.shift_div = int(shift_div)
         self.channel_dim = int(channel_dim)
 
-    def forward(self, x: Tensor, cache: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, cache: Optional[Tensor], swap: bool = False) -> Tuple[Tensor, Tensor]:
+        """``swap=True`` lets the shift write the cache into ``x`` itself when that is safe (see
+        :func:`_restore_slot`, which must then run right after the one consumer of the result)."""
         dim = self.channel_dim % x.dim()
         channels = x.shape[dim]
         fold = channels // self.shift_div
@@ -71,20 +73,68 @@ class OnlineShift(nn.Module):
                 "or device; make a new one with init_state(batch_size, device, dtype, frame_shape=...) "
                 "or call reset() on the internal-state form."
             )
-        shifted = torch.cat([x.narrow(dim, 0, fold), cache, x.narrow(dim, 2 * fold, channels - 2 * fold)], dim=dim)
         # A copy, not a view: a view would keep this frame's whole activation alive in the state.
-        return shifted, past.clone()
+        new_cache = past.clone()
+        if swap and _can_swap(x):
+            past.copy_(cache)
+            return x, new_cache
+        shifted = torch.cat([x.narrow(dim, 0, fold), cache, x.narrow(dim, 2 * fold, channels - 2 * fold)], dim=dim)
+        return shifted, new_cache
 
     def extra_repr(self) -> str:
         return f"site={self.site!r}, shift_div={self.shift_div}, channel_dim={self.channel_dim}"
+
+
+# Consumers that read their input once and neither keep it, return a view of it, nor write
+# to it: the only kinds a shift may hand its input to with the slot swapped in place.
+_SWAP_SAFE_CONSUMERS = (
+    nn.modules.conv._ConvNd,  # first layer of a convolutional branch
+    nn.Linear,  # first layer of an MLP branch on tokens
+    nn.modules.batchnorm._NormBase,  # pre-activation branches start with a norm
+    nn.LayerNorm,
+    nn.GroupNorm,
+)
+
+
+def _can_swap(x: Tensor) -> bool:
+    """In-place use of ``x`` is safe: no autograd, no exporter or tracer, no overlapping memory."""
+    if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    if torch.onnx.is_in_onnx_export():
+        return False
+    return x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _restore_slot(x: Tensor, shifted: Tensor, new_cache: Tensor, channel_dim: int) -> None:
+    """Undoes a swapped-in shift once its consumer has read ``x``: puts this frame's slot back.
+
+    The online shift at one frame moves a single slot, so instead of a shifted copy of the whole
+    activation (one read and one write of all of it), the swap writes the cache into ``x``, lets
+    the branch's first layer read it, and writes the saved slot back: three copies of 1/shift_div
+    of the channels. The shortcut, which runs later, sees ``x`` bit for bit as it was.
+    """
+    if isinstance(x, fx.Proxy):  # re-tracing a pickled graph: keep the node, it has no users
+        x.tracer.create_proxy("call_function", _restore_slot, (x, shifted, new_cache, channel_dim), {})
+        return None
+    if shifted is x:
+        dim = channel_dim % x.dim()
+        fold = new_cache.shape[dim]
+        x.narrow(dim, fold, fold).copy_(new_cache)
 
 
 def _describe(t: Tensor) -> str:
     return f"shape {tuple(t.shape)} {str(t.dtype).replace('torch.', '')} on {t.device}"
 
 
-def _rewrite(graph: fx.Graph, keys: Sequence[str]) -> fx.Graph:
-    """Turns the shift nodes of an eval graph into online shifts with cache inputs and outputs."""
+def _rewrite(graph: fx.Graph, keys: Sequence[str], root: nn.Module,
+             channel_dims: Sequence[int]) -> fx.Graph:
+    """Turns the shift nodes of an eval graph into online shifts with cache inputs and outputs.
+
+    A site whose shifted tensor feeds one layer of a :data:`_SWAP_SAFE_CONSUMERS` kind, and
+    whose input is not the network's own input, gets the in-place slot swap: the online shift
+    runs just before that layer and :func:`_restore_slot` just after it, so no other node can
+    see the swapped activation.
+    """
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise ValueError(
@@ -98,22 +148,40 @@ def _rewrite(graph: fx.Graph, keys: Sequence[str]) -> fx.Graph:
         with graph.inserting_after(cursor):
             cursor = graph.placeholder(f"cache_{key}")
         caches.append(cursor)
-    for key, cache in zip(keys, caches):
+    for key, cache, channel_dim in zip(keys, caches, channel_dims):
         node = shift_nodes.pop(f"{SHIFTS}.{key}", None)
         if node is None:
             raise RuntimeError(f"the eval graph has no shift node for {key!r}; was the network edited after convert?")
-        with graph.inserting_after(node):
-            pair = graph.call_module(f"{ONLINE_SHIFTS}.{key}", (node.args[0], cache))
-        with graph.inserting_after(pair):
+        source = node.args[0]
+        consumer = _swap_consumer(node, root)
+        swap = consumer is not None and source.op != "placeholder"
+        with graph.inserting_before(consumer if swap else node.next):
+            pair = graph.call_module(f"{ONLINE_SHIFTS}.{key}", (source, cache, swap))
             shifted = graph.call_function(operator.getitem, (pair, 0))
-        with graph.inserting_after(shifted):
-            new_caches.append(graph.call_function(operator.getitem, (pair, 1)))
+            new_cache = graph.call_function(operator.getitem, (pair, 1))
+        new_caches.append(new_cache)
         node.replace_all_uses_with(shifted)
         graph.erase_node(node)
+        if swap:
+            with graph.inserting_after(consumer):
+                graph.call_function(_restore_slot, (source, shifted, new_cache, channel_dim))
     output = next(n for n in graph.nodes if n.op == "output")
     output.args = ((output.args[0], *new_caches),)
     graph.lint()
     return graph
+
+
+def _swap_consumer(node: fx.Node, root: nn.Module) -> Optional[fx.Node]:
+    """The single consumer of a shift node, if it may read a swapped-in-place input."""
+    if len(node.users) != 1:
+        return None
+    (user,) = node.users
+    if user.op != "call_module" or list(user.all_input_nodes) != [node]:
+        return None
+    module = root.get_submodule(str(user.target))
+    if not isinstance(module, _SWAP_SAFE_CONSUMERS) or module._forward_hooks or module._forward_pre_hooks:
+        return None
+    return user
 
 
 class OnlineTSM(nn.Module):
@@ -398,7 +466,8 @@ def to_online(net: TSMNet, *, frame_shape: Optional[Sequence[int]] = None, inpla
     if not inplace:
         net = copy.deepcopy(net)
     keys = [_module_key(site.name) for site in net.sites]
-    graph = _rewrite(copy.deepcopy(net.eval_graph), keys)
+    channel_dims = [shifts[site.name].channel_dim for site in net.sites]
+    graph = _rewrite(copy.deepcopy(net.eval_graph), keys, net, channel_dims)
     root = nn.Module()
     _adopt_module_tree(root, net, skip=(SHIFTS,))
     online_shifts = nn.ModuleDict()
