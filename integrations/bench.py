@@ -32,11 +32,13 @@ small, fast configuration for tests and CI; the defaults are the README's table.
 import argparse
 import contextlib
 import copy
+import ctypes
 import datetime
 import io
 import os
 import platform
 import random
+import resource
 import statistics
 import time
 import weakref
@@ -85,6 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--convert-repeats", type=int, default=3, help="convert() runs timed (median reported)")
     parser.add_argument("--no-profile", dest="profile", action="store_false",
                         help="skip the torch.profiler table")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="keep glibc's default malloc settings, under which freed large buffers go back "
+                             "to the OS and every new one page-faults (default: keep freed memory, see BENCHMARKS.md)")
     parser.add_argument("--quick", action="store_true", help="a small configuration for tests/CI (seconds)")
     parser.add_argument("--output", default="BENCHMARKS.md", help="Markdown report path (default BENCHMARKS.md)")
     parser.add_argument("--seed", type=int, default=0)
@@ -201,6 +206,34 @@ def min_time(fn: Callable[[], object], repeats: int) -> float:
         fn()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+# --------------------------------------------------------------------------- allocator
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, glibc's malloc.h
+
+
+def keep_freed_memory() -> bool:
+    """Asks glibc's malloc to keep freed memory for reuse instead of returning it to the OS.
+
+    With the default settings a freed activation of tens of MiB is trimmed off the heap or
+    unmapped, and the next one page-faults all its pages back in: on this machine that is a
+    fifth of a ResNet-50 forward, and every extra buffer (a shifted copy) pays it again. The
+    setting is what jemalloc or tcmalloc, the allocators PyTorch's CPU tuning guides recommend,
+    do anyway. Returns False where it does not apply (no glibc).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        # mallopt takes a C int: 32 MiB is glibc's largest mmap threshold, 2 GiB "never trim".
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2 ** 20) and libc.mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
+    except (OSError, AttributeError):
+        return False
+
+
+def faulted_mib(fn: Callable[[], object]) -> float:
+    """MiB of memory pages first touched (minor page faults) during one call of ``fn``."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) * resource.getpagesize() / 2 ** 20
 
 
 # --------------------------------------------------------------------------- models
@@ -379,6 +412,14 @@ def run(args: argparse.Namespace) -> int:
             agreement[name] = (outs["ours"] - outs[name]).abs().max().item() / max(scale, 1e-12)
     shift_effect = ((outs["ours"] - outs["2d"]).abs().max() / outs["2d"].abs().max()).item()
 
+    # ---- the allocator: page faults per eval forward under glibc's defaults, then tuned
+    faults = {"default": {name: faulted_mib(lambda m=m: _eval_call(m, x_eval, autocast)) for name, m in models.items()}}
+    malloc_tuned = False if args.default_malloc else keep_freed_memory()
+    if malloc_tuned:
+        for model in models.values():
+            _eval_call(model, x_eval, autocast)
+        faults["tuned"] = {name: faulted_mib(lambda m=m: _eval_call(m, x_eval, autocast)) for name, m in models.items()}
+
     # ---- op level, eager
     sites = _site_inputs(models["ours"], x_eval, autocast)
     base_2d = min_time(lambda: _eval_call(plain, x_eval, autocast), max(3, min(10, args.op_repeats // 3)))
@@ -440,7 +481,7 @@ def run(args: argparse.Namespace) -> int:
         depth=depth, batch=batch, notes=notes, agreement=agreement, shift_effect=shift_effect,
         sites=sites, base_2d=base_2d, op_eager=op_eager, copy_floor=copy_floor, eval=eval_res,
         train=train_res, memory=memory, online=online_res, online_note=online_note, compiled=compiled,
-        convert=convert_times, profile=profile_table, load=(load_start, load_end), elapsed=elapsed,
+        convert=convert_times, profile=profile_table, faults=faults, malloc_tuned=malloc_tuned, load=(load_start, load_end), elapsed=elapsed,
         fmt=fmt))
     with open(args.output, "w") as f:
         f.write(report)
@@ -614,6 +655,12 @@ def _report(args, r) -> str:
     add(f"- shift: bi-directional, 1/8 each way, residual place, {len(r['sites'])} sites")
     add(f"- rounds per comparison: {args.rounds}, passes per round: {args.repeats}; "
         f"op-level repetitions per site: {args.op_repeats}")
+    if r["malloc_tuned"]:
+        add("- allocator: glibc malloc told to keep freed memory (`mallopt`: mmap threshold 32 MiB, no "
+            "trimming), as jemalloc/tcmalloc would; `--default-malloc` measures glibc's defaults "
+            "(see *Page faults* below)")
+    else:
+        add("- allocator: glibc malloc with its default settings (see *Page faults* below)")
     add(f"- machine load (1/5/15-min load average) at start {_load(r['load'][0])}, at end {_load(r['load'][1])}; "
         f"the machine is shared, so wall-clock ratios carry noise of a few percent")
     add(f"- run time: {r['elapsed']:.0f} s")
@@ -726,6 +773,22 @@ def _report(args, r) -> str:
     add("|---|---|")
     for label, seconds in conv["split"].items():
         add(f"| {label} | {seconds:.2f} |")
+    add("")
+    add("## Page faults")
+    add("")
+    add("Memory first touched during one eval forward (minor page faults x page size), per model:")
+    add("")
+    names = list(r["faults"]["default"])
+    add("| malloc settings | " + " | ".join(names) + " |")
+    add("|---|" + "---|" * len(names))
+    for setting, label in (("default", "glibc defaults"), ("tuned", "freed memory kept (this run's timings)")):
+        if setting in r["faults"]:
+            add(f"| {label} | " + " | ".join(f"{r['faults'][setting][n]:.0f} MiB" for n in names) + " |")
+    add("")
+    add("Under glibc's defaults a freed activation of tens of MiB goes back to the OS and the next "
+        "one faults its pages in again, which costs the 2D network itself a large share of its "
+        "forward and charges every extra buffer (a shifted copy per site) the same again. With "
+        "freed memory kept, no model faults and the ratios measure the computation.")
     add("")
     add("## Online step")
     add("")

@@ -293,13 +293,13 @@ def test_bench_quick_writes_report(tmp_path):
     from tsm_surgery.cli import main
 
     out = tmp_path / "BENCH.md"
-    assert main(["bench", "--quick", "--output", str(out)]) == 0
+    assert main(["bench", "--quick", "--default-malloc", "--output", str(out)]) == 0
     text = out.read_text()
     for needle in ("op-level shift cost", "eval latency vs 2D", "training step vs 2D", "peak training memory",
                    "online per-frame step", "convert()", "threads", "float32"):
         assert needle in text, needle
     assert "x (" in text  # ratios with their interquartile range
-    assert "A/A control" in text
+    assert "A/A control" in text and "## Page faults" in text
 
 
 def test_bench_verdicts_tell_noise_from_misses():
