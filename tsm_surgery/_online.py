@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, fx, nn
+from torch.nn import functional as F
 from torch.fx.graph_module import _deserialize_graph_module, _format_import_block, _forward_from_src
 from torch.package import sys_importer
 
@@ -94,6 +95,12 @@ _SWAP_SAFE_CONSUMERS = (
     nn.LayerNorm,
     nn.GroupNorm,
 )
+# The same layers as traced functions (a conv wrapper with its own forward, such as mmcv's,
+# is traced into and shows up as the functional call).
+_SWAP_SAFE_FUNCTIONS = {
+    F.conv1d, F.conv2d, F.conv3d, F.linear, F.batch_norm, F.layer_norm, F.group_norm,
+    torch.conv1d, torch.conv2d, torch.conv3d,
+}
 
 
 def _can_swap(x: Tensor) -> bool:
@@ -176,7 +183,14 @@ def _swap_consumer(node: fx.Node, root: nn.Module) -> Optional[fx.Node]:
     if len(node.users) != 1:
         return None
     (user,) = node.users
-    if user.op != "call_module" or list(user.all_input_nodes) != [node]:
+    # The shifted tensor must be the layer's input and only that; the unshifted one not at all.
+    if not user.args or user.args[0] is not node or node in user.args[1:] or node in user.kwargs.values():
+        return None
+    if node.args[0] in user.all_input_nodes:
+        return None
+    if user.op == "call_function":
+        return user if user.target in _SWAP_SAFE_FUNCTIONS else None
+    if user.op != "call_module":
         return None
     module = root.get_submodule(str(user.target))
     if not isinstance(module, _SWAP_SAFE_CONSUMERS) or module._forward_hooks or module._forward_pre_hooks:

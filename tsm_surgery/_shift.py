@@ -8,9 +8,15 @@ A clip batch is ``(N*T, C, ...)`` with the ``T`` frames of each clip contiguous.
 * ``"uni"``: only channels ``[fold, 2*fold)`` move, from frame t-1 (zeros at the first frame),
   so frame t never sees a later frame.
 
-The op is built from views and one ``torch.cat`` per slot, never by assigning slices into a
-zero tensor: that form is what breaks ONNX/TensorRT export of the paper's shift (upstream
-temporal-shift-module issues #77, #103, #181).
+Three forms compute the same tensor, each where it is cheapest:
+
+* eager: strided copies into one uninitialised output, every element written once, with an
+  autograd function that saves nothing (:func:`_shift_copy`);
+* TorchScript, tracing and export: views and one ``torch.cat`` per slot, never slices assigned
+  into a zero tensor, the form that breaks ONNX/TensorRT export of the paper's shift (upstream
+  temporal-shift-module issues #77, #103, #181) (:func:`_shift_frames`);
+* ``torch.compile``: a select over frame-rolled batches, which inductor fuses into the kernel
+  that produces the input (:func:`_shift_selecting`).
 """
 
 import contextlib
