@@ -837,10 +837,17 @@ def _report(args, r) -> str:
     add("- End-to-end wall-clock ratios on this shared 2-core machine move by as much as the A/A "
         "control shows: two copies of the same network differ by that much in the same run, more than "
         "the shift's own cost. The op-level, memory and compiled-kernel figures are the robust ones.")
-    add("- The online step runs the online form's own shift (`OnlineShift`: one `cat` per site plus "
-        "a copy of the slot kept as the cache) and the explicit-state bookkeeping of `step`; at one "
-        "frame that copy is the same share of the work as in a clip batch, and the per-call Python "
-        "overhead is a larger one.")
+    add("- A training step runs the shift three times per site: forward, the reverse shift of the "
+        "gradient, and the rebuild in backward that keeps peak memory at the 2D model's (each a copy). "
+        "`net.recompute_shifts = False` drops the rebuild and pays one activation per site instead.")
+    add("- The online step swaps the cache into the site's activation in place around the branch's "
+        "first layer (three copies of 1/8 of the channels, not a shifted copy of all of them); what is "
+        "left is those copies, the state handling of `step` and per-call Python overhead, a larger "
+        "share at one frame than in a clip batch.")
+    add("- Under glibc's default malloc settings every new activation of tens of MiB page-faults its "
+        "memory in, and the converted network, with one more buffer per site, faults more (see *Page "
+        "faults*). On CPU, run with jemalloc or tcmalloc (`LD_PRELOAD`), or "
+        "`MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=2147483647`, as this bench does by default.")
     add("- `convert()` traces the train and eval graphs and propagates shapes with fake tensors; the "
         "deep copy that keeps the caller's model untouched is a large part of what is left (see the split above).")
     add("")
