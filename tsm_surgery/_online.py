@@ -11,8 +11,10 @@ that equality is the definition this module is tested against.
 The online form is built by rewriting a copy of the converted network's eval graph: every
 ``TemporalShift`` node becomes an :class:`OnlineShift` node reading a cache input, and the
 graph returns the new caches next to the output. That explicit-state graph (frame + caches in,
-output + new caches out, no Python state, no in-place slice assignment) is what
-:meth:`OnlineTSM.step` runs and what exports to ONNX and ``torch.export``.
+output + new caches out, no Python state) is what :meth:`OnlineTSM.step` runs and what exports
+to ONNX and ``torch.export``. Run without autograd, most sites swap the cache into their input
+in place for the length of one layer and swap it back (:func:`_restore_slot`); traced, exported
+or differentiated, every site makes a shifted copy instead.
 """
 
 import copy
@@ -26,6 +28,7 @@ from torch.fx.graph_module import _deserialize_graph_module, _format_import_bloc
 from torch.package import sys_importer
 
 from ._convert import SHIFTS, TSMNet, _adopt_module_tree, _module_key
+from ._shift import _use_functional_form
 
 __all__ = ["to_online", "OnlineTSM", "OnlineShift"]
 
@@ -105,9 +108,7 @@ _SWAP_SAFE_FUNCTIONS = {
 
 def _can_swap(x: Tensor) -> bool:
     """In-place use of ``x`` is safe: no autograd, no exporter or tracer, no overlapping memory."""
-    if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return False
-    if torch.onnx.is_in_onnx_export():
+    if torch.is_grad_enabled() or _use_functional_form():
         return False
     return x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
 
@@ -137,8 +138,9 @@ def _rewrite(graph: fx.Graph, keys: Sequence[str], root: nn.Module,
              channel_dims: Sequence[int]) -> fx.Graph:
     """Turns the shift nodes of an eval graph into online shifts with cache inputs and outputs.
 
-    A site whose shifted tensor feeds one layer of a :data:`_SWAP_SAFE_CONSUMERS` kind, and
-    whose input is not the network's own input, gets the in-place slot swap: the online shift
+    A site whose shifted tensor feeds one layer that only reads it (:data:`_SWAP_SAFE_CONSUMERS`,
+    :data:`_SWAP_SAFE_FUNCTIONS`), and whose input is not the network's own input, gets the
+    in-place slot swap: the online shift
     runs just before that layer and :func:`_restore_slot` just after it, so no other node can
     see the swapped activation.
     """
