@@ -559,6 +559,10 @@ def _compiled(models, sites, x_eval, frames, args, autocast):
         for t in sites:
             shift_c(t)
         out["op"] = sum(min_time(lambda t=t: shift_c(t), args.op_repeats) for t in sites)
+        clone_c = torch.compile(lambda t: t.clone(), fullgraph=True, dynamic=False)
+        for t in sites:
+            clone_c(t)
+        out["copy_floor"] = sum(min_time(lambda t=t: clone_c(t), args.op_repeats) for t in sites)
     out["base_2d"] = min_time(lambda: _eval_call(plain_c, x_eval, autocast), max(3, min(10, args.op_repeats // 3)))
     out["eval"] = paired_ratios({"2d": lambda: _eval_call(plain_c, x_eval, autocast),
                                  "ours": lambda: _eval_call(ours_c, x_eval, autocast),
@@ -721,8 +725,11 @@ def _report(args, r) -> str:
         return None if (entry is None or other is None) else (entry["ratio"], other["ratio"] - 1e-12, noise(results))
 
     checks = [
-        ("op-level shift cost <= 1% (eager)", None if op.get("ours") is None else (op["ours"], 0.01, None)),
-        ("op-level shift cost <= 0.3% (torch.compile)", None if op_c is None else (op_c, 0.003, None)),
+        (f"op-level shift cost <= 1% (eager; a `clone` of the site inputs: {_pct(r['copy_floor'] / r['base_2d'])})",
+         None if op.get("ours") is None else (op["ours"], 0.01, None)),
+        ("op-level shift cost <= 0.3% (torch.compile"
+         + ("" if compiled is None else f"; a compiled `clone`: {_pct(compiled['copy_floor'] / compiled['base_2d'])}") + ")",
+         None if op_c is None else (op_c, 0.003, None)),
         ("eval <= 1.02x 2D", at_most(ev, 1.02, eval_)),
         ("eval below mmaction", below(ev, mm_ev, eval_)),
         ("training step <= 1.02x 2D", at_most(tr, 1.02, train)),
@@ -810,7 +817,9 @@ def _report(args, r) -> str:
             f"{compiled['compile_s']:.0f} s.")
         add("")
         add(f"- op level: each site's shift compiled alone, summed minimum {_fmt_ms(compiled['op'])}, "
-            f"{_pct(op_c)} of the compiled 2D forward ({_fmt_ms(compiled['base_2d'])})")
+            f"{_pct(op_c)} of the compiled 2D forward ({_fmt_ms(compiled['base_2d'])}); a compiled `clone` of "
+            f"every site input, the floor for a shift that is not fused into its producer, is "
+            f"{_fmt_ms(compiled['copy_floor'])}, {_pct(compiled['copy_floor'] / compiled['base_2d'])}")
         add(f"- end to end, eval: compiled ours vs compiled 2D {_fmt_ratio(compiled['eval']['ours'])} "
             f"(A/A control {_fmt_ratio(compiled['eval'][CONTROL])}); medians "
             f"{_fmt_ms(compiled['eval']['2d']['median_s'])} and {_fmt_ms(compiled['eval']['ours']['median_s'])}")
