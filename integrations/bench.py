@@ -481,7 +481,8 @@ def run(args: argparse.Namespace) -> int:
         depth=depth, batch=batch, notes=notes, agreement=agreement, shift_effect=shift_effect,
         sites=sites, base_2d=base_2d, op_eager=op_eager, copy_floor=copy_floor, eval=eval_res,
         train=train_res, memory=memory, online=online_res, online_note=online_note, compiled=compiled,
-        convert=convert_times, profile=profile_table, faults=faults, malloc_tuned=malloc_tuned, load=(load_start, load_end), elapsed=elapsed,
+        convert=convert_times, profile=profile_table, faults=faults, malloc_tuned=malloc_tuned,
+        load=(load_start, load_end), elapsed=elapsed,
         fmt=fmt))
     with open(args.output, "w") as f:
         f.write(report)
@@ -681,8 +682,8 @@ def _report(args, r) -> str:
     add("")
     add("## Headline")
     add("")
-    add(f"The **A/A control** is a deep copy of the 2D network timed like the others: its distance "
-        f"from 1.00x is what the machine's noise alone does to a ratio in this run.")
+    add("The **A/A control** is a deep copy of the 2D network timed like the others: its distance "
+        "from 1.00x is what the machine's noise alone does to a ratio in this run.")
     add("")
     add("| figure | ours | mmaction ResNetTSM | zero-fill (paper) | A/A control | target |")
     add("|---|---|---|---|---|---|")
