@@ -413,12 +413,15 @@ def run(args: argparse.Namespace) -> int:
     shift_effect = ((outs["ours"] - outs["2d"]).abs().max() / outs["2d"].abs().max()).item()
 
     # ---- the allocator: page faults per eval forward under glibc's defaults, then tuned
-    faults = {"default": {name: faulted_mib(lambda m=m: _eval_call(m, x_eval, autocast)) for name, m in models.items()}}
+    def faults_per_forward() -> Dict[str, float]:
+        return {name: faulted_mib(lambda m=m: _eval_call(m, x_eval, autocast)) for name, m in models.items()}
+
+    faults = {"default": faults_per_forward()}
     malloc_tuned = False if args.default_malloc else keep_freed_memory()
     if malloc_tuned:
         for model in models.values():
             _eval_call(model, x_eval, autocast)
-        faults["tuned"] = {name: faulted_mib(lambda m=m: _eval_call(m, x_eval, autocast)) for name, m in models.items()}
+        faults["tuned"] = faults_per_forward()
 
     # ---- op level, eager
     sites = _site_inputs(models["ours"], x_eval, autocast)

@@ -134,8 +134,7 @@ def _describe(t: Tensor) -> str:
     return f"shape {tuple(t.shape)} {str(t.dtype).replace('torch.', '')} on {t.device}"
 
 
-def _rewrite(graph: fx.Graph, keys: Sequence[str], root: nn.Module,
-             channel_dims: Sequence[int]) -> fx.Graph:
+def _rewrite(graph: fx.Graph, keys: Sequence[str], root: nn.Module) -> fx.Graph:
     """Turns the shift nodes of an eval graph into online shifts with cache inputs and outputs.
 
     A site whose shifted tensor feeds one layer that only reads it (:data:`_SWAP_SAFE_CONSUMERS`,
@@ -157,11 +156,11 @@ def _rewrite(graph: fx.Graph, keys: Sequence[str], root: nn.Module,
         with graph.inserting_after(cursor):
             cursor = graph.placeholder(f"cache_{key}")
         caches.append(cursor)
-    for key, cache, channel_dim in zip(keys, caches, channel_dims):
+    for key, cache in zip(keys, caches):
         node = shift_nodes.pop(f"{SHIFTS}.{key}", None)
         if node is None:
             raise RuntimeError(f"the eval graph has no shift node for {key!r}; was the network edited after convert?")
-        source = node.args[0]
+        source, channel_dim = node.args[0], root.get_submodule(str(node.target)).channel_dim
         consumer = _swap_consumer(node, root)
         swap = consumer is not None and source.op != "placeholder"
         with graph.inserting_before(consumer if swap else node.next):
@@ -482,8 +481,7 @@ def to_online(net: TSMNet, *, frame_shape: Optional[Sequence[int]] = None, inpla
     if not inplace:
         net = copy.deepcopy(net)
     keys = [_module_key(site.name) for site in net.sites]
-    channel_dims = [shifts[site.name].channel_dim for site in net.sites]
-    graph = _rewrite(copy.deepcopy(net.eval_graph), keys, net, channel_dims)
+    graph = _rewrite(copy.deepcopy(net.eval_graph), keys, net)
     root = nn.Module()
     _adopt_module_tree(root, net, skip=(SHIFTS,))
     online_shifts = nn.ModuleDict()

@@ -203,7 +203,7 @@ def _temporal_shift(x: Tensor, n_segments: int, shift_div: int, direction: str, 
         channel_dim = 3
     shape: List[int] = list(x.shape)
     clips = x.reshape([shape[0] // n_segments, n_segments] + shape[1:])
-    if torch.jit.is_scripting():
+    if torch.jit.is_scripting():  # a literal check: TorchScript then skips compiling the eager branch
         out = _shift_frames(clips, channel_dim + 1, fold, direction)
     elif _use_functional_form():
         out = _shift_frames(clips, channel_dim + 1, fold, direction)
