@@ -1,0 +1,300 @@
+"""TSM checkpoints from MMAction2 and from the paper's code, in this project's keys.
+
+Three layouts are read (``LAYOUTS``):
+
+* ``mmaction2``: a recognizer (or backbone) trained with MMAction2's ``ResNetTSM``,
+  ``MobileNetV2TSM``, ``MobileOneTSM`` or TPN's ``ResNetTSM``. Each shift wraps a module, so
+  its keys gain ``.net`` (``backbone.layer1.0.conv1.conv.net.weight``); ``non_local`` blocks
+  wrap theirs as ``.block``. Dropping the wrappers gives this project's keys.
+* ``paper``: mit-han-lab/temporal-shift-module's ``TSN`` (ResNet or MobileNetV2), saved from
+  ``DataParallel``: ``module.base_model.layer1.0.conv1.net.weight``, classifier ``module.new_fc.*``.
+  ResNet keys become torchvision's; the paper's flat MobileNetV2 blocks
+  (``features.i.conv.0..7``) are mapped onto torchvision's nested ``mobilenet_v2``.
+* ``paper-online``: the paper's online demo MobileNetV2 (``features.i.conv.0..7``,
+  ``classifier.*``), whose shift lives in ``forward``: run it with
+  ``convert(..., direction='uni', uni_slot='first')``.
+
+Without a model the keys are the plain 2D network's: MMAction2 recognizer keys, or torchvision
+``resnet*``/``mobilenet_v2`` keys (checked against that torchvision model). With a model they
+are fitted to ``model.state_dict()``: placed under ``backbone.``, the classifier moved to the
+model's (``cls_head.fc_cls``), torchvision and MMAction2 ResNet naming translated, and then
+checked strictly: every model key filled, every checkpoint tensor placed (a classifier or neck
+the model does not have is left out and logged), equal shapes, and the model shifting the same
+blocks as the checkpoint's model did.
+
+Example:
+    >>> import torchvision, tsm_surgery
+    >>> net = tsm_surgery.convert(torchvision.models.resnet50(num_classes=174), n_segments=8)
+    >>> state = import_tsm_checkpoint("TSM_somethingv2_RGB_resnet50_shift8_blockres_avg_segment8_e45.pth",
+    ...                               model=net)  # doctest: +SKIP
+    >>> net.load_state_dict(state)  # doctest: +SKIP
+"""
+
+import logging
+import os
+import pickle
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from ._checkpoint_layouts import DETECTORS, LAYOUTS, CheckpointLayout, StateDict
+
+__all__ = ["import_tsm_checkpoint", "convert_state_dict", "detect_layout", "read_state_dict",
+           "CheckpointLayout", "CheckpointLayoutError", "LAYOUTS"]
+
+logger = logging.getLogger(__name__)
+
+# (strip, add): where the 2D network's keys may sit in the model, e.g. under a recognizer's
+# `backbone.`, or with torchvision's `features.` dropped by TSMSurgeryBackbone.
+_MOVES = (("", ""), ("", "backbone."), ("backbone.", ""), ("features.", "backbone."), ("features.", ""))
+_SHOW = 5  # keys named in an error
+
+
+class CheckpointLayoutError(ValueError):
+    """A checkpoint of no known layout, or one whose weights do not fit the model."""
+
+
+def _load(path: str):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # mmengine checkpoints also pickle their message hub; that loader allows exactly its types.
+        from .mmaction.checkpoint import load_weights
+
+        return load_weights(path)
+
+
+def read_state_dict(path_or_state_dict: Union[str, os.PathLike, dict]) -> Tuple[StateDict, str]:
+    """Reads a checkpoint file (``weights_only=True``) or takes a dict; returns its tensors and a name.
+
+    A ``state_dict`` or ``model`` entry (mmengine's and the paper's files) is used when present.
+    """
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        source = os.path.expanduser(os.fspath(path_or_state_dict))
+        obj = _load(source)
+    elif isinstance(path_or_state_dict, dict):
+        source, obj = "<state_dict>", path_or_state_dict
+    else:
+        raise TypeError(f"expected a checkpoint path or a state dict, got {type(path_or_state_dict).__name__}.")
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointLayoutError(f"{source}: holds no state dict (got {type(obj).__name__}).")
+    others = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if others:
+        raise CheckpointLayoutError(f"{source}: entries {others[:_SHOW]} are not tensors; expected a state dict "
+                                    "(or a dict with a 'state_dict' entry).")
+    return dict(obj), source
+
+
+def _detect(state: StateDict, source: str) -> Tuple[CheckpointLayout, StateDict]:
+    stripped = state
+    if all(k.startswith("module.") for k in state):  # saved from DataParallel / DistributedDataParallel
+        stripped = {k[len("module."):]: v for k, v in state.items()}
+    for detector in DETECTORS:
+        try:
+            found = detector(stripped)
+        except ValueError as err:
+            raise CheckpointLayoutError(f"{source}: {err}") from err
+        if found is not None:
+            return found
+    tops = sorted({k.split(".")[0] for k in stripped})
+    raise CheckpointLayoutError(
+        f"{source}: no known TSM checkpoint layout: {len(state)} tensors, top-level names {tops[:8]}, "
+        f"first keys {list(state)[:_SHOW]}. Known layouts: "
+        + "; ".join(f"{name} ({text})" for name, text in LAYOUTS.items())
+        + ". Hint: a checkpoint of this project's own models (plain 2D keys, no `.net`) needs no import: "
+        "load it as it is.")
+
+
+def detect_layout(path_or_state_dict: Union[str, os.PathLike, dict]) -> CheckpointLayout:
+    """Which layout a checkpoint has (see ``LAYOUTS``), with a one-line description.
+
+    Raises:
+        CheckpointLayoutError: no known layout; the message names what was seen.
+    """
+    state, source = read_state_dict(path_or_state_dict)
+    return _detect(state, source)[0]
+
+
+def _reference_shapes(layout: CheckpointLayout, state: StateDict) -> Optional[Dict[str, torch.Size]]:
+    """The torchvision model a paper checkpoint maps onto, as key -> shape (built on the meta device)."""
+    if layout.name == "mmaction2":
+        return None
+    try:
+        import torchvision
+    except ImportError:
+        return None
+    builder = getattr(torchvision.models, layout.arch, None)
+    if builder is None:
+        raise CheckpointLayoutError(f"detected {layout}, but its block counts match no torchvision ResNet depth "
+                                    "(18, 34, 50, 101, 152).")
+    kwargs = {"num_classes": state[layout.head + ".weight"].shape[0]} if layout.head else {}
+    with torch.device("meta"):
+        reference = builder(**kwargs)
+    shapes = {k: v.shape for k, v in reference.state_dict().items()}
+    if not layout.head:
+        head = "fc." if layout.arch.startswith("resnet") else "classifier."
+        shapes = {k: v for k, v in shapes.items() if not k.startswith(head)}
+    return shapes
+
+
+def _model_sites(model: nn.Module) -> List[Tuple[str, Optional[str]]]:
+    """(module path of each shift site in the model's key space, the model's place) for every TSM network in it."""
+    found = []
+    for name, module in model.named_modules():
+        sites = getattr(module, "sites", None)
+        if not isinstance(sites, list) or not all(hasattr(s, "name") for s in sites):
+            continue
+        place = getattr(module, "place", None) or getattr(getattr(module, "net", None), "place", None)
+        found += [(f"{name}.{s.name}" if name else s.name, place) for s in sites]
+    return found
+
+
+def _best_mapping(body: Sequence[str], layout: CheckpointLayout, target) -> Callable[[str], Optional[str]]:
+    best, best_score = None, -1
+    for rename in (lambda k: k,) + tuple(layout.renames):
+        for strip, add in _MOVES:
+            if not all(k.startswith(strip) for k in body):
+                continue
+
+            def move(key, strip=strip, add=add, rename=rename):
+                return add + rename(key[len(strip):]) if key.startswith(strip) else None
+
+            mapped = [move(k) for k in body]
+            score = sum(m in target for m in mapped)
+            if len(set(mapped)) == len(mapped) and score > best_score:
+                best, best_score = move, score
+    return best
+
+
+def _fit(state: StateDict, layout: CheckpointLayout, target: Dict[str, torch.Size], sites, source: str) -> StateDict:
+    head = {k for k in state if layout.head and k.startswith(layout.head + ".")}
+    if layout.name == "mmaction2" and any(k.startswith("backbone.") for k in state):
+        body = [k for k in state if k.startswith("backbone.")]
+    else:
+        body = [k for k in state if k not in head]
+    rest = [k for k in state if k not in set(body)]
+    move = _best_mapping(body, layout, target)
+    keymap = {k: move(k) for k in body}
+    placed = set(keymap.values())
+    unplaced = [k for k in body if keymap[k] not in target]
+    left = [t for t in target if t not in placed]
+    for k in rest:  # a recognizer's cls_head / neck, where the model has the same keys
+        if k in left:
+            keymap[k] = k
+    left = [t for t in left if t not in keymap.values()]
+    rest = [k for k in rest if k not in keymap]
+    if rest and left and set(rest) <= head:
+        suffixes = sorted(k.rsplit(".", 1)[1] for k in rest)
+        owners = {t.rsplit(".", 1)[0] for t in left}
+        if len(owners) == 1 and sorted(t.rsplit(".", 1)[1] for t in left) == suffixes:
+            owner = owners.pop()
+            keymap.update({k: f"{owner}.{k.rsplit('.', 1)[1]}" for k in rest})
+            left, rest = [], []
+    shapes = [k for k, t in keymap.items() if t in target and tuple(state[k].shape) != tuple(target[t])]
+    if unplaced or left or shapes:
+        raise _mismatch(source, layout, keymap, unplaced, left, shapes, state, target)
+    if rest:
+        logger.info("%s: left out %d checkpoint tensors the model has no place for (%s)", source, len(rest),
+                    ", ".join(rest[:_SHOW]))
+    _check_sites(layout, move, sites, source)
+    return {keymap[k]: v for k, v in state.items() if k in keymap}
+
+
+def _mismatch(source, layout, keymap, unplaced, left, shapes, state, target) -> CheckpointLayoutError:
+    parts = []
+    if left:
+        parts.append(f"{len(left)} model keys get no weights (first: {left[:_SHOW]})")
+    if unplaced:
+        named = [f"{k} -> {keymap[k]}" if keymap.get(k) not in (None, k) else k for k in unplaced[:_SHOW]]
+        parts.append(f"{len(unplaced)} checkpoint tensors have no place in the model (first: {named})")
+    if shapes:
+        named = [f"{keymap[k]}: checkpoint {tuple(state[k].shape)} vs model {tuple(target[keymap[k]])}"
+                 for k in shapes[:_SHOW]]
+        parts.append(f"{len(shapes)} shapes differ (first: {named})")
+    return CheckpointLayoutError(
+        f"{source}: detected {layout}; it does not fit the model: " + "; ".join(parts) + ". Hint: the checkpoint "
+        "holds another depth, width or number of classes than the model; build the model it was trained with "
+        "(named above).")
+
+
+def _check_sites(layout: CheckpointLayout, move, sites, source: str) -> None:
+    """The model must shift where the checkpoint's model shifted, or the same weights give other numbers."""
+    if not sites or not layout.shifts:
+        return
+    site_paths = [s for s, _ in sites]
+    place_of = dict(sites)
+    hit, extra, places = set(), [], set()
+    for shift in layout.shifts:
+        path = move(shift + ".weight")
+        path = path[: -len(".weight")] if path else shift
+        owner = next((s for s in site_paths if path == s or path.startswith(s + ".")), None)
+        if owner is None:
+            extra.append(path)
+            continue
+        hit.add(owner)
+        if place_of[owner]:
+            places.add(("block" if path == owner else "residual", place_of[owner]))
+    unshifted = [s for s in site_paths if s not in hit]
+    problems = []
+    if extra:
+        problems.append(f"the checkpoint's model shifts {extra[:_SHOW]}, which the model does not")
+    if unshifted:
+        problems.append(f"the model shifts {len(unshifted)} sites the checkpoint's model did not "
+                        f"(first: {unshifted[:_SHOW]})")
+    problems += [f"the checkpoint's model shifts at place={ckpt!r}, the model at place={mine!r}"
+                 for ckpt, mine in sorted(places) if ckpt != mine]
+    if problems:
+        raise CheckpointLayoutError(
+            f"{source}: detected {layout}, {len(layout.shifts)} shifted blocks; the model has {len(site_paths)} "
+            f"shift sites: " + "; ".join(problems) + ". The same weights would give other outputs. Hint: convert "
+            "the model with select= (and place=) to shift the checkpoint's blocks, or use the stock-equivalent "
+            "MMAction2 backbone type.")
+
+
+def convert_state_dict(state: StateDict, model: Optional[nn.Module] = None,
+                       source: str = "<state_dict>") -> Tuple[StateDict, CheckpointLayout]:
+    """:func:`import_tsm_checkpoint` for a state dict already read; also returns the detected layout."""
+    layout, converted = _detect(state, source)
+    if model is None:
+        target = _reference_shapes(layout, converted)
+        return (converted if target is None else _fit(converted, layout, target, [], source)), layout
+    target = {k: v.shape for k, v in model.state_dict().items()}
+    return _fit(converted, layout, target, _model_sites(model), source), layout
+
+
+def import_tsm_checkpoint(path_or_state_dict: Union[str, os.PathLike, dict],
+                          model: Optional[nn.Module] = None) -> StateDict:
+    """Reads an MMAction2 or paper-repo TSM checkpoint and returns it in this project's keys.
+
+    Args:
+        path_or_state_dict: a checkpoint file (read with ``torch.load(weights_only=True)``) or a
+            state dict; a ``state_dict`` entry is used when present.
+        model: the network to load into (a converted network, a ``TSMSurgeryBackbone`` or an
+            MMAction2 recognizer). The keys are fitted to it and checked strictly. Without it
+            the keys are the plain 2D network's (see the module docstring).
+
+    Returns:
+        A new state dict; neither the input nor the model is changed.
+
+    Raises:
+        CheckpointLayoutError: an unknown layout (the message names what was seen), or weights
+            that do not fit ``model`` (another depth, width, number of classes or shifted blocks;
+            the message names the detected layout and the first mismatching keys).
+
+    Example:
+        >>> import torchvision, tsm_surgery
+        >>> net = tsm_surgery.convert(torchvision.models.mobilenet_v2(num_classes=27), direction="uni",
+        ...                           uni_slot="first")  # doctest: +SKIP
+        >>> net.load_state_dict(import_tsm_checkpoint("mobilenetv2_jester_online.pth.tar", net))  # doctest: +SKIP
+    """
+    state, source = read_state_dict(path_or_state_dict)
+    converted, layout = convert_state_dict(state, model, source)
+    logger.info("%s: imported %s", source, layout)
+    return converted

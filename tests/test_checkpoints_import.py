@@ -1,0 +1,123 @@
+"""import_tsm_checkpoint: each anchor's layout, saved, imported and loaded, gives the source's outputs."""
+
+import pytest
+import torch
+import torchvision
+
+import tsm_surgery
+from paper_tsm import PaperMobileNetV2, paper_mobilenet_v2_tsn, paper_resnet_tsn
+from tsm_surgery.integrations.checkpoints import CheckpointLayoutError, detect_layout, import_tsm_checkpoint
+from utils import randomize_norms
+
+T = 4  # frames per clip
+DIFFS = {}  # layout -> max abs difference, printed with -s
+
+
+def _close(name, got, expected):
+    diff = (got - expected).abs().max().item()
+    DIFFS[name] = diff
+    print(f"{name}: max abs diff {diff:.3g} (scale {expected.abs().max().item():.3g})")
+    assert got.shape == expected.shape
+    assert diff <= 1e-5 * max(1.0, expected.abs().max().item()), diff
+
+
+def _save(tmp_path, state, name="ckpt.pth", wrap=True):
+    path = tmp_path / name
+    torch.save({"epoch": 3, "arch": "x", "state_dict": state, "best_prec1": 1.0} if wrap else state, path)
+    return path
+
+
+def _paper_pair(tmp_path, depth, select=None):
+    paper = randomize_norms(paper_resnet_tsn(depth, num_class=7, num_segments=T)).eval()
+    path = _save(tmp_path, paper.state_dict())
+    net = tsm_surgery.convert(torchvision.models.resnet50(num_classes=7) if depth == 50 else
+                              torchvision.models.resnet101(num_classes=7), n_segments=T, select=select).eval()
+    return paper, path, net
+
+
+def test_paper_resnet50_round_trip(tmp_path):
+    paper, path, net = _paper_pair(tmp_path, 50)
+    assert next(iter(paper.state_dict())) .startswith("module.base_model.")
+    assert "module.base_model.layer1.0.conv1.net.weight" in paper.state_dict()
+    layout = detect_layout(path)
+    assert layout.name == "paper" and layout.arch == "resnet50" and len(layout.shifts) == 16, layout
+    net.load_state_dict(import_tsm_checkpoint(path, net))
+    x = torch.randn(2 * T, 3, 32, 32)
+    with torch.no_grad():
+        expected, got = paper(x), net(x).view(2, T, -1).mean(1)
+        plain = torchvision.models.resnet50(num_classes=7).eval()
+        plain.load_state_dict(import_tsm_checkpoint(path))  # no model: torchvision keys
+        flat = plain(x).view(2, T, -1).mean(1)
+    _close("paper resnet50", got, expected)
+    assert (flat - expected).abs().max() > 1e-3 * expected.abs().max()  # the shift matters
+
+
+def test_paper_resnet101_every_other_block(tmp_path):
+    every_other = lambda site: int(site.name.split(".")[1]) % 2 == 0  # noqa: E731
+    paper, path, net = _paper_pair(tmp_path, 101, select=every_other)
+    assert len(net.sites) == 18 and len(detect_layout(path).shifts) == 18
+    net.load_state_dict(import_tsm_checkpoint(path, net))
+    x = torch.randn(T, 3, 32, 32)
+    with torch.no_grad():
+        _close("paper resnet101", net(x).view(1, T, -1).mean(1), paper(x))
+    # All 33 sites shifted: the same weights would give other numbers, so the import refuses.
+    all_sites = tsm_surgery.convert(torchvision.models.resnet101(num_classes=7), n_segments=T)
+    with pytest.raises(CheckpointLayoutError, match=r"shifts 15 sites .*layer1\.1"):
+        import_tsm_checkpoint(path, all_sites)
+
+
+def test_paper_mobilenet_v2_round_trip(tmp_path):
+    paper = randomize_norms(paper_mobilenet_v2_tsn(num_class=5, num_segments=T)).eval()
+    keys = paper.state_dict()
+    assert "module.base_model.features.3.conv.0.net.weight" in keys and "module.base_model.features.3.conv.7.weight" in keys
+    path = _save(tmp_path, keys)
+    layout = detect_layout(path)
+    assert (layout.name, layout.arch, len(layout.shifts)) == ("paper", "mobilenet_v2", 10)
+    net = tsm_surgery.convert(torchvision.models.mobilenet_v2(num_classes=5), n_segments=T).eval()
+    net.load_state_dict(import_tsm_checkpoint(path, net))
+    x = torch.randn(2 * T, 3, 32, 32)
+    with torch.no_grad():
+        _close("paper mobilenet_v2", net(x).view(2, T, -1).mean(1), paper(x))
+
+
+def test_paper_online_layout_maps_onto_torchvision(tmp_path):
+    # The 2D forward of the online demo's network (all shift buffers zero at the first frame
+    # are not a 2D forward, so compare the structural map with the flat 2D MobileNetV2).
+    paper = randomize_norms(PaperMobileNetV2(n_class=27)).eval()
+    path = _save(tmp_path, paper.state_dict(), wrap=False)
+    layout = detect_layout(path)
+    assert layout.name == "paper-online" and len(layout.shifts) == 10 and "uni_slot='first'" in layout.hint
+    plain = torchvision.models.mobilenet_v2(num_classes=27).eval()
+    plain.load_state_dict(import_tsm_checkpoint(path))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        _close("paper flat mobilenet_v2 (2D)", plain(x), paper(x))
+
+
+def test_wrong_depth_width_classes_and_unknown_layout(tmp_path):
+    _, path, _ = _paper_pair(tmp_path, 50)
+    r101 = tsm_surgery.convert(torchvision.models.resnet101(num_classes=7), n_segments=T)
+    with pytest.raises(CheckpointLayoutError, match=r"ckpt\.pth: detected paper-repo TSN resnet50.*get no weights "
+                                                    r"\(first: \['layer3\.6\."):
+        import_tsm_checkpoint(path, r101)
+    other_classes = tsm_surgery.convert(torchvision.models.resnet50(num_classes=9), n_segments=T)
+    with pytest.raises(CheckpointLayoutError, match=r"fc\.weight: checkpoint \(7, 2048\) vs model \(9, 2048\)"):
+        import_tsm_checkpoint(path, other_classes)
+    narrow = torchvision.models.mobilenet_v2(num_classes=27, width_mult=0.5)
+    mbv2 = _save(tmp_path, PaperMobileNetV2(n_class=27).state_dict(), "mbv2.pth", wrap=False)
+    with pytest.raises(CheckpointLayoutError, match=r"mbv2\.pth: detected paper online-demo.*shapes differ"):
+        import_tsm_checkpoint(mbv2, narrow)
+    unknown = _save(tmp_path, {"encoder.weight": torch.zeros(2, 2)}, "other.pth")
+    with pytest.raises(CheckpointLayoutError, match=r"other\.pth: no known TSM checkpoint layout.*encoder\.weight"):
+        import_tsm_checkpoint(unknown)
+
+
+def test_input_and_model_are_not_changed(tmp_path):
+    paper = paper_resnet_tsn(50, num_class=7, num_segments=T)
+    state = paper.state_dict()
+    keys = list(state)
+    net = tsm_surgery.convert(torchvision.models.resnet50(num_classes=7), n_segments=T)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    out = import_tsm_checkpoint(state, net)
+    assert list(state) == keys and set(out) == set(before)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
