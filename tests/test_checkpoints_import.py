@@ -121,3 +121,27 @@ def test_input_and_model_are_not_changed(tmp_path):
     out = import_tsm_checkpoint(state, net)
     assert list(state) == keys and set(out) == set(before)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_cli_import_checkpoint_writes_once(tmp_path, capsys):
+    from tsm_surgery.cli import main
+
+    paper = paper_mobilenet_v2_tsn(num_class=5, num_segments=T)
+    src, out = _save(tmp_path, paper.state_dict()), tmp_path / "imported.pth"
+    assert main(["import-checkpoint", str(src), str(out)]) == 0
+    assert "detected paper-repo TSN mobilenet_v2" in capsys.readouterr().out
+    saved = torch.load(out, weights_only=True)
+    expected = import_tsm_checkpoint(src)
+    assert saved["meta"]["layout"] == "paper" and set(saved["state_dict"]) == set(expected)
+    assert all(torch.equal(saved["state_dict"][k], v) for k, v in expected.items())
+    # An existing OUT is never written over without --force.
+    out.write_bytes(b"keep")
+    assert main(["import-checkpoint", str(src), str(out)]) == 1
+    assert "exists" in capsys.readouterr().err and out.read_bytes() == b"keep"
+    assert main(["import-checkpoint", str(src), str(out), "--force"]) == 0
+    assert set(torch.load(out, weights_only=True)["state_dict"]) == set(expected)
+    # An unknown layout: an error naming the file, nothing written.
+    other = _save(tmp_path, {"encoder.weight": torch.zeros(2, 2)}, "other.pth")
+    assert main(["import-checkpoint", str(other), str(tmp_path / "o.pth")]) == 1
+    assert "other.pth: no known TSM checkpoint layout" in capsys.readouterr().err
+    assert not (tmp_path / "o.pth").exists()

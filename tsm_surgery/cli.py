@@ -17,6 +17,8 @@ VERBS = {
     "train": ("tsm_surgery.integrations.mmaction.runner", "train an MMAction2 config with mmengine's Runner"),
     "test": ("tsm_surgery.integrations.mmaction.runner_test", "evaluate an MMAction2 config and checkpoint"),
     "convert": ("tsm_surgery.integrations.convert_cli", "convert a model and print its shift-site table"),
+    "import-checkpoint": ("tsm_surgery.integrations.import_checkpoint_cli",
+                          "convert an MMAction2 or paper-repo TSM checkpoint to this project's keys"),
     "stream": ("tsm_surgery.integrations.stream", "run a video frame by frame through an online TSM model"),
     "export": ("tsm_surgery.integrations.export", "export an online or offline TSM model to ONNX"),
     "bench": ("tsm_surgery.integrations.bench", "benchmark the shift against the 2D model and the peers"),
