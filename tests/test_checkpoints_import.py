@@ -145,3 +145,76 @@ def test_cli_import_checkpoint_writes_once(tmp_path, capsys):
     assert main(["import-checkpoint", str(other), str(tmp_path / "o.pth")]) == 1
     assert "other.pth: no known TSM checkpoint layout" in capsys.readouterr().err
     assert not (tmp_path / "o.pth").exists()
+
+
+def _recognizer(backbone, in_channels, num_classes=6):
+    from mmaction.registry import MODELS
+
+    cfg = dict(type="Recognizer2D", backbone=backbone,
+               cls_head=dict(type="TSMHead", num_classes=num_classes, in_channels=in_channels, num_segments=T,
+                             spatial_type="avg", consensus=dict(type="AvgConsensus", dim=1), dropout_ratio=0.5,
+                             is_shift=True, average_clips="score"),
+               data_preprocessor=dict(type="ActionDataPreprocessor", format_shape="NCHW"))
+    return MODELS.build(cfg)
+
+
+def _scores(recognizer, clips):
+    """Class scores (N, K) of (N, T, 3, H, W) clips: backbone, neck and head, no post-processing."""
+    return recognizer._forward(clips, stage="head")
+
+
+STOCK = {
+    "ResNetTSM": (dict(type="ResNetTSM", depth=50, num_segments=T, shift_div=8, norm_eval=False, pretrained2d=False),
+                  dict(type="TSMSurgeryBackbone", num_segments=T, backbone=dict(type="ResNet", depth=50)), 2048),
+    "MobileNetV2TSM": (dict(type="MobileNetV2TSM", num_segments=T, shift_div=8, pretrained2d=False),
+                       dict(type="TSMSurgeryBackbone", num_segments=T, backbone=dict(type="MobileNetV2")), 1280),
+}
+
+
+@pytest.mark.parametrize("stock", sorted(STOCK))
+def test_mmaction_stock_round_trip(stock, tmp_path):
+    pytest.importorskip("mmaction")
+    import tsm_surgery.integrations.mmaction  # noqa: F401
+    from mmengine.registry import init_default_scope
+
+    init_default_scope("mmaction")
+    source_cfg, ours_cfg, channels = STOCK[stock]
+    source = randomize_norms(_recognizer(source_cfg, channels)).eval()
+    assert any(".net." in k for k in source.state_dict())
+    path = _save(tmp_path, source.state_dict())
+    ours = _recognizer(ours_cfg, channels).eval()
+    layout = detect_layout(path)
+    assert layout.name == "mmaction2" and layout.arch.startswith(stock), layout
+    ours.load_state_dict(import_tsm_checkpoint(path, ours))
+    x = torch.randn(2, T, 3, 32, 32)
+    with torch.no_grad():
+        expected = _scores(source, x)
+        _close(f"mmaction2 {stock}", _scores(ours, x), expected)
+    if stock == "ResNetTSM":  # MMAction2's ResNet naming into torchvision's, head into fc
+        net = tsm_surgery.convert(torchvision.models.resnet50(num_classes=6), n_segments=T).eval()
+        net.load_state_dict(import_tsm_checkpoint(path, net))
+        with torch.no_grad():
+            _close("mmaction2 ResNetTSM -> torchvision", net(x.flatten(0, 1)).view(2, T, -1).mean(1), expected)
+
+
+def test_paper_resnet_into_mmaction_recognizer_and_back(tmp_path):
+    """A paper checkpoint loads into an MMAction2 config's model (ResNet naming and head translated)."""
+    pytest.importorskip("mmaction")
+    import tsm_surgery.integrations.mmaction  # noqa: F401
+    from mmengine.registry import init_default_scope
+
+    init_default_scope("mmaction")
+    paper, path, _ = _paper_pair(tmp_path, 50)
+    ours = _recognizer(STOCK["ResNetTSM"][1], 2048, num_classes=7).eval()
+    state = import_tsm_checkpoint(path, ours)
+    assert "backbone.layer1.0.conv1.conv.weight" in state and "cls_head.fc_cls.weight" in state
+    ours.load_state_dict(state)
+    x = torch.randn(2, T, 3, 32, 32)
+    with torch.no_grad():
+        expected = paper(x.flatten(0, 1))
+        _close("paper resnet50 -> mmaction2 recognizer", _scores(ours, x), expected)
+    # And an MMAction2 recognizer checkpoint into a torchvision network.
+    mm_path = _save(tmp_path, ours.state_dict(), "mm.pth")
+    net = tsm_surgery.convert(torchvision.models.resnet50(num_classes=7), n_segments=T).eval()
+    with pytest.raises(CheckpointLayoutError, match="no known TSM checkpoint layout"):
+        import_tsm_checkpoint(mm_path, net)  # no `.net` wrappers: plain keys of this project, no import needed
