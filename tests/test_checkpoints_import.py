@@ -37,7 +37,7 @@ def _paper_pair(tmp_path, depth, select=None):
 
 def test_paper_resnet50_round_trip(tmp_path):
     paper, path, net = _paper_pair(tmp_path, 50)
-    assert next(iter(paper.state_dict())) .startswith("module.base_model.")
+    assert next(iter(paper.state_dict())).startswith("module.base_model.")
     assert "module.base_model.layer1.0.conv1.net.weight" in paper.state_dict()
     layout = detect_layout(path)
     assert layout.name == "paper" and layout.arch == "resnet50" and len(layout.shifts) == 16, layout
@@ -69,7 +69,8 @@ def test_paper_resnet101_every_other_block(tmp_path):
 def test_paper_mobilenet_v2_round_trip(tmp_path):
     paper = randomize_norms(paper_mobilenet_v2_tsn(num_class=5, num_segments=T)).eval()
     keys = paper.state_dict()
-    assert "module.base_model.features.3.conv.0.net.weight" in keys and "module.base_model.features.3.conv.7.weight" in keys
+    assert "module.base_model.features.3.conv.0.net.weight" in keys
+    assert "module.base_model.features.3.conv.7.weight" in keys
     path = _save(tmp_path, keys)
     layout = detect_layout(path)
     assert (layout.name, layout.arch, len(layout.shifts)) == ("paper", "mobilenet_v2", 10)
