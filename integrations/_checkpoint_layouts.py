@@ -44,6 +44,8 @@ class CheckpointLayout:
             ``'cls_head.fc_cls'``), or ``None``.
         renames: extra key renames that may fit the model (e.g. torchvision <-> MMAction2 ResNet).
         hint: how to run the weights, when there is something to say.
+        direction, uni_slot: the shift the checkpoint's model was trained with (both anchors train
+            ``'bi'``; the paper's online demo runs ``'uni'`` with slot ``'first'``).
     """
 
     name: str
@@ -53,6 +55,8 @@ class CheckpointLayout:
     head: Optional[str] = None
     renames: Tuple[Callable[[str], str], ...] = field(default=(), compare=False)
     hint: str = ""
+    direction: str = "bi"
+    uni_slot: Optional[str] = None
 
     def __str__(self) -> str:
         return self.description
@@ -186,7 +190,7 @@ def detect_paper_online(state: StateDict) -> Optional[Tuple[CheckpointLayout, St
     hint = ("it streams as the paper's demo with convert(..., direction='uni', uni_slot='first') and to_online; "
             "a 2D ImageNet checkpoint of the same layout loads the same way")
     return CheckpointLayout("paper-online", "mobilenet_v2", desc, tuple(f"{b}.conv.0.0" for b in shifted), head,
-                            hint=hint), base
+                            hint=hint, direction="uni", uni_slot="first"), base
 
 
 def _mmaction_arch(keys) -> Optional[str]:

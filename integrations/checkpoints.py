@@ -258,6 +258,34 @@ def _check_sites(layout: CheckpointLayout, move, sites, source: str) -> None:
             "MMAction2 backbone type.")
 
 
+def _shift_settings(model: nn.Module) -> set:
+    """The (direction, uni slot) pairs of the model's shift modules, clip and online forms."""
+    found = set()
+    for module in model.modules():
+        name = type(module).__name__
+        if name == "TemporalShift" and hasattr(module, "direction"):
+            uni = module.direction == "uni"
+            found.add((module.direction, getattr(module, "uni_slot", "past") if uni else None))
+        elif name == "OnlineShift":
+            found.add(("uni", getattr(module, "uni_slot", "past")))
+    return found
+
+
+def _check_direction(layout: CheckpointLayout, model: nn.Module, source: str) -> None:
+    """Weights trained with one shift run with another give other outputs: say so (fine-tuning is legitimate)."""
+    trained = (layout.direction, layout.uni_slot)
+    other = sorted(s for s in _shift_settings(model) if s != trained)
+    if not other:
+        return
+    direction, slot = other[0]
+    mine = f"direction={direction!r}" + (f", uni_slot={slot!r}" if slot else "")
+    theirs = f"direction={layout.direction!r}" + (f", uni_slot={layout.uni_slot!r}" if layout.uni_slot else "")
+    advice = ("a bi-directional model cannot stream: fine-tune it as uni before its outputs mean anything"
+              if layout.direction == "bi" else "convert with " + theirs + " to reproduce it")
+    logger.warning("%s: the checkpoint's model shifts with %s, this model with %s, so its outputs differ from the "
+                   "source model's; %s.", source, theirs, mine, advice)
+
+
 def convert_state_dict(state: StateDict, model: Optional[nn.Module] = None,
                        source: str = "<state_dict>") -> Tuple[StateDict, CheckpointLayout]:
     """:func:`import_tsm_checkpoint` for a state dict already read; also returns the detected layout."""
@@ -266,7 +294,9 @@ def convert_state_dict(state: StateDict, model: Optional[nn.Module] = None,
         target = _reference_shapes(layout, converted)
         return (converted if target is None else _fit(converted, layout, target, [], source)), layout
     target = {k: v.shape for k, v in model.state_dict().items()}
-    return _fit(converted, layout, target, _model_sites(model), source), layout
+    fitted = _fit(converted, layout, target, _model_sites(model), source)
+    _check_direction(layout, model, source)
+    return fitted, layout
 
 
 def import_tsm_checkpoint(path_or_state_dict: Union[str, os.PathLike, dict],

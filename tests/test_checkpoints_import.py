@@ -219,3 +219,11 @@ def test_paper_resnet_into_mmaction_recognizer_and_back(tmp_path):
     net = tsm_surgery.convert(torchvision.models.resnet50(num_classes=7), n_segments=T).eval()
     with pytest.raises(CheckpointLayoutError, match="no known TSM checkpoint layout"):
         import_tsm_checkpoint(mm_path, net)  # no `.net` wrappers: plain keys of this project, no import needed
+
+
+def test_bi_checkpoint_into_uni_model_warns(tmp_path, caplog):
+    _, path, _ = _paper_pair(tmp_path, 50)
+    uni = tsm_surgery.convert(torchvision.models.resnet50(num_classes=7), n_segments=T, direction="uni")
+    with caplog.at_level("WARNING", logger="tsm_surgery.integrations.checkpoints"):
+        uni.load_state_dict(import_tsm_checkpoint(path, uni))  # legitimate for fine-tuning, so it loads
+    assert "direction='bi'" in caplog.text and "cannot stream: fine-tune it as uni" in caplog.text
