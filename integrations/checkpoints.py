@@ -40,7 +40,7 @@ from torch import nn
 
 from ._checkpoint_layouts import DETECTORS, LAYOUTS, CheckpointLayout, StateDict
 
-__all__ = ["import_tsm_checkpoint", "convert_state_dict", "detect_layout", "read_state_dict",
+__all__ = ["import_tsm_checkpoint", "convert_state_dict", "layout_adapter", "detect_layout", "read_state_dict",
            "CheckpointLayout", "CheckpointLayoutError", "LAYOUTS"]
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 # `backbone.`, or with torchvision's `features.` dropped by TSMSurgeryBackbone.
 _MOVES = (("", ""), ("", "backbone."), ("backbone.", ""), ("features.", "backbone."), ("features.", ""))
 _SHOW = 5  # keys named in an error
+Log = Callable[[int, str], None]  # log(level, message)
 
 
 class CheckpointLayoutError(ValueError):
@@ -173,7 +174,8 @@ def _best_mapping(body: Sequence[str], layout: CheckpointLayout, target) -> Call
     return best
 
 
-def _fit(state: StateDict, layout: CheckpointLayout, target: Dict[str, torch.Size], sites, source: str) -> StateDict:
+def _fit(state: StateDict, layout: CheckpointLayout, target: Dict[str, torch.Size], sites, source: str,
+         log: Log) -> StateDict:
     head = {k for k in state if layout.head and k.startswith(layout.head + ".")}
     if layout.name == "mmaction2" and any(k.startswith("backbone.") for k in state):
         body = [k for k in state if k.startswith("backbone.")]
@@ -201,8 +203,8 @@ def _fit(state: StateDict, layout: CheckpointLayout, target: Dict[str, torch.Siz
     if unplaced or left or shapes:
         raise _mismatch(source, layout, keymap, unplaced, left, shapes, state, target)
     if rest:
-        logger.info("%s: left out %d checkpoint tensors the model has no place for (%s)", source, len(rest),
-                    ", ".join(rest[:_SHOW]))
+        log(logging.INFO, f"{source}: left out {len(rest)} checkpoint tensors the model has no place for "
+                          f"({', '.join(rest[:_SHOW])})")
     _check_sites(layout, move, sites, source)
     return {keymap[k]: v for k, v in state.items() if k in keymap}
 
@@ -271,7 +273,7 @@ def _shift_settings(model: nn.Module) -> set:
     return found
 
 
-def _check_direction(layout: CheckpointLayout, model: nn.Module, source: str) -> None:
+def _check_direction(layout: CheckpointLayout, model: nn.Module, source: str, log: Log) -> None:
     """Weights trained with one shift run with another give other outputs: say so (fine-tuning is legitimate)."""
     trained = (layout.direction, layout.uni_slot)
     other = sorted(s for s in _shift_settings(model) if s != trained)
@@ -282,21 +284,57 @@ def _check_direction(layout: CheckpointLayout, model: nn.Module, source: str) ->
     theirs = f"direction={layout.direction!r}" + (f", uni_slot={layout.uni_slot!r}" if layout.uni_slot else "")
     advice = ("a bi-directional model cannot stream: fine-tune it as uni before its outputs mean anything"
               if layout.direction == "bi" else "convert with " + theirs + " to reproduce it")
-    logger.warning("%s: the checkpoint's model shifts with %s, this model with %s, so its outputs differ from the "
-                   "source model's; %s.", source, theirs, mine, advice)
+    log(logging.WARNING, f"{source}: the checkpoint's model shifts with {theirs}, this model with {mine}, so its "
+                         f"outputs differ from the source model's; {advice}.")
 
 
-def convert_state_dict(state: StateDict, model: Optional[nn.Module] = None,
-                       source: str = "<state_dict>") -> Tuple[StateDict, CheckpointLayout]:
-    """:func:`import_tsm_checkpoint` for a state dict already read; also returns the detected layout."""
+def _log(level: int, message: str) -> None:
+    logger.log(level, message)
+
+
+def convert_state_dict(state: StateDict, model: Optional[nn.Module] = None, source: str = "<state_dict>", *,
+                       model_state: Optional[dict] = None, log: Optional[Log] = None
+                       ) -> Tuple[StateDict, CheckpointLayout]:
+    """:func:`import_tsm_checkpoint` for a state dict already read; also returns the detected layout.
+
+    ``model_state`` (default ``model.state_dict()``) gives the keys and shapes to fit; ``log``
+    (``log(level, message)``, default this module's logger) receives the notes and warnings.
+    """
+    log = log or _log
     layout, converted = _detect(state, source)
-    if model is None:
+    if model is None and model_state is None:
         target = _reference_shapes(layout, converted)
-        return (converted if target is None else _fit(converted, layout, target, [], source)), layout
-    target = {k: v.shape for k, v in model.state_dict().items()}
-    fitted = _fit(converted, layout, target, _model_sites(model), source)
-    _check_direction(layout, model, source)
+        return (converted if target is None else _fit(converted, layout, target, [], source, log)), layout
+    model_state = model.state_dict() if model_state is None else model_state
+    target = {k: v.shape for k, v in model_state.items()}
+    fitted = _fit(converted, layout, target, _model_sites(model) if model is not None else [], source, log)
+    if model is not None:
+        _check_direction(layout, model, source, log)
     return fitted, layout
+
+
+def layout_adapter(model: Optional[nn.Module] = None, source: str = "checkpoint",
+                   log: Optional[Log] = None) -> Callable[[StateDict, dict], StateDict]:
+    """An ``adapt(state, model_state) -> state`` for the checkpoint loader: imports the anchors' layouts.
+
+    A state dict whose keys are already the model's, or of no known layout, is returned as
+    it is (the loader's own strict check then reports any mismatch). A known layout is
+    fitted to the model strictly, and the detected source is logged.
+    """
+    log = log or _log
+
+    def adapt(state: StateDict, model_state: dict) -> StateDict:
+        if set(state) == set(model_state):
+            return state
+        try:
+            _detect(state, source)
+        except CheckpointLayoutError:
+            return state
+        fitted, layout = convert_state_dict(state, model, source, model_state=model_state, log=log)
+        log(logging.INFO, f"{source}: detected {layout}; imported into this model's keys")
+        return fitted
+
+    return adapt
 
 
 def import_tsm_checkpoint(path_or_state_dict: Union[str, os.PathLike, dict],
