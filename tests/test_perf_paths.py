@@ -12,9 +12,9 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import tsm_surgery
 from tsm_surgery import TemporalShift, convert, temporal_shift
-from tsm_surgery._shift import _shift_frames, recompute_shifts
+from tsm_surgery._recompute import recompute_shifts
+from tsm_surgery._shift import _shift_frames
 
 from utils import randomize_norms
 

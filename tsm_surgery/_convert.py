@@ -2,15 +2,15 @@
 
 import copy
 import fnmatch
-import re
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 from torch import fx, nn
-from torch.fx.graph_module import _deserialize_graph_module, _format_import_block, _forward_from_src
-from torch.package import sys_importer
 
-from ._shift import TemporalShift, check_shift_args, install_recompute_scope
+from ._graph import SHIFTS, module_key
+from ._net import TSMNet
+from ._online import OnlineTSM, to_online
+from ._shift import TemporalShift, check_shift_args
 from ._sites import ResidualSite, analyse_graph, default_example_input
 from ._tracer import LeafSpec, trace_train_and_eval
 
@@ -18,117 +18,8 @@ __all__ = ["convert", "TSMNet", "PLACES"]
 
 PLACES = ("residual", "block")
 NO_RESIDUAL = ("error", "first_conv")  # policies for networks without a residual join
-SHIFTS = "temporal_shifts"  # the container holding one TemporalShift per site; it has no state
 
 Select = Union[None, str, Sequence[str], Callable[[ResidualSite], bool]]
-
-
-def _module_key(site_name: str) -> str:
-    return re.sub(r"\W", "_", site_name)
-
-
-class TSMNet(fx.GraphModule):
-    """A network converted by :func:`convert`.
-
-    It holds the original module tree (so ``state_dict()`` keys are the original's) plus a
-    ``temporal_shifts`` container without state, and runs the rewritten train-mode graph in
-    training and the eval-mode graph otherwise.
-
-    Attributes:
-        sites: the shifted :class:`ResidualSite` objects, in graph order.
-        shift_div, direction, place: the conversion settings.
-    """
-
-    def __init__(self, root: nn.Module, train_graph: fx.Graph, eval_graph: fx.Graph,
-                 shifts: nn.ModuleDict, sites: List[ResidualSite], place: str, class_name: Optional[str] = None):
-        holder = nn.Module()
-        _adopt_module_tree(holder, root)
-        holder.add_module(SHIFTS, shifts)
-        super().__init__(holder, eval_graph, class_name=class_name or type(root).__name__ + "TSM")
-        _adopt_module_tree(self, holder)
-        self.train_graph, self.eval_graph = train_graph, eval_graph
-        self.sites = list(sites)
-        self.place = place
-        # Training memory: shift outputs saved by their consumers are rebuilt in backward
-        # instead of kept (see _shift.recompute_shifts); `net.recompute_shifts = False` opts out.
-        install_recompute_scope(self)
-        self.train(root.training)
-
-    def train(self, mode: bool = True):
-        graph = self.train_graph if mode else self.eval_graph
-        if self.graph is not graph:
-            self.graph = graph
-        return super().train(mode)
-
-    def shift_modules(self) -> Dict[str, TemporalShift]:
-        """Site name -> its :class:`TemporalShift` module."""
-        return {site.name: getattr(self, SHIFTS)[_module_key(site.name)] for site in self.sites}
-
-    def _setting(self, attr):
-        return getattr(next(iter(self.shift_modules().values())), attr)
-
-    @property
-    def n_segments(self) -> int:
-        """Frames per clip. Settable: the graph is not traced again."""
-        return self._setting("n_segments")
-
-    @n_segments.setter
-    def n_segments(self, value: int) -> None:
-        check_shift_args(value, self.shift_div, self.direction)
-        for shift in self.shift_modules().values():
-            shift.n_segments = int(value)
-
-    @property
-    def shift_div(self) -> int:
-        return self._setting("shift_div")
-
-    @property
-    def direction(self) -> str:
-        return self._setting("direction")
-
-    def __deepcopy__(self, memo):
-        root = nn.Module()
-        _adopt_module_tree(root, self, skip=(SHIFTS,))
-        root.train(self.training)
-        root = copy.deepcopy(root, memo)
-        return TSMNet(root, copy.deepcopy(self.train_graph), copy.deepcopy(self.eval_graph),
-                      copy.deepcopy(getattr(self, SHIFTS), memo), self.sites, self.place,
-                      type(self).__name__)
-
-    def __reduce__(self):
-        # fx graphs do not pickle on their own; like GraphModule, pickle each graph's generated
-        # code and trace it again on load.
-        body = {k: v for k, v in self.__dict__.items() if k not in ("_graph", "train_graph", "eval_graph")}
-        sources = []
-        for graph in (self.train_graph, self.eval_graph):
-            code = graph.python_code("self")
-            sources.append(_format_import_block(code.globals, sys_importer) + code.src)
-        return (_rebuild, (body, *sources, type(self).__name__))
-
-
-def _rebuild(body: dict, train_src: str, eval_src: str, class_name: str) -> "TSMNet":
-    train_gm, eval_gm = (_deserialize_graph_module(_forward_from_src(src, {}), body) for src in (train_src, eval_src))
-    root = nn.Module()
-    _adopt_module_tree(root, eval_gm, skip=(SHIFTS,))
-    root.train(body["training"])
-    return TSMNet(root, train_gm.graph, eval_gm.graph, getattr(eval_gm, SHIFTS), body["sites"], body["place"], class_name)
-
-
-def _adopt_module_tree(target: nn.Module, source: nn.Module, skip=()) -> None:
-    """Gives ``target`` exactly ``source``'s children, parameters and buffers, in order."""
-    target._modules.clear()
-    target._parameters.clear()
-    target._buffers.clear()
-    target._modules.update((k, v) for k, v in source._modules.items() if k not in skip)
-    target._parameters.update(source._parameters)
-    target._buffers.update(source._buffers)
-    target._non_persistent_buffers_set = set(source._non_persistent_buffers_set)
-    # Tensors torch.fx lifted out of the traced code (a table built in forward): non-persistent
-    # buffers, so they follow .to() and every graph module sharing this tree, and stay out of state_dict().
-    constants = {k: v for k, v in vars(source).items() if k.startswith("_tensor_constant") and isinstance(v, torch.Tensor)}
-    for name, value in constants.items():
-        target.__dict__.pop(name, None)
-        target.register_buffer(name, value, persistent=False)
 
 
 def _select_sites(sites: List[ResidualSite], select: Select) -> List[ResidualSite]:
@@ -145,7 +36,7 @@ def _insert_shifts(graph: fx.Graph, sites: List[ResidualSite], place: str) -> No
     for site in sites:
         fork = nodes[site.fork]
         with graph.inserting_after(fork):
-            shifted = graph.create_node("call_module", f"{SHIFTS}.{_module_key(site.name)}", (fork,))
+            shifted = graph.create_node("call_module", f"{SHIFTS}.{module_key(site.name)}", (fork,))
         if place == "block":
             fork.replace_all_uses_with(shifted, delete_user_cb=lambda user: user is not shifted)
         else:
@@ -181,7 +72,7 @@ def convert(
     inplace: bool = False,
     online: bool = False,
     no_residual: str = "error",
-) -> Union[TSMNet, "OnlineTSM"]:
+) -> Union[TSMNet, OnlineTSM]:
     """Turns a 2D image network into a Temporal Shift Module video network.
 
     The network is traced with ``torch.fx``; at every residual join found by
@@ -230,7 +121,8 @@ def convert(
     check_shift_args(n_segments, shift_div, direction)
     if online and direction != "uni":
         raise ValueError(f"online=True needs direction='uni': with direction={direction!r} a frame reads "
-                         "the next frame, which a stream has not seen yet. Hint: convert(..., direction='uni', online=True).")
+                         "the next frame, which a stream has not seen yet. "
+                         "Hint: convert(..., direction='uni', online=True).")
     if place not in PLACES:
         raise ValueError(f"place={place!r} is not one of {PLACES}: 'residual' shifts the branch only, "
                          "'block' the block input for every consumer.")
@@ -264,12 +156,10 @@ def convert(
         if site.channels < shift_div:
             raise ValueError(f"site {site.name!r} has {site.channels} channels, fewer than shift_div={shift_div}. "
                              "Hint: lower shift_div or leave the site out with select=.")
-        shifts[_module_key(site.name)] = TemporalShift(n_segments, shift_div, direction, site.channel_dim)
+        shifts[module_key(site.name)] = TemporalShift(n_segments, shift_div, direction, site.channel_dim)
     _insert_shifts(train_graph, per_mode["train"], place)
     _insert_shifts(eval_graph, per_mode["eval"], place)
     net = TSMNet(root, train_graph, eval_graph, shifts, per_mode["eval"], place)
     if online:
-        from ._online import to_online  # _online imports this module
-
         return to_online(net, frame_shape=tuple(example_input.shape[1:]), inplace=True)
     return net

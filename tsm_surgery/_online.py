@@ -24,15 +24,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, fx, nn
 from torch.nn import functional as F
-from torch.fx.graph_module import _deserialize_graph_module, _format_import_block, _forward_from_src
-from torch.package import sys_importer
 
-from ._convert import SHIFTS, TSMNet, _adopt_module_tree, _module_key
-from ._shift import _use_functional_form
+from ._graph import ONLINE_SHIFTS, SHIFTS, adopt_module_tree, deepcopy_graph_module, module_key, module_tree
+from ._graph import reduce_graph_module
+from ._net import TSMNet
+from ._recompute import in_graph_capture
 
 __all__ = ["to_online", "OnlineTSM", "OnlineShift"]
-
-ONLINE_SHIFTS = "online_shifts"  # container of the OnlineShift modules; no state
 
 State = Dict[str, Tensor]
 
@@ -108,7 +106,7 @@ _SWAP_SAFE_FUNCTIONS = {
 
 def _can_swap(x: Tensor) -> bool:
     """In-place use of ``x`` is safe: no autograd, no exporter or tracer, no overlapping memory."""
-    if torch.is_grad_enabled() or _use_functional_form():
+    if torch.is_grad_enabled() or in_graph_capture():
         return False
     return x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
 
@@ -238,7 +236,7 @@ class OnlineTSM(nn.Module):
     def __init__(self, root: nn.Module, graph: fx.Graph, sites: Sequence, shift_div: int,
                  frame_shape: Optional[Sequence[int]] = None):
         super().__init__()
-        _adopt_module_tree(self, root)
+        adopt_module_tree(self, root)
         self.sites = list(sites)
         self.state_names: List[str] = [s.name for s in self.sites]
         self.shift_div = int(shift_div)
@@ -297,8 +295,8 @@ class OnlineTSM(nn.Module):
                 with torch.no_grad():
                     outs = self._step_module(probe, *[None] * len(self.state_names))
             except Exception as err:
-                raise ValueError(f"cannot run the network on a frame of shape {frame_shape}: "
-                                 f"{type(err).__name__}: {err}. Hint: frame_shape is (C, H, W) without the batch.") from err
+                raise ValueError(f"cannot run the network on a frame of shape {frame_shape}: {type(err).__name__}: "
+                                 f"{err}. Hint: frame_shape is (C, H, W) without the batch.") from err
             finally:
                 if was_training:
                     self.train(True)
@@ -416,27 +414,20 @@ class OnlineTSM(nn.Module):
         """The internal-state form's current caches (``None`` before the first frame)."""
         return self._state
 
+    def _parts(self):
+        return (self.graph,), (self.sites, self.shift_div, self.frame_shape), {}
+
     def __reduce__(self):
-        # fx graphs do not pickle; like GraphModule, pickle the graph's code and trace it on load.
-        code = self.graph.python_code("self")
-        root = nn.Module()
-        _adopt_module_tree(root, self)
-        root.training = self.training
-        return (_rebuild, (root, _format_import_block(code.globals, sys_importer) + code.src, self.sites,
-                           self.shift_div, self.frame_shape))
+        graphs, args, state = self._parts()
+        return reduce_graph_module(self, graphs, _rebuild, args, state)
 
     def __deepcopy__(self, memo):
-        root = nn.Module()
-        _adopt_module_tree(root, self)
-        clone = OnlineTSM(copy.deepcopy(root, memo), copy.deepcopy(self.graph), self.sites, self.shift_div,
-                          self.frame_shape)
-        clone.train(self.training)
-        return clone
+        graphs, args, state = self._parts()
+        return deepcopy_graph_module(self, graphs, _rebuild, args, state, memo)
 
 
-def _rebuild(root: nn.Module, src: str, sites: Sequence, shift_div: int, frame_shape) -> OnlineTSM:
-    gm = _deserialize_graph_module(_forward_from_src(src, {}), dict(root.__dict__))
-    return OnlineTSM(root, gm.graph, sites, shift_div, frame_shape).train(root.training)
+def _rebuild(tree: nn.Module, graphs: List[fx.Graph], sites: Sequence, shift_div: int, frame_shape) -> OnlineTSM:
+    return OnlineTSM(tree, graphs[0], sites, shift_div, frame_shape).train(tree.training)
 
 
 def _describe_stream(stream: Tuple) -> str:
@@ -480,10 +471,9 @@ def to_online(net: TSMNet, *, frame_shape: Optional[Sequence[int]] = None, inpla
         )
     if not inplace:
         net = copy.deepcopy(net)
-    keys = [_module_key(site.name) for site in net.sites]
+    keys = [module_key(site.name) for site in net.sites]
     graph = _rewrite(copy.deepcopy(net.eval_graph), keys, net)
-    root = nn.Module()
-    _adopt_module_tree(root, net, skip=(SHIFTS,))
+    root = module_tree(net, skip=(SHIFTS,))
     online_shifts = nn.ModuleDict()
     for site, key in zip(net.sites, keys):
         shift = shifts[site.name]

@@ -19,15 +19,14 @@ Three forms compute the same tensor, each where it is cheapest:
   that produces the input (:func:`_shift_selecting`).
 """
 
-import contextlib
-import threading
-import weakref
-from typing import Dict, Iterator, List
+from typing import List
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["temporal_shift", "TemporalShift", "DIRECTIONS", "recompute_shifts"]
+from ._recompute import in_graph_capture, mark_recomputable, recording
+
+__all__ = ["temporal_shift", "TemporalShift", "DIRECTIONS"]
 
 DIRECTIONS = ("bi", "uni")
 
@@ -174,11 +173,8 @@ def _eager_shift(v: Tensor, channel_dim: int, fold: int, direction: str) -> Tens
     return _shift_copy(v, channel_dim, fold, direction, reverse=False)
 
 
-def _use_functional_form() -> bool:
-    """True where the op is being scripted, traced, exported or compiled: use views + cat."""
-    if torch.jit.is_scripting() or torch.jit.is_tracing():
-        return True
-    return bool(torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export())
+# Scripted, traced, exported or compiled: use the views + cat form.
+_use_functional_form = in_graph_capture
 
 
 def _compiling_not_exporting() -> bool:
@@ -212,123 +208,11 @@ def _temporal_shift(x: Tensor, n_segments: int, shift_div: int, direction: str, 
     out = out.reshape(shape)
     out = out.permute(0, 3, 1, 2) if channels_last else out
     if not torch.jit.is_scripting():
-        if _RECOMPUTE.depth and out.requires_grad and not _use_functional_form():
+        if recording() and out.requires_grad and not _use_functional_form():
             # Inside a recompute scope: a consumer that saves this output for its backward
             # (the branch's first conv saves its input) stores how to rebuild it instead.
-            out._tsm_shift_of = (weakref.ref(source), source._version,
-                                 (n_segments, shift_div, direction, original_dim))
+            mark_recomputable(out, source, _temporal_shift, n_segments, shift_div, direction, original_dim)
     return out
-
-
-class _Recompute(threading.local):
-    depth = 0
-
-
-_RECOMPUTE = _Recompute()
-
-
-class _ShiftRecipe:
-    """What a saved shifted tensor becomes: its input and the shift's settings."""
-
-    __slots__ = ("source", "version", "settings")
-
-    def __init__(self, source: Tensor, version: int, settings):
-        self.source, self.version, self.settings = source, version, settings
-
-    def rebuild(self) -> Tensor:
-        if self.source._version != self.version:
-            raise RuntimeError(
-                "the input of a temporal shift was modified in place after the shift ran, so its "
-                "output cannot be recomputed for the backward pass. Hint: avoid the in-place op on "
-                "the block input, or run the model without the recompute scope "
-                "(net.recompute_shifts = False)."
-            )
-        with torch.no_grad():
-            return _temporal_shift(self.source.detach(), *self.settings)
-
-
-def _pack_shifted(t: Tensor):
-    tag = getattr(t, "_tsm_shift_of", None)
-    if tag is not None:
-        source = tag[0]()
-        if source is not None:
-            return _ShiftRecipe(source, tag[1], tag[2])
-    # detach: the saved object must not hold this tensor's graph (a reference cycle for outputs).
-    return t.detach()
-
-
-def _unpack_shifted(packed) -> Tensor:
-    return packed.rebuild() if isinstance(packed, _ShiftRecipe) else packed
-
-
-@contextlib.contextmanager
-def recompute_shifts() -> Iterator[None]:
-    """Within this scope, tensors saved for backward that are shift outputs are recomputed.
-
-    A shift's output is saved by its consumer (a conv saves its input for the weight
-    gradient), which would keep one extra activation per site alive until the backward pass.
-    In this scope the consumer saves the shift's input instead, which is alive anyway (it is
-    the shortcut, and usually saved by the activation that produced it), and the backward
-    pass rebuilds the shift, a copy, when it needs it. Other saved tensors are unchanged.
-
-    The scope does nothing when saved-tensor hooks are already active (activation
-    checkpointing or offloading of the caller's own), under ``torch.compile`` (whose
-    partitioner makes the same save-or-recompute choice itself) and when tracing.
-
-    Example:
-        >>> net = torch.nn.Conv2d(16, 16, 1)
-        >>> x = torch.randn(8, 16, 4, 4, requires_grad=True)
-        >>> with recompute_shifts():
-        ...     net(temporal_shift(x, n_segments=8)).sum().backward()
-    """
-    if (_use_functional_form() or not torch.is_grad_enabled()
-            or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None):
-        yield
-        return
-    _RECOMPUTE.depth += 1
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(_pack_shifted, _unpack_shifted):
-            yield
-    finally:
-        _RECOMPUTE.depth -= 1
-
-
-class _OpenScopes(threading.local):
-    def __init__(self):
-        self.by_module: Dict[int, List[contextlib.AbstractContextManager]] = {}
-
-
-# Saved-tensor hooks live on a per-thread stack, so the scopes a module's forward opened are
-# kept per thread too: a module called from two threads closes each thread's own scope.
-_OPEN_SCOPES = _OpenScopes()
-
-
-def _scope_enter(module: nn.Module, args) -> None:
-    if torch.compiler.is_compiling() or not getattr(module, "recompute_shifts", True):
-        return
-    scope = recompute_shifts()
-    scope.__enter__()
-    _OPEN_SCOPES.by_module.setdefault(id(module), []).append(scope)
-
-
-def _scope_exit(module: nn.Module, args, output) -> None:
-    if torch.compiler.is_compiling():
-        return
-    scopes = _OPEN_SCOPES.by_module.get(id(module))
-    if scopes:
-        scopes.pop().__exit__(None, None, None)
-        if not scopes:
-            del _OPEN_SCOPES.by_module[id(module)]
-
-
-def install_recompute_scope(module: nn.Module) -> nn.Module:
-    """Runs every forward of ``module`` inside :func:`recompute_shifts` (``convert`` does this).
-
-    Set ``module.recompute_shifts = False`` to keep the shift outputs saved instead.
-    """
-    module.register_forward_pre_hook(_scope_enter)
-    module.register_forward_hook(_scope_exit, always_call=True)
-    return module
 
 
 def temporal_shift(

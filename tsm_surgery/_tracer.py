@@ -11,10 +11,9 @@ import inspect
 import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
 
-import torch
 from torch import fx, nn
 
-from ._shift import TemporalShift, temporal_shift
+from ._shift import TemporalShift
 
 __all__ = ["register_leaf_module", "register_notrace_function", "leaf_modules", "notrace_functions", "TraceError"]
 
@@ -71,12 +70,8 @@ register_leaf_module(TemporalShift, "the shift itself: one node, so a converted 
 
 
 def _timm_registries() -> Tuple[List[type], List[Callable]]:
+    # `import timm` loads timm.layers._fx with timm's layers; read it only if timm is loaded.
     fx_registry = sys.modules.get("timm.layers._fx")
-    if fx_registry is None and "timm" in sys.modules:
-        try:
-            import timm.layers._fx as fx_registry  # timm is already loaded; this only reads its registry
-        except ImportError:
-            return [], []
     if fx_registry is None:
         return [], []
     return list(fx_registry.get_notrace_modules()), list(fx_registry.get_notrace_functions())
@@ -113,7 +108,8 @@ class SiteTracer(fx.Tracer):
         if isinstance(module, self.leaf_types) or module_qualified_name in self.leaf_paths:
             return True
         if isinstance(module, _NORM_TYPES):
-            return True  # norm subclasses (timm's BatchNormAct2d) read self.training when run: one node serves both graphs
+            # norm subclasses (timm's BatchNormAct2d) read self.training when run: one node serves both graphs
+            return True
         return super().is_leaf_module(module, module_qualified_name)
 
     def call_module(self, module, forward, args, kwargs):
@@ -140,8 +136,9 @@ def _default_arguments(model: nn.Module) -> Dict[str, object]:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
         return {}
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return {p.name: p.default for p in params[1:] if p.kind in positional and p.default is not inspect.Parameter.empty}
+    P = inspect.Parameter
+    named = (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY)
+    return {p.name: p.default for p in params[1:] if p.kind in named and p.default is not P.empty}
 
 
 def _drop_concrete_placeholders(graph: fx.Graph, concrete: Dict[str, object]) -> None:

@@ -12,7 +12,8 @@ from typing import List, Optional
 
 # verb -> (module defining add_arguments/run, one-line help)
 VERBS = {
-    "demo": ("tsm_surgery.integrations.mmaction.demo", "train TSN vs TSM on the embedded synthetic videos, then stream"),
+    "demo": ("tsm_surgery.integrations.mmaction.demo",
+             "train TSN vs TSM on the embedded synthetic videos, then stream"),
     "synth-data": ("tsm_surgery.integrations.mmaction.synth_data", "generate the temporal-reasoning video dataset"),
     "train": ("tsm_surgery.integrations.mmaction.runner", "train an MMAction2 config with mmengine's Runner"),
     "test": ("tsm_surgery.integrations.mmaction.runner_test", "evaluate an MMAction2 config and checkpoint"),

@@ -1,0 +1,111 @@
+"""Tracing rules: the registries, train/eval graphs, fixed default arguments, graph constants."""
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from tsm_surgery import convert, find_residual_sites
+from tsm_surgery._tracer import TraceError, trace
+
+
+class WithAux(nn.Module):
+    """An auxiliary head that exists only in training, and optional forward arguments."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1))
+        self.aux = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1))
+
+    def forward(self, x, mask=None, scale: float = 1.0):
+        x = self.stem(x)
+        y = (x + self.block(x)) * scale
+        if self.training:
+            return y, x + self.aux(x)
+        return y
+
+
+def test_train_only_joins_stay_unshifted_and_defaults_are_fixed():
+    model = WithAux()
+    graph = trace(model.eval())
+    assert [n.name for n in graph.nodes if n.op == "placeholder"] == ["x"]
+    net = convert(model, 2, example_input=torch.randn(1, 3, 8, 8))
+    assert [s.name for s in net.sites] == ["block"]
+    net.train()
+    out, aux = net(torch.randn(4, 3, 8, 8))
+    (out.sum() + aux.sum()).backward()
+    shifts = [n for n in net.train_graph.nodes if n.op == "call_module" and n.target.startswith("temporal_shifts")]
+    assert len(shifts) == 1
+
+
+def test_timm_registered_blocks_are_traced_into_unless_untraceable():
+    fx_registry = pytest.importorskip("timm.layers._fx")
+
+    class RegisteredBlock(nn.Module):
+        def __init__(self, c=8):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1))
+
+        def forward(self, x):
+            return x + self.body(x)
+
+    class RegisteredUntraceable(nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.block, self.gate = nn.Conv2d(3, 8, 1), RegisteredBlock(), RegisteredUntraceable()
+
+        def forward(self, x):
+            return self.gate(self.block(self.stem(x)))
+
+    fx_registry.register_notrace_module(RegisteredBlock)
+    fx_registry.register_notrace_module(RegisteredUntraceable)
+    graph = trace(Net())
+    assert graph.kept_whole == (RegisteredUntraceable,)
+    assert [s.name for s in find_residual_sites(Net(), torch.randn(1, 3, 8, 8))] == ["block"]
+
+
+class ConstantInForward(nn.Module):
+    """Swin-style: a tensor built in forward becomes a graph constant."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 1)
+        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1))
+
+    def forward(self, x):
+        x = self.stem(x)
+        return x + self.body(x) * torch.tensor([0.5])
+
+
+def test_traced_tensor_constants_survive_conversion_and_copies():
+    net = convert(ConstantInForward(), 2, example_input=torch.randn(1, 3, 8, 8)).eval()
+    x = torch.randn(4, 3, 8, 8)
+    torch.testing.assert_close(copy.deepcopy(net)(x), net(x))
+
+
+class Untraceable(nn.Module):
+    def forward(self, x):
+        return x * 2 if x.sum() > 0 else x
+
+
+def test_trace_error_names_the_module_and_the_fix():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), Untraceable())
+    with pytest.raises(TraceError, match=r"(?s)module '1' \(Untraceable\).*leaf_modules=\[Untraceable\]"):
+        trace(model)
+    assert [n.op for n in trace(model, [Untraceable]).nodes].count("call_module") == 2
+
+
+def test_timm_registry_is_read_only_when_timm_is_loaded():
+    # The core never imports timm; with timm absent from sys.modules, the tracer sees no timm entries.
+    code = ("import sys; from tsm_surgery._tracer import SiteTracer; t = SiteTracer(); "
+            "assert 'timm' not in sys.modules and t.soft_leaf_types == ()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

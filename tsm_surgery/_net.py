@@ -1,0 +1,96 @@
+"""``TSMNet``: the clip network :func:`convert` returns."""
+
+from typing import Dict, List, Optional
+
+from torch import fx, nn
+
+from ._graph import SHIFTS, adopt_module_tree, deepcopy_graph_module, module_key, reduce_graph_module
+from ._recompute import install_recompute_scope
+from ._shift import TemporalShift, check_shift_args
+from ._sites import ResidualSite
+
+__all__ = ["TSMNet"]
+
+_COPIED_ATTRIBUTES = ("recompute_shifts",)  # user settings kept by copy and pickle
+
+
+class TSMNet(fx.GraphModule):
+    """A network converted by :func:`convert`.
+
+    It holds the original module tree (so ``state_dict()`` keys are the original's) plus a
+    ``temporal_shifts`` container without state, and runs the rewritten train-mode graph in
+    training and the eval-mode graph otherwise.
+
+    Attributes:
+        sites: the shifted :class:`ResidualSite` objects, in graph order.
+        shift_div, direction, place: the conversion settings.
+    """
+
+    # TorchScript compiles properties; these read Python containers and are not part of forward.
+    __jit_unused_properties__ = ["n_segments", "shift_div", "direction"]
+
+    def __init__(self, root: nn.Module, train_graph: fx.Graph, eval_graph: fx.Graph,
+                 shifts: nn.ModuleDict, sites: List[ResidualSite], place: str, class_name: Optional[str] = None):
+        holder = nn.Module()
+        adopt_module_tree(holder, root)
+        holder.add_module(SHIFTS, shifts)
+        super().__init__(holder, eval_graph, class_name=class_name or type(root).__name__ + "TSM")
+        adopt_module_tree(self, holder)
+        self.train_graph, self.eval_graph = train_graph, eval_graph
+        self.sites = list(sites)
+        self.place = place
+        # Training memory: shift outputs saved by their consumers are rebuilt in backward
+        # instead of kept (see _recompute.recompute_shifts); `net.recompute_shifts = False` opts out.
+        install_recompute_scope(self)
+        self.train(root.training)
+
+    def train(self, mode: bool = True):
+        graph = self.train_graph if mode else self.eval_graph
+        if self.graph is not graph:
+            self.graph = graph
+        return super().train(mode)
+
+    def shift_modules(self) -> Dict[str, TemporalShift]:
+        """Site name -> its :class:`TemporalShift` module."""
+        return {site.name: getattr(self, SHIFTS)[module_key(site.name)] for site in self.sites}
+
+    def _setting(self, attr):
+        return getattr(next(iter(self.shift_modules().values())), attr)
+
+    @property
+    def n_segments(self) -> int:
+        """Frames per clip. Settable: the graph is not traced again."""
+        return self._setting("n_segments")
+
+    @n_segments.setter
+    def n_segments(self, value: int) -> None:
+        check_shift_args(value, self.shift_div, self.direction)
+        for shift in self.shift_modules().values():
+            shift.n_segments = int(value)
+
+    @property
+    def shift_div(self) -> int:
+        return self._setting("shift_div")
+
+    @property
+    def direction(self) -> str:
+        return self._setting("direction")
+
+    def _parts(self):
+        graphs = (self.train_graph, self.eval_graph)
+        state = {k: self.__dict__[k] for k in _COPIED_ATTRIBUTES if k in self.__dict__}
+        return graphs, (self.sites, self.place, type(self).__name__), state
+
+    def __deepcopy__(self, memo):
+        graphs, args, state = self._parts()
+        return deepcopy_graph_module(self, graphs, _rebuild, args, state, memo)
+
+    def __reduce__(self):
+        graphs, args, state = self._parts()
+        return reduce_graph_module(self, graphs, _rebuild, args, state)
+
+
+def _rebuild(tree: nn.Module, graphs: List[fx.Graph], sites: List[ResidualSite], place: str,
+             class_name: str) -> TSMNet:
+    shifts = tree._modules.pop(SHIFTS)
+    return TSMNet(tree, graphs[0], graphs[1], shifts, sites, place, class_name)

@@ -1,0 +1,153 @@
+"""Saved-tensor recompute: tensors saved for backward that are cheap functions of a live tensor
+are stored as a recipe and rebuilt in the backward pass.
+
+A temporal shift's output is saved by its consumer (a conv saves its input for the weight
+gradient), which would keep one extra activation per site alive until the backward pass. The
+shift's input is alive anyway (it is the shortcut), so inside :func:`recompute_shifts` the op
+tags its output with :func:`mark_recomputable` and the saved-tensor hooks store how to rebuild
+it instead of the tensor itself. This module knows nothing about the shift: it rebuilds any
+tagged tensor by calling the function it was tagged with.
+"""
+
+import contextlib
+import threading
+import weakref
+from typing import Callable, Dict, Iterator, List
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["recompute_shifts", "install_recompute_scope", "mark_recomputable", "in_graph_capture"]
+
+_TAG = "_tsm_shift_of"
+
+
+def in_graph_capture() -> bool:
+    """True while the code is scripted, traced, exported or compiled (no eager tensors to tag)."""
+    if torch.jit.is_scripting() or torch.jit.is_tracing():
+        return True
+    return bool(torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export())
+
+
+class _Recompute(threading.local):
+    depth = 0
+
+
+_RECOMPUTE = _Recompute()
+
+
+def recording() -> bool:
+    """True inside an active :func:`recompute_shifts` scope of this thread."""
+    return _RECOMPUTE.depth > 0
+
+
+def mark_recomputable(out: Tensor, source: Tensor, fn: Callable[..., Tensor], *args) -> None:
+    """Records that ``out == fn(source, *args)``, so a saved ``out`` can be rebuilt from ``source``.
+
+    Only a weak reference to ``source`` and its version counter are kept: if ``source`` changes
+    in place before the backward pass, the rebuild refuses rather than give another tensor.
+    """
+    setattr(out, _TAG, (weakref.ref(source), source._version, fn, args))
+
+
+class _Recipe:
+    """What a saved tagged tensor becomes: its source, the source's version and how to rebuild it."""
+
+    __slots__ = ("source", "version", "fn", "args")
+
+    def __init__(self, source: Tensor, version: int, fn: Callable[..., Tensor], args):
+        self.source, self.version, self.fn, self.args = source, version, fn, args
+
+    def rebuild(self) -> Tensor:
+        if self.source._version != self.version:
+            raise RuntimeError(
+                "the input of a temporal shift was modified in place after the shift ran, so its "
+                "output cannot be recomputed for the backward pass. Hint: avoid the in-place op on "
+                "the block input, or run the model without the recompute scope "
+                "(net.recompute_shifts = False)."
+            )
+        with torch.no_grad():
+            return self.fn(self.source.detach(), *self.args)
+
+
+def _pack(t: Tensor):
+    tag = getattr(t, _TAG, None)
+    if tag is not None:
+        source = tag[0]()
+        if source is not None:
+            return _Recipe(source, *tag[1:])
+    # detach: the saved object must not hold this tensor's graph (a reference cycle for outputs).
+    return t.detach()
+
+
+def _unpack(packed) -> Tensor:
+    return packed.rebuild() if isinstance(packed, _Recipe) else packed
+
+
+@contextlib.contextmanager
+def recompute_shifts() -> Iterator[None]:
+    """Within this scope, tensors saved for backward that are shift outputs are recomputed.
+
+    In this scope a shift's consumer saves the shift's input instead of its output, and the
+    backward pass rebuilds the shift, a copy, when it needs it. Other saved tensors are
+    unchanged.
+
+    The scope does nothing when saved-tensor hooks are already active (activation
+    checkpointing or offloading of the caller's own), under ``torch.compile`` (whose
+    partitioner makes the same save-or-recompute choice itself) and when tracing.
+
+    Example:
+        >>> from tsm_surgery import temporal_shift
+        >>> net = torch.nn.Conv2d(16, 16, 1)
+        >>> x = torch.randn(8, 16, 4, 4, requires_grad=True)
+        >>> with recompute_shifts():
+        ...     net(temporal_shift(x, n_segments=8)).sum().backward()
+    """
+    if (in_graph_capture() or not torch.is_grad_enabled()
+            or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None):
+        yield
+        return
+    _RECOMPUTE.depth += 1
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+            yield
+    finally:
+        _RECOMPUTE.depth -= 1
+
+
+class _OpenScopes(threading.local):
+    def __init__(self):
+        self.by_module: Dict[int, List[contextlib.AbstractContextManager]] = {}
+
+
+# Saved-tensor hooks live on a per-thread stack, so the scopes a module's forward opened are
+# kept per thread too: a module called from two threads closes each thread's own scope.
+_OPEN_SCOPES = _OpenScopes()
+
+
+def _scope_enter(module: nn.Module, args) -> None:
+    if torch.compiler.is_compiling() or not getattr(module, "recompute_shifts", True):
+        return
+    scope = recompute_shifts()
+    scope.__enter__()
+    _OPEN_SCOPES.by_module.setdefault(id(module), []).append(scope)
+
+
+def _scope_exit(module: nn.Module, args, output) -> None:
+    if torch.compiler.is_compiling():
+        return
+    scopes = _OPEN_SCOPES.by_module.get(id(module))
+    if scopes:
+        scopes.pop().__exit__(None, None, None)
+        if not scopes:
+            del _OPEN_SCOPES.by_module[id(module)]
+
+
+def install_recompute_scope(module: nn.Module) -> nn.Module:
+    """Runs every forward of ``module`` inside :func:`recompute_shifts` (``convert`` does this).
+
+    Set ``module.recompute_shifts = False`` to keep the shift outputs saved instead.
+    """
+    module.register_forward_pre_hook(_scope_enter)
+    module.register_forward_hook(_scope_exit, always_call=True)
+    return module
