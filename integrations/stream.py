@@ -188,6 +188,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="frames left out of the timing statistics (default 2)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                        help="weights and frames in this dtype, the caches follow (default float32)")
+
+
+def _cast(model: nn.Module, dtype: torch.dtype) -> None:
+    """Casts a model, or both halves of a :class:`_WithHead`, to ``dtype`` in place."""
+    for part in (getattr(model, "_backbone", model), getattr(model, "_head", None)):
+        if isinstance(part, nn.Module):
+            part.to(dtype)
 
 
 def _timed(fn: Callable, frames: torch.Tensor) -> Tuple[torch.Tensor, float]:
@@ -204,6 +213,9 @@ def run(args: argparse.Namespace) -> int:
         plain, online, pre = _from_mmaction(args)
     else:
         plain, online, pre = _from_timm(args)
+    dtype = getattr(torch, args.dtype)
+    _cast(plain, dtype)
+    _cast(online, dtype)
     labels = None
     if args.labels:
         with open(args.labels) as f:
@@ -215,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     count = 0
     for index, frame in enumerate(decode(args.video, args.max_frames)):
-        x = pre(frame)
+        x = pre(frame).to(dtype)
         if args.benchmark and index % 2:  # alternate which model runs first
             _, t_plain = _timed(plain, x)
             scores, t_online = _timed(online, x)

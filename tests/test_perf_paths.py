@@ -1,6 +1,7 @@
-"""The fast paths of the shift: custom autograd, recompute scope, torch.compile, autocast, bench.
+"""The fast paths of the shift: custom autograd, recompute scope, torch.compile, autocast.
 
-Behaviour only: no timing is asserted here (``tsm-surgery bench`` prints the ratios).
+Behaviour only: no timing is asserted here (``tsm-surgery bench`` prints the ratios; its tests
+are in test_bench.py).
 """
 
 import copy
@@ -287,26 +288,3 @@ def test_scripted_module_matches_eager():
     scripted = torch.jit.script(TemporalShift(SEGMENTS, direction="uni"))
     x = torch.randn(2 * SEGMENTS, 16, 3, 3).contiguous(memory_format=torch.channels_last)
     assert torch.equal(scripted(x), temporal_shift(x, SEGMENTS, direction="uni"))
-
-
-def test_bench_quick_writes_report(tmp_path):
-    from tsm_surgery.cli import main
-
-    out = tmp_path / "BENCH.md"
-    assert main(["bench", "--quick", "--default-malloc", "--output", str(out)]) == 0
-    text = out.read_text()
-    for needle in ("op-level shift cost", "eval latency vs 2D", "training step vs 2D", "peak training memory",
-                   "online per-frame step", "convert()", "threads", "float32"):
-        assert needle in text, needle
-    assert "x (" in text  # ratios with their interquartile range
-    assert "A/A control" in text and "## Page faults" in text
-
-
-def test_bench_verdicts_tell_noise_from_misses():
-    from tsm_surgery.integrations.bench import _verdict
-
-    assert _verdict((1.01, 1.02, 0.03)) == "holds"
-    assert _verdict((1.04, 1.02, 0.03)).startswith("within noise")
-    assert _verdict((1.06, 1.02, 0.03)) == "missed"
-    assert _verdict((0.012, 0.01, None)) == "missed"
-    assert _verdict(None) == "n/a"

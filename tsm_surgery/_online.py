@@ -285,7 +285,10 @@ class OnlineTSM(nn.Module):
         frame_shape = tuple(int(d) for d in frame_shape)
         param = next(iter(self.parameters()), None)
         device = None if param is None else param.device
-        key = (frame_shape, self._param_dtype(), device)  # .double() or .to() changes the answer
+        # .double(), .to() and autocast (which gives each site its own dtype) change the answer.
+        kind = "cpu" if device is None else device.type
+        autocast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+        key = (frame_shape, self._param_dtype(), device, autocast)
         if key not in self._cache_specs:
             probe = torch.zeros((1,) + frame_shape, device=device, dtype=self._param_dtype())
             was_training = self.training
@@ -314,7 +317,9 @@ class OnlineTSM(nn.Module):
         Args:
             batch_size: number of streams ``N`` (the frames' batch).
             device: defaults to the parameters' device.
-            dtype: defaults to the activations' dtype (the parameters').
+            dtype: defaults to the dtype each site's activation has: the parameters', or under
+                ``torch.autocast`` the one autocast gives it when called inside the same autocast
+                region with ``frame_shape`` (the first frame's shape).
             frame_shape: ``(C, H, W)`` of one frame; defaults to :attr:`frame_shape`, or the
                 example input ``convert`` saw. Cache shapes depend on the frame size.
 

@@ -1,0 +1,102 @@
+"""``tsm-surgery bench``: the arguments, their ``--quick`` and ``--device`` resolution, and the run."""
+
+import argparse
+import dataclasses
+
+import torch
+
+from .report import write
+from .running import DTYPES, Settings, run_bench
+
+__all__ = ["add_arguments", "run", "settings_from_args", "QUICK"]
+
+# --quick: a small configuration for tests and CI; flags given explicitly still win.
+QUICK = dict(model="mmaction:resnet18", frames=4, clips=1, eval_size=32, train_size=32, online_size=32,
+             rounds=3, repeats=1, op_repeats=3, convert_model="torchvision:resnet18", convert_repeats=1)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = Settings()
+    parser.add_argument("--model", default=d.model,
+                        help="mmaction:resnetNN (adds MMAction2's ResNetTSM as a peer), timm:NAME or "
+                             f"torchvision:NAME (default {d.model})")
+    parser.add_argument("--frames", type=int, default=d.frames,
+                        help=f"frames per clip, n_segments (default {d.frames})")
+    parser.add_argument("--clips", type=int, default=d.clips, help=f"clips per batch (default {d.clips})")
+    parser.add_argument("--eval-size", type=int, default=d.eval_size, help="frame size for eval latency and op level")
+    parser.add_argument("--train-size", type=int, default=d.train_size,
+                        help="frame size for the training step and memory")
+    parser.add_argument("--online-size", type=int, default=d.online_size, help="frame size for the online step")
+    parser.add_argument("--rounds", type=int, default=d.rounds, help="paired rounds per wall-clock comparison")
+    parser.add_argument("--repeats", type=int, default=d.repeats,
+                        help=f"passes per round; each model's fastest pass counts (default {d.repeats})")
+    parser.add_argument("--op-repeats", type=int, default=d.op_repeats,
+                        help="repetitions per site for the op-level minimum")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=d.device,
+                        help="cpu, or cuda: CUDA-event timing, torch.cuda peak memory and a throughput "
+                             "table; its results go to their own section of --output (default cpu)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=d.dtype,
+                        help="fp32, or bf16/fp16 autocast around every model (default fp32)")
+    parser.add_argument("--amp", action="store_true",
+                        help="autocast at the device's usual precision: fp16 on cuda, bf16 on cpu "
+                             "(same as --dtype fp16 / --dtype bf16)")
+    parser.add_argument("--channels-last", action="store_true", help="models and inputs in channels_last")
+    parser.add_argument("--compile", dest="compile", action="store_true", default=None,
+                        help="also measure under torch.compile (default: on, off with --quick)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--convert-model", default=d.convert_model,
+                        help=f"the model whose convert() time is reported (default {d.convert_model})")
+    parser.add_argument("--convert-repeats", type=int, default=d.convert_repeats,
+                        help="convert() runs timed (median reported)")
+    parser.add_argument("--max-clips", type=int, default=d.max_clips,
+                        help=f"largest batch, in clips, the CUDA throughput search tries (default {d.max_clips})")
+    parser.add_argument("--no-profile", dest="profile", action="store_false", help="skip the torch.profiler table")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="keep glibc's default malloc settings, under which freed large buffers go back "
+                             "to the OS and every new one page-faults (default: keep freed memory, see BENCHMARKS.md)")
+    parser.add_argument("--quick", action="store_true", help="a small configuration for tests/CI (seconds)")
+    parser.add_argument("--output", default="BENCHMARKS.md",
+                        help="Markdown report path; a run replaces its device's section (default BENCHMARKS.md)")
+    parser.add_argument("--seed", type=int, default=d.seed)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """The :class:`Settings` ``args`` ask for, after ``--quick`` and ``--amp``."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if hasattr(args, f.name)}
+    if args.quick:
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        defaults = vars(parser.parse_args([]))
+        values.update({k: v for k, v in QUICK.items() if values[k] == defaults[k]})
+    if values.get("compile") is None:
+        values["compile"] = not args.quick
+    if getattr(args, "amp", False) and values["dtype"] == "fp32":
+        values["dtype"] = "fp16" if values["device"] == "cuda" else "bf16"
+    return Settings(**values)
+
+
+def _check_device(settings: Settings) -> None:
+    if settings.device != "cuda":
+        return
+    if not torch.cuda.is_available():
+        built = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise SystemExit(
+            f"tsm-surgery bench --device cuda: no CUDA device is available (torch {torch.__version__}, {built}). "
+            "Hint: run it on a machine with an NVIDIA GPU and a CUDA build of torch, or leave out --device "
+            "for the CPU bench.")
+    if settings.dtype == "bf16" and not torch.cuda.is_bf16_supported():
+        raise SystemExit("tsm-surgery bench --device cuda --dtype bf16: this GPU has no bfloat16 support. "
+                         "Hint: --amp or --dtype fp16.")
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    _check_device(settings)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run_bench(settings)
+    section = write(args.output, result)
+    print(section)
+    print(f"wrote the {settings.device} section of {args.output} in {result.elapsed_s:.0f} s")
+    return 0

@@ -1,0 +1,104 @@
+"""What machine a bench run measured: CPU model, cores, threads, load, and the GPU when used.
+
+Example:
+    >>> m = describe(torch.device("cpu"))
+    >>> m.logical_cpus >= 1 and m.torch_threads >= 1
+    True
+"""
+
+import os
+import platform
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["Machine", "describe", "load_average"]
+
+
+@dataclass
+class Machine:
+    """The host and device of one run. ``load_end`` is filled when the run ends."""
+
+    cpu: str
+    physical_cores: Optional[int]
+    logical_cpus: int
+    usable_cpus: int  # the process's CPU affinity (containers and taskset narrow it)
+    torch_threads: int
+    torch_version: str
+    load_start: Tuple[float, float, float]
+    load_end: Tuple[float, float, float] = (0.0, 0.0, 0.0)
+    gpu: Optional[str] = None  # name, memory and compute capability
+    gpu_memory_bytes: Optional[int] = None
+    cuda_version: Optional[str] = None
+
+    @property
+    def device_name(self) -> str:
+        return self.gpu.split(",")[0] if self.gpu else f"CPU, {self.cpu}"
+
+    def lines(self) -> list:
+        """Markdown bullet lines for the report's setup section."""
+        cores = f"{self.physical_cores} physical cores, " if self.physical_cores else ""
+        out = [f"- CPU: {self.cpu}; {cores}{self.logical_cpus} logical CPUs, {self.usable_cpus} usable by this "
+               f"process; torch {self.torch_version} with {self.torch_threads} threads"]
+        if self.gpu:
+            out.append(f"- GPU: {self.gpu}; CUDA {self.cuda_version}")
+        out.append(f"- load average (1/5/15 min) at start {_fmt_load(self.load_start)}, at end "
+                   f"{_fmt_load(self.load_end)}: {self.busy_text()}")
+        return out
+
+    def busy_text(self) -> str:
+        """How busy the host was, in words (other processes add noise to wall-clock ratios)."""
+        load = max(self.load_start[0], self.load_end[0])
+        if load >= 0.75 * self.usable_cpus:
+            return (f"the host was busy (load {load:.1f} on {self.usable_cpus} CPUs), so other processes "
+                    "shared the cores and wall-clock ratios carry their noise")
+        return f"the host was mostly idle (load {load:.1f} on {self.usable_cpus} CPUs)"
+
+
+def load_average() -> Tuple[float, float, float]:
+    try:
+        return os.getloadavg()
+    except OSError:  # not available on this platform
+        return (float("nan"),) * 3
+
+
+def _cpu_model() -> Tuple[str, Optional[int]]:
+    """CPU model name and physical core count from /proc/cpuinfo, with portable fallbacks."""
+    name, cores = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            physical = "0"
+            for line in f:
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "model name":
+                    name = value
+                elif key == "physical id":
+                    physical = value
+                elif key == "core id":
+                    cores.add((physical, value))
+    except OSError:
+        pass
+    return name, (len(cores) or None)
+
+
+def describe(device: torch.device) -> Machine:
+    """The machine as it is now (call at the start of a run)."""
+    cpu, physical = _cpu_model()
+    logical = os.cpu_count() or 1
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else logical
+    machine = Machine(cpu=cpu, physical_cores=physical, logical_cpus=logical, usable_cpus=usable,
+                      torch_threads=torch.get_num_threads(), torch_version=torch.__version__,
+                      load_start=load_average())
+    if torch.device(device).type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        machine.gpu = (f"{props.name}, {props.total_memory / 2 ** 30:.0f} GiB, compute capability "
+                       f"{props.major}.{props.minor}, {torch.cuda.device_count()} GPU(s) visible")
+        machine.gpu_memory_bytes = props.total_memory
+        machine.cuda_version = torch.version.cuda
+    return machine
+
+
+def _fmt_load(values) -> str:
+    return "/".join(f"{v:.2f}" for v in values)

@@ -1,0 +1,197 @@
+"""``tsm-surgery bench``: measuring, the targets table, the report and its sections, the CUDA refusal.
+
+No timing is asserted: wall-clock numbers depend on the machine (the report prints them).
+"""
+
+import argparse
+import ast
+import os
+import pathlib
+import re
+
+import pytest
+import torch
+
+from tsm_surgery.integrations import bench
+from tsm_surgery.integrations.bench import TARGETS, Figure, Settings, Target, merge_sections, render, run_bench
+from tsm_surgery.integrations.bench.command import QUICK, add_arguments, settings_from_args
+from tsm_surgery.integrations.bench.headline import figures, judge, targets_for, verdict
+
+TINY = Settings(model="torchvision:resnet18", frames=4, eval_size=32, train_size=32, online_size=32, rounds=2,
+                repeats=1, op_repeats=2, compile=False, profile=False, convert_model="torchvision:resnet18",
+                convert_repeats=1, default_malloc=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_result():
+    return run_bench(TINY)
+
+
+def _args(*argv):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def _section(text, title):
+    """The lines of the Markdown section ``## title`` (up to the next ``## ``)."""
+    body = text.split(f"## {title}\n", 1)[1]
+    return body.split("\n## ", 1)[0].splitlines()
+
+
+# ------------------------------------------------------------------ measuring
+def test_paired_ratios_take_ratios_within_rounds_and_keep_the_fastest_pass():
+    # A clock that returns what the callable returns: the durations are known exactly.
+    durations = {"2d": iter([1.0, 2.0, 9.0, 2.0, 1.0, 1.0]), "ours": iter([1.5, 3.0, 3.0, 3.0, 1.5, 9.0])}
+    fns = {name: (lambda it=it: next(it)) for name, it in durations.items()}
+    res = bench.paired_ratios(fns, "2d", rounds=2, warmup=1, repeats=2, clock=lambda fn: fn())
+    # warm-up eats (1.0, 1.5); round 1 keeps min(2, 9)=2 and min(3, 3)=3; round 2 min(2, 1)=1 and min(3, 1.5)=1.5
+    assert res["2d"]["ratio"] == 1.0
+    assert res["ours"]["ratio"] == pytest.approx(1.5) and res["ours"]["min_s"] == 1.5
+    assert res["ours"]["median_s"] == pytest.approx(2.25)
+
+
+def test_a_a_control_of_identical_work_is_near_one():
+    x = torch.randn(128, 128)
+    res = bench.paired_ratios({"2d": lambda: x @ x, bench.CONTROL: lambda: x @ x}, "2d", rounds=5, repeats=3)
+    assert res["2d"]["ratio"] == 1.0
+    assert 0.2 < res[bench.CONTROL]["ratio"] < 5  # same work: noise only (the machine is shared)
+
+
+def test_peak_bytes_counts_held_tensors_and_the_largest_live_set():
+    held = torch.zeros(1000, dtype=torch.uint8)
+
+    def work():
+        a = torch.ones(4000, dtype=torch.uint8)
+        b = a + 1  # a and b alive together: 8000 bytes
+        del a, b
+        torch.ones(5000, dtype=torch.uint8)
+
+    assert bench.peak_bytes(work, [held, held], torch.device("cpu")) == 1000 + 8000
+
+
+# ------------------------------------------------------------------ targets
+def test_verdicts_tell_noise_from_misses():
+    assert verdict(1.01, 1.02, 0.03) == "holds"
+    assert verdict(1.04, 1.02, 0.03).startswith("within noise")
+    assert verdict(1.06, 1.02, 0.03) == "missed"
+    assert verdict(0.012, 0.01) == "missed"
+    assert verdict(None, 1.02) == "n/a"
+
+
+def test_below_a_peer_uses_the_peer_as_the_limit():
+    target = Target("eval", "below mmaction", "eval below mmaction", against="mmaction")
+    fig = Figure("eval", "eval", {}, {"ours": 1.04, "mmaction": 1.05}, noise=0.0)
+    assert judge(target, fig) == "holds"
+    fig.values["mmaction"] = 1.03
+    assert judge(target, fig) == "missed"
+    fig.values["mmaction"] = None  # no peer in this run
+    assert judge(target, fig) == "n/a"
+
+
+def test_one_targets_table_drives_the_headline_and_the_verdicts(tiny_result):
+    text = render(tiny_result)
+    headline, verdicts = _section(text, "Headline"), _section(text, "Targets")
+    rows = {fig.key: fig for fig in figures(tiny_result)}
+    for target in targets_for("cpu"):
+        line = next(line for line in headline if line.startswith(f"| {rows[target.figure].label} |"))
+        assert target.short in line.rsplit("|", 2)[1], (target, line)
+        verdict_line = next(line for line in verdicts if line.startswith(f"| {target.name}"))
+        assert verdict_line.rstrip(" |").endswith(judge(target, rows[target.figure]))
+    # Every target's figure exists, and a GPU-only target stays out of a CPU report.
+    assert {t.figure for t in TARGETS} <= {f.key for f in figures(tiny_result)} | {"op_compiled", "eval_compiled"}
+    gpu_only = [t for t in TARGETS if "cpu" not in t.devices]
+    assert gpu_only and not any(t.name in text for t in gpu_only)
+
+
+def test_report_describes_the_machine_it_ran_on(tiny_result):
+    text = render(tiny_result)
+    setup = "\n".join(_section(text, "Setup"))
+    cpu = tiny_result.machine.cpu
+    if os.path.exists("/proc/cpuinfo"):
+        names = re.findall(r"^model name\s*:\s*(.*)$", pathlib.Path("/proc/cpuinfo").read_text(), re.M)
+        assert not names or cpu == names[0].strip()
+    assert cpu in setup and f"{os.cpu_count()} logical CPUs" in setup
+    assert f"{torch.get_num_threads()} threads" in setup and "load average" in setup
+    assert "2-core" not in text
+
+
+def test_result_numbers_are_consistent(tiny_result):
+    r = tiny_result
+    assert r.batch == TINY.frames * TINY.clips and r.sites == 8  # torchvision ResNet-18: 8 blocks
+    assert r.agreement["zero-fill"] == 0.0  # the paper's zero-fill shift computes the same numbers
+    assert r.shift_effect > 0.01  # ... and the shift changes the 2D output
+    assert set(r.eval) == {"2d", bench.CONTROL, "ours", "zero-fill"} and r.eval["2d"]["ratio"] == 1.0
+    # At 32 px parameters and gradients dominate the peak: they count from the start.
+    import torchvision
+
+    params = sum(p.numel() for p in torchvision.models.resnet18().parameters())
+    assert 2 * 4 * params < r.memory["2d"] < 4 * 4 * params
+    assert r.memory["ours"] <= 1.03 * r.memory["2d"]
+    assert r.online["online"]["median_s"] > 0 and r.throughput is None and r.compiled is None
+
+
+# ------------------------------------------------------------------ the command
+def test_quick_fills_only_the_flags_not_given():
+    s = settings_from_args(_args("--quick", "--frames", "6"))
+    assert s.frames == 6 and s.model == QUICK["model"] and s.rounds == QUICK["rounds"] and not s.compile
+    assert settings_from_args(_args()).compile and settings_from_args(_args("--quick", "--compile")).compile
+    assert settings_from_args(_args("--amp")).dtype == "bf16"
+    assert settings_from_args(_args("--amp", "--device", "cuda")).dtype == "fp16"
+    assert settings_from_args(_args("--amp", "--dtype", "bf16", "--device", "cuda")).dtype == "bf16"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_cuda_bench_refuses_clearly_without_cuda(tmp_path):
+    from tsm_surgery.cli import main
+
+    out = tmp_path / "BENCH.md"
+    with pytest.raises(SystemExit, match=r"--device cuda: no CUDA device is available .*Hint"):
+        main(["bench", "--device", "cuda", "--quick", "--output", str(out)])
+    assert not out.exists()
+
+
+def test_quick_bench_writes_its_section_and_keeps_the_gpu_one(tmp_path):
+    from tsm_surgery.cli import main
+
+    out = tmp_path / "BENCH.md"
+    gpu = "## GPU: Some GPU\n\nmeasured elsewhere\n"
+    out.write_text(merge_sections("", "cuda", gpu))
+    assert main(["bench", "--quick", "--default-malloc", "--output", str(out)]) == 0
+    text = out.read_text()
+    for needle in ("op-level shift cost", "eval latency vs 2D", "training step vs 2D", "peak training memory",
+                   "online per-frame step", "convert()", "threads", "float32", "## Page faults", "A/A control"):
+        assert needle in text, needle
+    assert re.search(r"\d\.\d{3}x \(\d\.\d{3}-\d\.\d{3}\)", text)  # ratios with their interquartile range
+    assert text.index("<!-- bench:cpu -->") < text.index("<!-- bench:cuda -->")
+    assert gpu in text  # the other device's section is kept as it was
+
+
+def test_sections_replace_their_own_and_adopt_an_old_report():
+    old = "# Benchmarks\n\nan old report without sections\n"
+    text = merge_sections(old, "cuda", "## GPU: A\n")
+    assert text.startswith("<!-- bench:cpu -->\n# Benchmarks") and "## GPU: A\n" in text
+    text = merge_sections(text, "cuda", "## GPU: B\n")
+    assert "## GPU: A" not in text and "## GPU: B\n" in text and "an old report" in text
+    text = merge_sections(text, "cpu", "# Benchmarks\n\nnew\n")
+    assert "an old report" not in text and "## GPU: B\n" in text and text.count("<!-- bench:") == 2
+
+
+def test_bench_uses_only_the_public_core_api():
+    root = pathlib.Path(bench.__file__).parent
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tsm_surgery"):
+                assert not any(part.startswith("_") for part in node.module.split(".")), (path.name, node.module)
+                assert not any(alias.name.startswith("_") for alias in node.names), (path.name, node.module)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "tsm_surgery":
+                assert not node.attr.startswith("_"), (path.name, node.attr)
+
+
+@pytest.mark.parametrize("name", ["measure", "peers", "headline", "report", "machine"])
+def test_docstring_examples(name):
+    import doctest
+    import importlib
+
+    module = importlib.import_module(f"tsm_surgery.integrations.bench.{name}")
+    assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0
