@@ -86,7 +86,8 @@ def pair_of(label: int) -> Tuple[int, bool]:
 # Rendering. Everything is drawn in a forward time direction; a reversed class flips the frames.
 # --------------------------------------------------------------------------------------------
 
-def sample_params(pair: int, rng: np.random.Generator, size: int, frames: int) -> Dict:
+def sample_params(pair: int, rng: np.random.Generator, size: int, frames: int, motion_scale: float = 1.0,
+                  noise_scale: float = 1.0) -> Dict:
     """Draws the random parameters of one forward video of pair ``pair``.
 
     Sizes and speeds scale with ``size`` (tuned at 64 px), and the total motion is spread over
@@ -97,6 +98,9 @@ def sample_params(pair: int, rng: np.random.Generator, size: int, frames: int) -
         rng: the video's random generator.
         size: frame height and width in pixels.
         frames: number of frames.
+        motion_scale: multiplies the total motion (travel, growth, turn); below 1 the direction
+            becomes a subtler cue. 1 is the default data.
+        noise_scale: multiplies the per-frame sensor noise.
 
     Returns:
         A JSON-serialisable dict that :func:`render_video` turns into frames.
@@ -108,25 +112,27 @@ def sample_params(pair: int, rng: np.random.Generator, size: int, frames: int) -
         "frames": frames,
         "background": rng.uniform(10, 90, 3).round(1).tolist(),
         "texture_amp": float(rng.uniform(5, 25)),
-        "noise_sigma": float(rng.uniform(2, 8)),
+        "noise_sigma": float(rng.uniform(2, 8)) * noise_scale,
         "color": rng.uniform(150, 255, 3).round(1).tolist(),
         "texture_seed": int(rng.integers(2**31)),
         "noise_seed": int(rng.integers(2**31)),
     }
     if pair == 0:  # move: travel 22-38 px (at 64 px) left to right
         half = rng.uniform(5, 8) * s
-        travel = rng.uniform(22, 38) * s
+        travel = rng.uniform(22, 38) * s * motion_scale
         x0 = rng.uniform(half + 1, size - half - 1 - travel)
         params.update(shape=str(rng.choice(["square", "disc"])), half=half, x0=x0, x1=x0 + travel,
                       y=rng.uniform(half + 1, size - half - 1))
     elif pair == 1:  # scale: radius grows from 3-7 px to 15-22 px
         r1 = rng.uniform(15, 22) * s
-        params.update(shape=str(rng.choice(["disc", "square"])), r0=rng.uniform(3, 7) * s, r1=r1,
+        shape = str(rng.choice(["disc", "square"]))  # drawn before r0: the default data's order
+        r0 = rng.uniform(3, 7) * s
+        params.update(shape=shape, r0=r0 + (r1 - r0) * (1 - motion_scale), r1=r1,
                       cx=rng.uniform(r1 * 0.7, size - r1 * 0.7), cy=rng.uniform(r1 * 0.7, size - r1 * 0.7))
     elif pair == 2:  # rotate: a hand turns 200-300 degrees counter-clockwise (on screen)
         length = rng.uniform(16, 24) * s
         params.update(length=length, width=rng.uniform(4, 6) * s, angle0=rng.uniform(0, 2 * math.pi),
-                      turn=math.radians(rng.uniform(200, 300)),
+                      turn=math.radians(rng.uniform(200, 300)) * motion_scale,
                       cx=rng.uniform(length + 2, size - length - 2), cy=rng.uniform(length + 2, size - length - 2))
     else:
         raise ValueError(f"pair index {pair} out of range 0..{len(PAIRS) - 1} (see PAIRS in synth_data.py)")
@@ -279,7 +285,8 @@ def claim_out_dir(out: Path, force: bool, owned: Sequence[str], hint: str) -> No
 
 def generate(out_dir: os.PathLike, videos_per_class: int = 80, size: int = 64, frames: int = 16,
              seed: int = 0, force: bool = False,
-             progress: Optional[Callable[[int, int], None]] = None) -> Dict:
+             progress: Optional[Callable[[int, int], None]] = None, motion_scale: float = 1.0,
+             noise_scale: float = 1.0) -> Dict:
     """Generates the dataset: mp4 files plus MMAction2 annotation lists.
 
     Each pair draws ``videos_per_class`` parameter sets; every parameter set gives one video of
@@ -295,6 +302,9 @@ def generate(out_dir: os.PathLike, videos_per_class: int = 80, size: int = 64, f
         seed: random seed.
         force: replace the files a previous run generated in ``out_dir``.
         progress: called as ``progress(done, total)`` after each video.
+        motion_scale, noise_scale: a harder variant (see :func:`sample_params`): less motion
+            and more noise make the direction harder to read, so accuracy leaves the ceiling.
+            The defaults (1) give the demo's data.
 
     Returns:
         The content of ``meta.json``: settings, class names, counts per split.
@@ -307,6 +317,9 @@ def generate(out_dir: os.PathLike, videos_per_class: int = 80, size: int = 64, f
         raise ValueError(f"--size {size}: use an even size of at least 32 px (H.264 needs even sizes).")
     if frames < 8:
         raise ValueError(f"--frames {frames}: use at least 8 frames (the demo samples 8 segments).")
+    if not (0 < motion_scale <= 1 and noise_scale >= 0):
+        raise ValueError(f"motion_scale={motion_scale}, noise_scale={noise_scale}: use 0 < motion_scale <= 1 "
+                         "(1 is the default motion) and noise_scale >= 0.")
     if videos_per_class < 3:
         raise ValueError(f"--videos-per-class {videos_per_class}: use at least 3 (one per split).")
     out = Path(out_dir)
@@ -319,7 +332,7 @@ def generate(out_dir: os.PathLike, videos_per_class: int = 80, size: int = 64, f
     for pair in range(len(PAIRS)):
         for index in range(videos_per_class):
             rng = np.random.default_rng([seed, pair, index])
-            params = sample_params(pair, rng, size, frames)
+            params = sample_params(pair, rng, size, frames, motion_scale, noise_scale)
             split = _split_of(index, videos_per_class)
             forward = render_video(params)
             for reverse in (False, True):
@@ -338,6 +351,7 @@ def generate(out_dir: os.PathLike, videos_per_class: int = 80, size: int = 64, f
     meta = {
         "generator": "tsm_surgery.integrations.mmaction.synth_data",
         "seed": seed, "videos_per_class": videos_per_class, "size": size, "frames": frames,
+        "motion_scale": motion_scale, "noise_scale": noise_scale,
         "classes": list(CLASSES), "pairs": [list(p) for p in PAIRS],
         "counts": {split: len(lines) for split, lines in lists.items()},
         "layout": "videos/<class>/<class>_NNNN.mp4; <split>.txt lines are '<relative path> <label>' "
