@@ -1,4 +1,5 @@
-"""MMAction2 adapter: the ``TSMSurgeryBackbone`` plugin, its hook, optimizer constructor, runner.
+"""MMAction2 adapter: the ``TSMSurgeryBackbone`` plugin, the stock TSM types' equivalents
+(``STOCK_EQUIVALENTS``), its hook, optimizer constructor, runner.
 
 Name it in a config to register everything::
 
@@ -15,9 +16,14 @@ from .backbone import TSMSurgeryBackbone  # noqa: E402
 from .checkpoint import load_weights, trusted_resume  # noqa: E402
 from .clip_length import ClipLengthHook, frames_per_clip, sync_clip_length  # noqa: E402
 from .optim import TSMSurgeryOptimWrapperConstructor  # noqa: E402
+from .stock import STOCK_EQUIVALENTS, TSMSurgeryMobileNetV2, TSMSurgeryMobileOne, TSMSurgeryResNet  # noqa: E402
 
 __all__ = [
     "TSMSurgeryBackbone",
+    "TSMSurgeryResNet",
+    "TSMSurgeryMobileNetV2",
+    "TSMSurgeryMobileOne",
+    "STOCK_EQUIVALENTS",
     "ClipLengthHook",
     "TSMSurgeryOptimWrapperConstructor",
     "sync_clip_length",

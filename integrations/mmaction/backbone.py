@@ -10,9 +10,10 @@ network's keys: a 2D (ImageNet or TSN) checkpoint loads unchanged.
 """
 
 import copy
+import importlib
 import logging
 import os
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from mmengine.logging import print_log
@@ -22,13 +23,17 @@ from torch import nn
 import tsm_surgery
 from mmaction.registry import MODELS
 
+from . import _temporal
 from .checkpoint import load_weights
 
 __all__ = ["TSMSurgeryBackbone", "SHIFT_PLACES"]
 
 # ResNetTSM's vocabulary -> tsm_surgery.convert's `place`.
 SHIFT_PLACES = {"blockres": "residual", "block": "block", "residual": "residual"}
-_FROM_PREFIXES = ("timm.", "torchvision.")
+FEATURE_SHAPES = (None, "NCHW", "NHWC", "NLC")
+# Networks whose blocks have no residual join get their shifts on each block's input instead;
+# MobileOneTSM's rule: outside the block, so the block still reparameterises (deploy=True).
+SHIFT_INPUT_RULES = {"MobileOne": ("stage0", "stage[1-9].*")}
 
 
 def _build_timm(name: str, kwargs: Dict[str, Any]) -> nn.Module:
@@ -65,26 +70,70 @@ def _build_torchvision(name: str, kwargs: Dict[str, Any]) -> nn.Module:
                      "your own nn.Module and register it in MODELS, then name that type.")
 
 
-def _build_2d(cfg: Union[dict, nn.Module]) -> nn.Module:
+def _build_openmmlab(prefix: str, name: str, cfg: Dict[str, Any]) -> nn.Module:
+    """``mmcls.<Type>`` / ``mmpretrain.<Type>``, as Recognizer2D builds them (mmpretrain is mmcls renamed)."""
+    packages = ("mmcls", "mmpretrain") if prefix == "mmcls" else ("mmpretrain",)
+    for package in packages:
+        try:
+            registry = importlib.import_module(f"{package}.registry").MODELS
+            importlib.import_module(f"{package}.models")  # registers the models
+        except ImportError:
+            continue
+        if registry.get(name) is None:
+            raise KeyError(f"model.backbone.backbone.type='{prefix}.{name}': {package} has no model {name!r}.")
+        return registry.build(dict(type=name, **cfg))
+    raise ImportError(f"model.backbone.backbone.type='{prefix}.{name}' needs mmpretrain (mmcls's successor). "
+                      "Hint: pip install 'tsm_surgery[mmaction]' or pip install mmpretrain==1.2.0.")
+
+
+def _build_2d(cfg: Union[dict, nn.Module]) -> Tuple[nn.Module, Optional[str]]:
+    """The 2D network and the layout its features come in (``None``: NCHW or a tuple of NCHW maps)."""
     if isinstance(cfg, nn.Module):
-        return cfg
+        return cfg, None
     if not isinstance(cfg, dict) or "type" not in cfg:
         raise TypeError(f"model.backbone.backbone must be a dict with a 'type' key (or an nn.Module), got {cfg!r}.")
     cfg = dict(cfg)
     kind = cfg.pop("type")
-    if isinstance(kind, str) and kind.startswith("timm."):
-        return _build_timm(kind[len("timm."):], cfg)
-    if isinstance(kind, str) and kind.startswith("torchvision."):
-        return _build_torchvision(kind[len("torchvision."):], cfg)
+    prefix, _, name = kind.partition(".") if isinstance(kind, str) else ("", "", "")
+    if prefix in ("timm", "torchvision"):
+        # Recognizer2D's own key for these backbones: read here, never passed to the model.
+        feature_shape = cfg.pop("feature_shape", None)
+        if feature_shape not in FEATURE_SHAPES:
+            raise ValueError(f"model.backbone.backbone.feature_shape={feature_shape!r} is not one of {FEATURE_SHAPES}.")
+        build = _build_timm if prefix == "timm" else _build_torchvision
+        model = build(name, cfg)
+        if feature_shape is None and getattr(model, "output_fmt", "NCHW") == "NHWC":
+            feature_shape = "NHWC"  # timm's Swin and friends say so themselves
+        return model, feature_shape
+    if prefix in ("mmcls", "mmpretrain"):
+        return _build_openmmlab(prefix, name, cfg), None
     if isinstance(kind, str) and kind in ("TSMSurgeryBackbone", "ResNetTSM", "MobileNetV2TSM", "MobileOneTSM"):
         raise ValueError(f"model.backbone.backbone.type={kind!r} is already a TSM network; wrap its 2D "
                          f"form instead (e.g. 'ResNet' for 'ResNetTSM', 'MobileNetV2' for 'MobileNetV2TSM').")
     if isinstance(kind, str) and MODELS.get(kind) is None:
         raise KeyError(
             f"model.backbone.backbone.type={kind!r} is not a registered MMAction2 model. Hint: use an "
-            f"MMAction2 backbone ('ResNet', 'MobileNetV2', ...), 'timm.<name>' or 'torchvision.<name>'; "
-            "a type from your own package needs custom_imports.")
-    return MODELS.build(dict(type=kind, **cfg))
+            f"MMAction2 backbone ('ResNet', 'MobileNetV2', ...), 'timm.<name>', 'torchvision.<name>', "
+            "'mmpretrain.<name>' or 'mmcls.<name>'; a type from your own package needs custom_imports.")
+    return MODELS.build(dict(type=kind, **cfg)), None
+
+
+def _example_input(model: nn.Module, size: Optional[int]) -> Optional[torch.Tensor]:
+    """One image with the channels the first convolution takes (10 for a flow ResNet); ``None``: the core's default."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    channels = conv.in_channels if conv is not None else 3
+    if size is None and channels == 3:
+        return None
+    return torch.randn(1, channels, int(size or 224), int(size or 224))
+
+
+def _to_nchw(x: torch.Tensor, feature_shape: Optional[str]) -> torch.Tensor:
+    """NHWC maps and NLC tokens as NCHW (tokens as an L x 1 map), so the stock heads' pooling applies."""
+    if feature_shape == "NHWC" and x.dim() == 4:
+        return x.permute(0, 3, 1, 2)
+    if x.dim() == 3:  # NLC tokens, as Recognizer2D treats any 3D feature
+        return x.transpose(1, 2).unsqueeze(-1)
+    return x
 
 
 @MODELS.register_module()
@@ -99,7 +148,13 @@ class TSMSurgeryBackbone(BaseModule):
             ``dict(type='MobileNetV2')``), ``dict(type='timm.<name>', **kwargs)`` (``num_classes``
             defaults to 0 and ``global_pool`` to ``''`` so features stay NCHW), or
             ``dict(type='torchvision.<name>', **kwargs)`` (its ``.features`` or, for ResNets,
-            everything up to ``layer4``).
+            everything up to ``layer4``), or ``dict(type='mmpretrain.<name>')`` /
+            ``dict(type='mmcls.<name>')`` (built by mmpretrain, mmcls's successor, when mmcls
+            is absent). A timm/torchvision dict may carry Recognizer2D's ``feature_shape``
+            (``'NHWC'``, ``'NLC'``): it is not passed to the model, and features in that layout
+            are returned as NCHW maps (tokens as an ``L x 1`` map), so the stock heads pool
+            them as Recognizer2D would; timm models that report ``output_fmt='NHWC'`` (Swin)
+            need no key.
         num_segments: frames per clip ``T``. :class:`ClipLengthHook` keeps it equal to the
             pipeline's ``SampleFrames`` at run time; it is settable (``backbone.num_segments = 16``).
         shift_div: ``1/shift_div`` of the channels move each way.
@@ -116,6 +171,11 @@ class TSMSurgeryBackbone(BaseModule):
         leaf_modules: module classes or paths not to trace through.
         example_input_size: side of the square example image used to learn shapes while
             converting; defaults to the model's own input size (224 if unknown).
+        no_residual: ``'first_conv'`` converts a network without residual joins (DenseNet, VGG)
+            by shifting the input of each block's first layers; see :func:`tsm_surgery.convert`.
+        shift_inputs: glob patterns over module paths, matched segment by segment
+            (``'stage[1-4].*'``): shift the input of each matching module instead of residual
+            sites. MobileOne uses this rule by default (each block's input, as ``MobileOneTSM``).
         init_cfg: mmengine's init config. Ignored for the wrapped network (see ``init_weights``).
 
     Example:
@@ -134,6 +194,8 @@ class TSMSurgeryBackbone(BaseModule):
                  select: Union[None, str, Sequence[str]] = None,
                  leaf_modules: Sequence[Union[str, type]] = (),
                  example_input_size: Optional[int] = None,
+                 no_residual: str = "error",
+                 shift_inputs: Union[None, str, Sequence[str]] = None,
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
         if shift_place not in SHIFT_PLACES:
@@ -144,15 +206,23 @@ class TSMSurgeryBackbone(BaseModule):
         self.backbone_cfg = copy.deepcopy(backbone) if isinstance(backbone, dict) else type(backbone).__name__
         self.pretrained = pretrained
         self.pretrained_prefix = pretrained_prefix
-        model2d = _build_2d(backbone)
-        example = None
-        if example_input_size is not None:
-            example = torch.randn(1, 3, int(example_input_size), int(example_input_size))
-        # inplace=True: the converted net shares the 2D network's modules, so the 2D network's
-        # own init_weights/train (norm_eval, frozen stages) still act on them.
-        net = tsm_surgery.convert(model2d, n_segments=num_segments, shift_div=shift_div, direction=direction,
-                                  place=SHIFT_PLACES[shift_place], select=select, example_input=example,
-                                  leaf_modules=leaf_modules, inplace=True)
+        model2d, self.feature_shape = _build_2d(backbone)
+        example = _example_input(model2d, example_input_size)
+        if shift_inputs is None:
+            shift_inputs = SHIFT_INPUT_RULES.get(type(model2d).__name__)
+        if shift_inputs is not None:
+            if select is not None:
+                raise ValueError("model.backbone: select= chooses residual sites and shift_inputs= module inputs; "
+                                 "give one of them.")
+            patterns = [shift_inputs] if isinstance(shift_inputs, str) else list(shift_inputs)
+            net = _temporal.shift_module_inputs(model2d, patterns, num_segments, shift_div=shift_div,
+                                                direction=direction, example_input=example)
+        else:
+            # inplace=True: the converted net shares the 2D network's modules, so the 2D network's
+            # own init_weights/train (norm_eval, frozen stages) still act on them.
+            net = tsm_surgery.convert(model2d, n_segments=num_segments, shift_div=shift_div, direction=direction,
+                                      place=SHIFT_PLACES[shift_place], select=select, example_input=example,
+                                      leaf_modules=leaf_modules, inplace=True, no_residual=no_residual)
         # Adopt the converted net's children/parameters/buffers so the state_dict keys are the 2D
         # network's; keep the net and the 2D object outside the module tree (no key prefix).
         self._modules.update(net._modules)
@@ -280,6 +350,6 @@ class TSMSurgeryBackbone(BaseModule):
         out = self._net(x)
         if isinstance(out, dict):  # torchvision feature extractors
             out = next(iter(out.values()))
-        if isinstance(out, (tuple, list)) and len(out) == 1:
-            out = out[0]
-        return out
+        if isinstance(out, (tuple, list)):
+            out = out[0] if len(out) == 1 else tuple(_to_nchw(o, self.feature_shape) for o in out)
+        return out if isinstance(out, tuple) else _to_nchw(out, self.feature_shape)
