@@ -72,16 +72,14 @@ def _build_torchvision(name: str, kwargs: Dict[str, Any]) -> nn.Module:
 
 def _build_openmmlab(prefix: str, name: str, cfg: Dict[str, Any]) -> nn.Module:
     """``mmcls.<Type>`` / ``mmpretrain.<Type>``, as Recognizer2D builds them (mmpretrain is mmcls renamed)."""
-    packages = ("mmcls", "mmpretrain") if prefix == "mmcls" else ("mmpretrain",)
-    for package in packages:
+    for package in ("mmcls", "mmpretrain") if prefix == "mmcls" else ("mmpretrain",):
         try:
-            registry = importlib.import_module(f"{package}.registry").MODELS
-            importlib.import_module(f"{package}.models")  # registers the models
+            importlib.import_module(f"{package}.models")  # registers its models under its scope
         except ImportError:
             continue
-        if registry.get(name) is None:
+        if MODELS.get(f"{package}.{name}") is None:
             raise KeyError(f"model.backbone.backbone.type='{prefix}.{name}': {package} has no model {name!r}.")
-        return registry.build(dict(type=name, **cfg))
+        return MODELS.build(dict(type=f"{package}.{name}", **cfg))
     raise ImportError(f"model.backbone.backbone.type='{prefix}.{name}' needs mmpretrain (mmcls's successor). "
                       "Hint: pip install 'tsm_surgery[mmaction]' or pip install mmpretrain==1.2.0.")
 
