@@ -29,6 +29,9 @@ __all__ = ["TemporalMaxPool", "NonLocalTSM", "downstream_targets", "insert_at", 
 _SHIFTS = "temporal_shifts"  # where TSMNet keeps its shift modules
 
 
+_BLOCK_INPUT = "the input of a block without a residual join, shifted for every branch (MobileOneTSM's rule)"
+
+
 def _key(path: str) -> str:
     return re.sub(r"\W", "_", path)
 
@@ -191,9 +194,9 @@ def shift_module_inputs(model: nn.Module, patterns: Sequence[str], n_segments: i
             continue
         shifts[_key(path)] = tsm_surgery.TemporalShift(n_segments, shift_div, direction)
         consumers = tuple(u.name for u in entry.users if _inside(u, path))
-        sites.append(tsm_surgery.ResidualSite(name=path, kind="block_input", join=consumers[0], fork=entry.name,
+        sites.append(tsm_surgery.ResidualSite(name=path, kind="first_conv", join="", fork=entry.name,
                                               branch_consumers=consumers, channels=shape[1], channel_dim=1,
-                                              shape=shape))
+                                              shape=shape, reason=_BLOCK_INPUT))
     if not sites:
         raise ValueError(f"no module matching {list(patterns)} takes {shift_div} or more channels.")
     for site in sites:
