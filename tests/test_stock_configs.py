@@ -164,3 +164,146 @@ def test_wrapped_stock_tsn_config_trains(stock_path):
     with torch.no_grad():
         feats = model.extract_feat(model.data_preprocessor(data)["inputs"])[0]
     assert feats.shape[:2] == (frames, model.cls_head.in_channels)
+
+
+# --- The surgery types' arguments, beyond what the stock configs set ---------------------------
+
+def _stock_pair(stock_type: str, frames: int = 4, **kwargs):
+    """The stock backbone with random weights and the surgery type loaded with them."""
+    from mmaction.models.backbones import ResNetTSM
+
+    assert stock_type == "ResNetTSM"
+    stock = ResNetTSM(num_segments=frames, pretrained2d=False, **kwargs)
+    _random_weights(stock)
+    ours = MODELS.build(dict(type=STOCK_EQUIVALENTS[stock_type], num_segments=frames, **kwargs))
+    ours.load_state_dict({to_plain_keys(k): v for k, v in stock.state_dict().items()}, strict=True)
+    return stock, ours
+
+
+def _assert_equal_outputs(stock, ours, x):
+    for mode in (True, False):
+        stock.train(mode), ours.train(mode)
+        with torch.no_grad():
+            want, have = _tensors(stock(x)), _tensors(ours(x))
+        assert len(want) == len(have) > 0
+        for w, h in zip(want, have):
+            assert h.shape == w.shape
+            assert (h - w).abs().max().item() <= 1e-5 * max(1.0, w.abs().max().item())
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(depth=18, shift_place="block"),
+    dict(depth=18, shift_div=4, out_indices=(0, 1, 2, 3)),
+    dict(depth=18, norm_eval=True, frozen_stages=2, partial_bn=True),
+    dict(depth=18, temporal_pool=True, out_indices=(2, 3)),
+    pytest.param(dict(depth=50, non_local=((1, 0, 0), (0, 1, 0, 0), (0,) * 6, (0, 0, 0)),  # needs bottlenecks
+                      non_local_cfg=dict(mode="embedded_gaussian", sub_sample=True)), marks=pytest.mark.slow),
+], ids=["block", "shift_div4-all-stages", "norm_eval-frozen-partial_bn", "temporal_pool", "non_local"])
+def test_resnet_kwargs_equal_resnettsm(kwargs):
+    stock, ours = _stock_pair("ResNetTSM", **kwargs)
+    _assert_equal_outputs(stock, ours, torch.randn(8, 3, 64, 64))
+    frozen = kwargs.get("frozen_stages", -1)
+    if frozen >= 0:
+        ours.train()
+        assert not any(p.requires_grad for p in ours.model2d.layer1.parameters())
+        assert not ours.model2d.layer1[0].conv1.bn.training  # norm_eval
+
+
+def test_temporal_pool_halves_later_shifts_and_follows_num_segments():
+    _, ours = _stock_pair("ResNetTSM", frames=8, depth=18, temporal_pool=True)
+    settings = {name: m.n_segments for name, m in ours.net.shift_modules().items()}
+    assert {n: t for n, t in settings.items() if n.startswith("layer1")} == {"layer1.0": 8, "layer1.1": 8}
+    assert set(t for n, t in settings.items() if not n.startswith("layer1")) == {4}
+    ours.num_segments = 4  # what ClipLengthHook does for a 4-frame pipeline
+    fresh = MODELS.build(dict(type="TSMSurgeryResNet", depth=18, num_segments=4, temporal_pool=True))
+    fresh.load_state_dict(ours.state_dict())
+    ours.eval(), fresh.eval()
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(ours(x), fresh(x))
+    assert ours(x).shape[0] == 4  # two clips of 4 frames pooled to 2 each
+
+
+def test_resnet101_shifts_every_other_block_by_rule():
+    ours = MODELS.build(dict(type="TSMSurgeryResNet", depth=101, num_segments=4))
+    names = [s.name for s in ours.sites]
+    assert len(names) == 18  # not 33: the 23-block layer3 makes every stage shift blocks 0, 2, ...
+    assert all(int(n.rsplit(".", 1)[1]) % 2 == 0 for n in names)
+    assert sum(n.startswith("layer3.") for n in names) == 12
+    block = MODELS.build(dict(type="TSMSurgeryResNet", depth=101, num_segments=4, shift_place="block"))
+    assert len(block.sites) == 33  # ResNetTSM's 'block' placement shifts every block
+
+
+@pytest.mark.parametrize("type_, kwargs, error, words", [
+    ("TSMSurgeryResNet", dict(depth=18, bogus=1), TypeError, "bogus"),
+    ("TSMSurgeryResNet", dict(depth=18, with_cp=True), ValueError, "with_cp"),
+    ("TSMSurgeryResNet", dict(depth=18, is_shift=False), ValueError, "TSN"),
+    ("TSMSurgeryResNet", dict(depth=18, shift_place="residual2"), ValueError, "blockres"),
+    ("TSMSurgeryResNet", dict(depth=18, non_local=((1, 0), 0, 0, 0)), ValueError, "non_local_cfg"),
+    ("TSMSurgeryResNet", dict(depth=18, non_local=((1, 0, 0), 0, 0, 0), non_local_cfg=dict(mode="dot_product")),
+     ValueError, "2 blocks"),
+    ("TSMSurgeryResNet", dict(depth=18, temporal_pool=True, num_segments=5), ValueError, "even"),
+    ("TSMSurgeryResNet", dict(depth=18, temporal_pool=True, non_local=((1, 0), 0, 0, 0),
+                              non_local_cfg=dict(mode="dot_product")), ValueError, "mixing clips"),
+    ("TSMSurgeryMobileNetV2", dict(shift_place="block"), TypeError, "shift_place"),
+    ("TSMSurgeryMobileNetV2", dict(with_cp=True), ValueError, "with_cp"),
+    ("TSMSurgeryMobileOne", dict(arch="s0", depth=50), TypeError, "depth"),
+])
+def test_unsupported_stock_kwargs_are_refused(type_, kwargs, error, words):
+    with pytest.raises(error, match=words):
+        MODELS.build(dict(type=type_, **kwargs))
+
+
+# --- pretrained names, resolved as MMAction2 does, read weights-only, never downloaded here ------
+
+def test_torchvision_name_resolves_to_the_hub_cache_and_loads(tmp_path, monkeypatch):
+    import torchvision
+    from mmengine.runner.checkpoint import get_torchvision_models
+
+    from tsm_surgery.integrations.mmaction.stock import resolve_pretrained
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    url = get_torchvision_models()["resnet18"]
+    path = tmp_path / "hub" / "checkpoints" / os.path.basename(url)
+    path.parent.mkdir(parents=True)
+    reference = randomize_norms(torchvision.models.resnet18())
+    torch.save(reference.state_dict(), path)  # what MMAction2 would have downloaded there
+    assert resolve_pretrained("torchvision://resnet18") == (str(path), None)
+    ours = MODELS.build(dict(type="TSMSurgeryResNet", depth=18, num_segments=4, pretrained="torchvision://resnet18"))
+    ours.init_weights()
+    assert torch.equal(ours.state_dict()["layer2.0.conv1.conv.weight"], reference.layer2[0].conv1.weight)
+    assert torch.equal(ours.state_dict()["layer2.0.downsample.bn.running_var"], reference.layer2[0].downsample[1].running_var)
+
+
+def test_mmcls_name_resolves_and_loads_strictly(tmp_path, monkeypatch):
+    from mmaction.models.backbones import MobileNetV2
+    from mmengine.runner.checkpoint import get_mmcls_models
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    path = tmp_path / "hub" / "checkpoints" / os.path.basename(get_mmcls_models()["mobilenet_v2"])
+    path.parent.mkdir(parents=True)
+    reference = randomize_norms(MobileNetV2())
+    # an mmcls classifier checkpoint: backbone weights under 'backbone.', a head beside them
+    state = {f"backbone.{k}": v for k, v in reference.state_dict().items()}
+    torch.save({"state_dict": {**state, "head.fc.weight": torch.zeros(2, 2)}}, path)
+    ours = MODELS.build(dict(type="TSMSurgeryMobileNetV2", num_segments=4, pretrained="mmcls://mobilenet_v2"))
+    ours.init_weights()
+    for key, value in reference.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
+    torch.save({"state_dict": {k: v for k, v in state.items() if "conv2" not in k}}, path)
+    again = MODELS.build(dict(type="TSMSurgeryMobileNetV2", num_segments=4, pretrained="mmcls://mobilenet_v2"))
+    with pytest.raises(KeyError, match="missing"):
+        again.init_weights()
+
+
+def test_mobileone_init_cfg_pretrained_loads_with_prefix(tmp_path):
+    from mmpretrain.models import MobileOne
+
+    reference = randomize_norms(MobileOne("s0"))
+    path = tmp_path / "mobileone.pth"
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in reference.state_dict().items()}}, path)
+    ours = MODELS.build(dict(type="TSMSurgeryMobileOne", arch="s0", num_segments=4,
+                             init_cfg=dict(type="Pretrained", checkpoint=str(path), prefix="backbone")))
+    ours.init_weights()
+    for key, value in reference.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key

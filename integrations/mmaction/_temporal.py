@@ -104,12 +104,25 @@ def _inside(node: fx.Node, path: str) -> bool:
     return any(p == path or p.startswith(path + ".") for p in _paths(node))
 
 
-def _boundary(graph: fx.Graph, path: str, where: str) -> fx.Node:
-    inside = [n for n in graph.nodes if _inside(n, path)]
-    if not inside:
+def _members(graph: fx.Graph, path: str) -> Set[fx.Node]:
+    """The nodes of module ``path``: its own operations, and operations outside any module (a shift
+    inserted by the surgery) whose every user is one of them."""
+    members: Set[fx.Node] = set()
+    for node in reversed(list(graph.nodes)):
+        if _inside(node, path):
+            members.add(node)
+        elif (node.op in ("call_module", "call_function", "call_method") and not node.meta.get("nn_module_stack")
+              and node.users
+              and all(u in members for u in node.users)):
+            members.add(node)
+    return members
+
+
+def _boundary(graph: fx.Graph, path: str, where: str, members: Set[fx.Node]) -> fx.Node:
+    if not members:
         raise ValueError(f"no operation of module {path!r} in the traced graph. Hint: name a module the "
                          "network calls in forward (see dict(model.named_modules())).")
-    members = set(inside)
+    inside = [n for n in graph.nodes if n in members]
     if where == "after":
         found = [n for n in inside if any(u not in members for u in n.users)]
     else:
@@ -130,13 +143,12 @@ def insert_at(graphs: Iterable[fx.Graph], path: str, target: str, where: str) ->
     which must then ``recompile()``.
     """
     for graph in graphs:
-        anchor = _boundary(graph, path, where)
+        members = _members(graph, path)
+        anchor = _boundary(graph, path, where, members)
         with graph.inserting_after(anchor):
             new = graph.create_node("call_module", target, (anchor,))
-        if where == "after":
-            anchor.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new and not _inside(u, path))
-        else:
-            anchor.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new and _inside(u, path))
+        inside = where == "before"
+        anchor.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new and (u in members) == inside)
 
 
 def downstream_targets(graph: fx.Graph, target: str) -> List[str]:
@@ -188,7 +200,7 @@ def shift_module_inputs(model: nn.Module, patterns: Sequence[str], n_segments: i
     model.train(was_training)
     shifts, sites = nn.ModuleDict(), []
     for path in paths:
-        entry = _boundary(eval_graph, path, "before")
+        entry = _boundary(eval_graph, path, "before", _members(eval_graph, path))
         shape = tuple(entry.meta["tensor_meta"].shape)
         if shape[1] < shift_div:
             continue

@@ -21,10 +21,12 @@ The stock rules are rules of the surgery here, not copies of the stock classes:
 """
 
 import inspect
+import os
 import re
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from urllib.parse import urlparse
 
-from mmengine.runner.checkpoint import _load_checkpoint, _load_checkpoint_with_prefix, load_checkpoint
+import torch
 from torch import nn
 from torch.nn.modules.utils import _ntuple
 
@@ -33,8 +35,8 @@ from mmaction.registry import MODELS
 from . import _temporal
 from .backbone import TSMSurgeryBackbone
 
-__all__ = ["STOCK_EQUIVALENTS", "EVERY_OTHER_BLOCK_FROM", "TSMSurgeryResNet", "TSMSurgeryMobileNetV2",
-           "TSMSurgeryMobileOne"]
+__all__ = ["STOCK_EQUIVALENTS", "EVERY_OTHER_BLOCK_FROM", "resolve_pretrained", "TSMSurgeryResNet",
+           "TSMSurgeryMobileNetV2", "TSMSurgeryMobileOne"]
 
 # ResNetTSM and the paper's make_temporal_shift: with a stage this deep (ResNet-101's 23-block
 # layer3), only blocks 0, 2, 4, ... of every stage are shifted (18 sites in ResNet-101, not 33).
@@ -78,22 +80,48 @@ def _every_other_block(stage_sizes: Sequence[int]) -> Optional[Callable]:
     return even_blocks
 
 
-def _load_strict(model: nn.Module, name: str, prefix: Optional[str] = None) -> None:
-    """Loads ``name`` (a path, URL or ``torchvision://``/``mmcls://``/``openmmlab://`` name, resolved
-    by mmengine as MMAction2 does) into ``model``, strictly, as the stock types' ``pretrained2d``."""
-    if prefix:
-        state = _load_checkpoint_with_prefix(prefix, name, map_location="cpu")
+def resolve_pretrained(name: str) -> Tuple[str, Optional[str]]:
+    """A local file for a stock ``pretrained`` name, and the key prefix its weights sit under.
+
+    ``torchvision://``, ``mmcls://`` and ``open-mmlab://`` names go through mmengine's model-zoo
+    tables to a URL, as MMAction2 resolves them; a URL is fetched into torch hub's checkpoint
+    cache (``$TORCH_HOME/hub/checkpoints``) only when that file is missing, as MMAction2 does.
+    The file is then read with ``weights_only=True``, unlike MMAction2's loader. A path stays as it is.
+
+    Example:
+        >>> resolve_pretrained('torchvision://resnet50')[0].endswith('resnet50-0676ba61.pth')
+        True
+    """
+    from mmengine.runner import checkpoint as zoo
+
+    scheme, _, model = name.partition("://")
+    tables = {"torchvision": zoo.get_torchvision_models, "mmcls": zoo.get_mmcls_models,
+              "open-mmlab": zoo.get_external_models, "openmmlab": zoo.get_external_models}
+    if scheme in tables:
+        urls = tables[scheme]()
+        if model not in urls:
+            raise KeyError(f"pretrained={name!r}: mmengine knows no {scheme} model {model!r}.")
+        url = urls[model]
+    elif scheme in ("http", "https"):
+        url = name
     else:
-        state = _load_checkpoint(name, map_location="cpu")
-    state = state.get("state_dict", state)
-    model.load_state_dict(state, strict=True)
+        return os.path.expanduser(name), None
+    if not url.startswith(("http://", "https://")):  # open-mmlab entries may name another scheme or a path
+        return resolve_pretrained(url)
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
+    if not os.path.isfile(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.hub.download_url_to_file(url, path)
+    # mmcls checkpoints are classifiers; MMAction2 keeps their 'backbone.' weights.
+    return path, "backbone." if scheme == "mmcls" else None
 
 
 class _StockBackbone(TSMSurgeryBackbone):
     """What the three types share: the ``pretrained2d`` switch and per-module clip lengths."""
 
-    def _finish(self, pretrained2d: bool) -> None:
+    def _finish(self, pretrained2d: bool, pretrained: Optional[str]) -> None:
         self.pretrained2d = pretrained2d
+        self._pretrained = pretrained
         self._divisors: Dict[nn.Module, int] = {}
 
     @TSMSurgeryBackbone.num_segments.setter
@@ -115,13 +143,17 @@ class _StockBackbone(TSMSurgeryBackbone):
         return target
 
     def init_weights(self) -> None:
+        """The 2D network's own init, then the stock ``pretrained`` weights (strictly, weights only)."""
         if getattr(self, "_is_init", False):
             return
         self._init_2d()
         self._is_init = True
 
     def _init_2d(self) -> None:
-        super().init_weights()
+        TSMSurgeryBackbone.init_weights(self)
+        if self._pretrained:
+            path, prefix = resolve_pretrained(self._pretrained)
+            self.load_pretrained(path, prefix)
 
 
 @MODELS.register_module()
@@ -132,9 +164,11 @@ class TSMSurgeryResNet(_StockBackbone):
     online models). ``non_local`` places mmcv ``NonLocal3d`` blocks (keys
     ``layerK.i.non_local_block.*``) after the chosen blocks; ``temporal_pool`` max-pools
     time by 2 after ``layer1``, and the later shifts then see ``num_segments // 2`` frames.
-    ``pretrained`` with ``pretrained2d=True`` (the default) is a torchvision-layout 2D
-    checkpoint (``'torchvision://resnet50'``, a path or URL) loaded by ``ResNet`` itself; with
-    ``pretrained2d=False`` a checkpoint of this type's own keys, loaded strictly.
+    ``pretrained`` (a name :func:`resolve_pretrained` takes: ``'torchvision://resnet50'``, a
+    URL or a path) is read by ``init_weights`` with ``weights_only=True``. With
+    ``pretrained2d=True`` (the default) it is a torchvision- or ResNet-layout 2D checkpoint
+    mapped by MMAction2's ``ResNet`` (non-strict, as ``ResNetTSM``); with ``pretrained2d=False``
+    a checkpoint of this type's own keys, loaded strictly.
 
     Example:
         >>> backbone = dict(type='TSMSurgeryResNet', depth=50, num_segments=8, shift_div=8)
@@ -151,16 +185,15 @@ class TSMSurgeryResNet(_StockBackbone):
             raise ValueError(f"model.backbone.shift_place={shift_place!r}: ResNetTSM takes 'blockres' or 'block'.")
         non_local_cfg = dict(non_local_cfg or {})
         pretrained = kwargs.pop("pretrained", None)
-        model2d = ResNet(depth, pretrained=pretrained if pretrained2d else None, **kwargs)
+        model2d = ResNet(depth, **kwargs)
         stages = [getattr(model2d, name) for name in model2d.res_layers]
         plan = _non_local_plan(non_local, non_local_cfg, [len(s) for s in stages])
         if temporal_pool:
             _check_temporal_pool(num_segments, plan, model2d.out_indices)
         select = _every_other_block([len(s) for s in stages]) if shift_place == "blockres" else None
         super().__init__(model2d, num_segments=num_segments, shift_div=shift_div, shift_place=shift_place,
-                         direction=direction, pretrained=None if pretrained2d else pretrained, select=select,
-                         example_input_size=_EXAMPLE_SIZE)
-        self._finish(pretrained2d)
+                         direction=direction, select=select, example_input_size=_EXAMPLE_SIZE)
+        self._finish(pretrained2d, pretrained)
         for path in plan:
             block = self._net.get_submodule(path)
             self._insert(path, "non_local_block", _temporal.NonLocalTSM(_out_channels(block), num_segments,
@@ -171,6 +204,16 @@ class TSMSurgeryResNet(_StockBackbone):
             for name in _temporal.downstream_targets(self._net.eval_graph, target):
                 self._divisors[self._net.get_submodule(name)] = 2
             self.num_segments = num_segments
+
+    def _init_2d(self) -> None:
+        if not (self.pretrained2d and self._pretrained):
+            return super()._init_2d()
+        # ResNet maps torchvision's names onto its own (non-strict, like ResNetTSM) from a local file.
+        self._model2d.pretrained = resolve_pretrained(self._pretrained)[0]
+        try:
+            TSMSurgeryBackbone.init_weights(self)
+        finally:
+            self._model2d.pretrained = None
 
 
 def _non_local_plan(non_local: Sequence, cfg: dict, stage_sizes: Sequence[int]) -> Tuple[str, ...]:
@@ -211,7 +254,8 @@ class TSMSurgeryMobileNetV2(_StockBackbone):
     """``MobileNetV2TSM``'s equivalent: MMAction2's ``MobileNetV2`` with its residual branches shifted.
 
     Takes ``MobileNetV2TSM``'s arguments (and ``MobileNetV2``'s), plus ``direction``.
-    ``pretrained`` (``'mmcls://mobilenet_v2'``, a path or URL) loads strictly into the 2D keys.
+    ``pretrained`` (``'mmcls://mobilenet_v2'``, a URL or a path) is read by ``init_weights``
+    with ``weights_only=True`` and loaded strictly, as ``MobileNetV2TSM`` does.
 
     Example:
         >>> backbone = dict(type='TSMSurgeryMobileNetV2', num_segments=8, shift_div=8)
@@ -225,14 +269,8 @@ class TSMSurgeryMobileNetV2(_StockBackbone):
         pretrained = kwargs.pop("pretrained", None)
         model2d = MobileNetV2(**kwargs)
         super().__init__(model2d, num_segments=num_segments, shift_div=shift_div, direction=direction,
-                         pretrained=None if pretrained2d else pretrained, example_input_size=_EXAMPLE_SIZE)
-        self._finish(pretrained2d)
-        self._pending = pretrained
-
-    def _init_2d(self) -> None:
-        super()._init_2d()
-        if self.pretrained2d and self._pending:
-            load_checkpoint(self._model2d, self._pending, map_location="cpu", strict=True)
+                         example_input_size=_EXAMPLE_SIZE)
+        self._finish(pretrained2d, pretrained)
 
 
 @MODELS.register_module()
@@ -258,14 +296,16 @@ class TSMSurgeryMobileOne(_StockBackbone):
         model2d = MobileOne(arch, **kwargs)
         super().__init__(model2d, num_segments=num_segments, shift_div=shift_div, direction=direction,
                          example_input_size=_EXAMPLE_SIZE)
-        self._finish(pretrained2d)
+        self._finish(pretrained2d, None)
 
     def _init_2d(self) -> None:
         cfg = self._model2d.init_cfg
-        if self.pretrained2d and isinstance(cfg, dict) and cfg.get("type") == "Pretrained":
-            _load_strict(self._model2d, cfg["checkpoint"], cfg.get("prefix"))
-        else:
-            super()._init_2d()
+        if not (self.pretrained2d and isinstance(cfg, dict) and cfg.get("type") == "Pretrained"):
+            return super()._init_2d()
+        path, prefix = resolve_pretrained(cfg["checkpoint"])
+        if cfg.get("prefix"):
+            prefix = cfg["prefix"].rstrip(".") + "."
+        self.load_pretrained(path, prefix)
 
 
 STOCK_EQUIVALENTS = {
