@@ -272,7 +272,8 @@ def test_torchvision_name_resolves_to_the_hub_cache_and_loads(tmp_path, monkeypa
     ours = MODELS.build(dict(type="TSMSurgeryResNet", depth=18, num_segments=4, pretrained="torchvision://resnet18"))
     ours.init_weights()
     assert torch.equal(ours.state_dict()["layer2.0.conv1.conv.weight"], reference.layer2[0].conv1.weight)
-    assert torch.equal(ours.state_dict()["layer2.0.downsample.bn.running_var"], reference.layer2[0].downsample[1].running_var)
+    want = reference.layer2[0].downsample[1].running_var
+    assert torch.equal(ours.state_dict()["layer2.0.downsample.bn.running_var"], want)
 
 
 def test_mmcls_name_resolves_and_loads_strictly(tmp_path, monkeypatch):
