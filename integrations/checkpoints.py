@@ -205,7 +205,7 @@ def _fit(state: StateDict, layout: CheckpointLayout, target: Dict[str, torch.Siz
     if rest:
         log(logging.INFO, f"{source}: left out {len(rest)} checkpoint tensors the model has no place for "
                           f"({', '.join(rest[:_SHOW])})")
-    _check_sites(layout, move, sites, source)
+    _check_sites(layout, move, sites, source, state)
     return {keymap[k]: v for k, v in state.items() if k in keymap}
 
 
@@ -226,7 +226,19 @@ def _mismatch(source, layout, keymap, unplaced, left, shapes, state, target) -> 
         "(named above).")
 
 
-def _check_sites(layout: CheckpointLayout, move, sites, source: str) -> None:
+def _surely_moves(state: StateDict, shift: str) -> bool:
+    """Whether a checkpoint's shift at ``shift`` moved any channel.
+
+    A shift of fewer than ``shift_div`` channels moves none (MobileOneTSM wraps ``stage0``,
+    whose input is the 3-channel image), so a model without it computes the same. The input
+    width is read from the first conv weight; a grouped conv shows fewer channels than it
+    takes, so below 8 the shift may be a no-op and its absence is not reported.
+    """
+    first = next((v for k, v in state.items() if k.startswith(shift + ".") and v.dim() == 4), None)
+    return first is None or first.shape[1] >= 8
+
+
+def _check_sites(layout: CheckpointLayout, move, sites, source: str, state: StateDict) -> None:
     """The model must shift where the checkpoint's model shifted, or the same weights give other numbers."""
     if not sites or not layout.shifts:
         return
@@ -238,7 +250,8 @@ def _check_sites(layout: CheckpointLayout, move, sites, source: str) -> None:
         path = path[: -len(".weight")] if path else shift
         owner = next((s for s in site_paths if path == s or path.startswith(s + ".")), None)
         if owner is None:
-            extra.append(path)
+            if _surely_moves(state, shift):
+                extra.append(path)
             continue
         hit.add(owner)
         if place_of[owner]:
