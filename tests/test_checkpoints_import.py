@@ -27,11 +27,14 @@ def _save(tmp_path, state, name="ckpt.pth", wrap=True):
     return path
 
 
+def _tv_resnet(depth, num_classes):
+    return getattr(torchvision.models, f"resnet{depth}")(num_classes=num_classes)
+
+
 def _paper_pair(tmp_path, depth, select=None):
     paper = randomize_norms(paper_resnet_tsn(depth, num_class=7, num_segments=T)).eval()
     path = _save(tmp_path, paper.state_dict())
-    net = tsm_surgery.convert(torchvision.models.resnet50(num_classes=7) if depth == 50 else
-                              torchvision.models.resnet101(num_classes=7), n_segments=T, select=select).eval()
+    net = tsm_surgery.convert(_tv_resnet(depth, 7), n_segments=T, select=select).eval()
     return paper, path, net
 
 
@@ -96,13 +99,13 @@ def test_paper_online_layout_maps_onto_torchvision(tmp_path):
 
 
 def test_wrong_depth_width_classes_and_unknown_layout(tmp_path):
-    _, path, _ = _paper_pair(tmp_path, 50)
-    r101 = tsm_surgery.convert(torchvision.models.resnet101(num_classes=7), n_segments=T)
-    with pytest.raises(CheckpointLayoutError, match=r"ckpt\.pth: detected paper-repo TSN resnet50.*get no weights "
-                                                    r"\(first: \['layer3\.6\."):
-        import_tsm_checkpoint(path, r101)
-    other_classes = tsm_surgery.convert(torchvision.models.resnet50(num_classes=9), n_segments=T)
-    with pytest.raises(CheckpointLayoutError, match=r"fc\.weight: checkpoint \(7, 2048\) vs model \(9, 2048\)"):
+    _, path, _ = _paper_pair(tmp_path, 18)
+    r34 = tsm_surgery.convert(_tv_resnet(34, 7), n_segments=T)
+    with pytest.raises(CheckpointLayoutError, match=r"ckpt\.pth: detected paper-repo TSN resnet18.*get no weights "
+                                                    r"\(first: \['layer1\.2\."):
+        import_tsm_checkpoint(path, r34)
+    other_classes = tsm_surgery.convert(_tv_resnet(18, 9), n_segments=T)
+    with pytest.raises(CheckpointLayoutError, match=r"fc\.weight: checkpoint \(7, 512\) vs model \(9, 512\)"):
         import_tsm_checkpoint(path, other_classes)
     narrow = torchvision.models.mobilenet_v2(num_classes=27, width_mult=0.5)
     mbv2 = _save(tmp_path, PaperMobileNetV2(n_class=27).state_dict(), "mbv2.pth", wrap=False)
@@ -114,10 +117,10 @@ def test_wrong_depth_width_classes_and_unknown_layout(tmp_path):
 
 
 def test_input_and_model_are_not_changed(tmp_path):
-    paper = paper_resnet_tsn(50, num_class=7, num_segments=T)
+    paper = paper_resnet_tsn(18, num_class=7, num_segments=T)
     state = paper.state_dict()
     keys = list(state)
-    net = tsm_surgery.convert(torchvision.models.resnet50(num_classes=7), n_segments=T)
+    net = tsm_surgery.convert(_tv_resnet(18, 7), n_segments=T)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     out = import_tsm_checkpoint(state, net)
     assert list(state) == keys and set(out) == set(before)
@@ -205,25 +208,83 @@ def test_paper_resnet_into_mmaction_recognizer_and_back(tmp_path):
     from mmengine.registry import init_default_scope
 
     init_default_scope("mmaction")
-    paper, path, _ = _paper_pair(tmp_path, 50)
-    ours = _recognizer(STOCK["ResNetTSM"][1], 2048, num_classes=7).eval()
+    paper, path, _ = _paper_pair(tmp_path, 18)
+    backbone = dict(type="TSMSurgeryBackbone", num_segments=T, backbone=dict(type="ResNet", depth=18))
+    ours = _recognizer(backbone, 512, num_classes=7).eval()
     state = import_tsm_checkpoint(path, ours)
     assert "backbone.layer1.0.conv1.conv.weight" in state and "cls_head.fc_cls.weight" in state
     ours.load_state_dict(state)
     x = torch.randn(2, T, 3, 32, 32)
     with torch.no_grad():
         expected = paper(x.flatten(0, 1))
-        _close("paper resnet50 -> mmaction2 recognizer", _scores(ours, x), expected)
+        _close("paper resnet18 -> mmaction2 recognizer", _scores(ours, x), expected)
     # And an MMAction2 recognizer checkpoint into a torchvision network.
     mm_path = _save(tmp_path, ours.state_dict(), "mm.pth")
-    net = tsm_surgery.convert(torchvision.models.resnet50(num_classes=7), n_segments=T).eval()
+    net = tsm_surgery.convert(_tv_resnet(18, 7), n_segments=T).eval()
     with pytest.raises(CheckpointLayoutError, match="no known TSM checkpoint layout"):
         import_tsm_checkpoint(mm_path, net)  # no `.net` wrappers: plain keys of this project, no import needed
 
 
 def test_bi_checkpoint_into_uni_model_warns(tmp_path, caplog):
-    _, path, _ = _paper_pair(tmp_path, 50)
-    uni = tsm_surgery.convert(torchvision.models.resnet50(num_classes=7), n_segments=T, direction="uni")
+    _, path, _ = _paper_pair(tmp_path, 18)
+    uni = tsm_surgery.convert(_tv_resnet(18, 7), n_segments=T, direction="uni")
     with caplog.at_level("WARNING", logger="tsm_surgery.integrations.checkpoints"):
         uni.load_state_dict(import_tsm_checkpoint(path, uni))  # legitimate for fine-tuning, so it loads
     assert "direction='bi'" in caplog.text and "cannot stream: fine-tune it as uni" in caplog.text
+
+
+# Stock configs whose backbones need the surgery equivalents (STOCK_EQUIVALENTS): each is built
+# as shipped (random weights), saved, imported into the type-swapped config's model.
+STOCK_CONFIGS = {
+    "r50-nl-embedded-gaussian": "tsm/tsm_imagenet-pretrained-r50-nl-embedded-gaussian_8xb16-1x1x8-50e_kinetics400-rgb",
+    "r101": "tsm/tsm_imagenet-pretrained-r101_8xb16-1x1x8-50e_sthv2-rgb",  # slow; test_paper_resnet101 covers it
+    "mobileone-s4": "tsm/tsm_imagenet-pretrained-mobileone-s4_8xb16-1x1x16-50e_kinetics400-rgb",
+    "mobileone-s4-deploy": "tsm/tsm_imagenet-pretrained-mobileone-s4_deploy_8xb16-1x1x16-50e_kinetics400-rgb",
+    "tpn-tsm": "tpn/tpn-tsm_imagenet-pretrained-r50_8xb8-1x1x8-150e_sthv1-rgb",
+}
+
+
+def _stock_model_cfgs(name):
+    import copy
+    import os
+
+    import mmaction
+    from mmengine.config import Config
+
+    from tsm_surgery.integrations.mmaction import STOCK_EQUIVALENTS
+
+    path = os.path.join(os.path.dirname(mmaction.__file__), ".mim", "configs", "recognition",
+                        STOCK_CONFIGS[name] + ".py")
+    source = Config.fromfile(path).model.to_dict()
+    source["backbone"].update(pretrained2d=False, num_segments=8)
+    source["backbone"].pop("init_cfg", None)  # MobileOne's pretrained weights
+    if "pretrained" in source["backbone"]:
+        source["backbone"]["pretrained"] = None
+    if "num_segments" in source["cls_head"]:
+        source["cls_head"]["num_segments"] = 8
+    ours = copy.deepcopy(source)
+    ours["backbone"]["type"] = STOCK_EQUIVALENTS[source["backbone"]["type"]]
+    return source, ours
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "r101" else n
+                                  for n in sorted(STOCK_CONFIGS)])
+def test_stock_config_checkpoint_round_trip(name, tmp_path):
+    pytest.importorskip("mmaction")
+    import tsm_surgery.integrations.mmaction  # noqa: F401
+    from mmaction.registry import MODELS
+    from mmengine.registry import init_default_scope
+
+    init_default_scope("mmaction")
+    if "mobileone" in name:
+        pytest.importorskip("mmpretrain")
+    source_cfg, ours_cfg = _stock_model_cfgs(name)
+    source = randomize_norms(MODELS.build(source_cfg)).eval()
+    path = _save(tmp_path, source.state_dict())
+    layout = detect_layout(path)
+    assert layout.name == "mmaction2", layout
+    ours = MODELS.build(ours_cfg).eval()
+    ours.load_state_dict(import_tsm_checkpoint(path, ours))
+    x = torch.randn(1, 8, 3, 64, 64)
+    with torch.no_grad():
+        _close(f"mmaction2 {name}", _scores(ours, x), _scores(source, x))
