@@ -6,25 +6,30 @@ import time
 import torch
 
 import tsm_surgery
+from tsm_surgery.cli import positive_int
 from tsm_surgery.integrations.models import build_model
+from tsm_surgery.integrations.outputs import claim_outputs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="timm:NAME, torchvision:NAME or a bare timm name (random weights)")
-    parser.add_argument("--n-segments", type=int, default=8, help="frames per clip (default 8)")
-    parser.add_argument("--shift-div", type=int, default=8, help="1/shift_div of the channels move each way")
+    parser.add_argument("--n-segments", type=positive_int, default=8, help="frames per clip (default 8)")
+    parser.add_argument("--shift-div", type=positive_int, default=8, help="1/shift_div of the channels move each way")
     parser.add_argument("--direction", choices=("bi", "uni"), default="bi")
     parser.add_argument("--place", choices=("residual", "block"), default="residual")
     parser.add_argument("--select", action="append", help="glob over site names; repeatable")
-    parser.add_argument("--checkpoint", help="2D state_dict to load before converting (loaded with weights_only=True)")
+    parser.add_argument("--checkpoint", help="2D state_dict to load before converting (strict, weights_only=True)")
+    parser.add_argument("--num-classes", type=positive_int, help="classifier size (default: the model's own)")
     parser.add_argument("--out", help="save the converted module here (torch.save; load with weights_only=False)")
     parser.add_argument("--graph", help="write the converted eval graph's Python code here")
+    parser.add_argument("--force", action="store_true", help="replace existing --out/--graph files")
 
 
 def run(args: argparse.Namespace) -> int:
-    model = build_model(args.model)
-    if args.checkpoint:
-        model.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True))
+    outputs = [(args.out, "the converted module"), (args.graph, "its eval graph's code")]
+    claim_outputs([(path, role) for path, role in outputs if path], args.force)
+    kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
+    model = build_model(args.model, checkpoint=args.checkpoint, **kwargs)
     start = time.perf_counter()
     net = tsm_surgery.convert(model, args.n_segments, shift_div=args.shift_div, direction=args.direction,
                               place=args.place, select=args.select)

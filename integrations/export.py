@@ -25,49 +25,13 @@ import torch
 from torch import nn
 
 import tsm_surgery
-from tsm_surgery.integrations.models import build_model
+from tsm_surgery.cli import positive_int
+from tsm_surgery.integrations.models import build_model, default_frame_size
+from tsm_surgery.integrations.outputs import claim_outputs
 
-__all__ = ["load_checkpoint", "build_2d", "export_online", "export_offline", "SIDECAR_FORMAT"]
+__all__ = ["export_online", "export_offline", "output_files", "SIDECAR_FORMAT"]
 
 SIDECAR_FORMAT = "tsm_surgery.onnx/1"
-
-
-def load_checkpoint(model: nn.Module, path: str) -> nn.Module:
-    """Loads a 2D (or converted: the keys are equal) checkpoint into ``model``, weights only.
-
-    Accepts a plain state_dict or one under ``state_dict`` / ``model``; a ``module.`` prefix
-    (DataParallel) is stripped.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist.")
-    data = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(data, dict) and isinstance(data.get(key), dict):
-            data = data[key]
-    if not isinstance(data, dict):
-        raise ValueError(f"checkpoint {path!r} holds a {type(data).__name__}, not a state_dict.")
-    data = {k[len("module."):] if k.startswith("module.") else k: v for k, v in data.items()}
-    try:
-        model.load_state_dict(data)
-    except RuntimeError as err:
-        raise ValueError(f"checkpoint {path!r} does not fit the model: {str(err).splitlines()[0]} ... "
-                         "Hint: pass --num-classes to match its classifier, and the same --model it was "
-                         "trained with.") from err
-    return model
-
-
-def build_2d(spec: str, checkpoint: Optional[str] = None, num_classes: Optional[int] = None) -> nn.Module:
-    """The 2D model from ``timm:NAME``/``torchvision:NAME`` (random weights) plus a checkpoint, in eval mode."""
-    kwargs = {} if num_classes is None else {"num_classes": int(num_classes)}
-    model = build_model(spec, **kwargs)
-    if checkpoint:
-        load_checkpoint(model, checkpoint)
-    return model.eval()
-
-
-def default_frame_size(model: nn.Module) -> int:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    return int(cfg.get("input_size", (3, 224, 224))[-1])
 
 
 def _export_onnx(module: nn.Module, args: Tuple, path: str, input_names: List[str], output_names: List[str],
@@ -125,7 +89,10 @@ def export_online(online: "tsm_surgery.OnlineTSM", path: str, batch_size: int = 
 
 def export_offline(net: "tsm_surgery.TSMNet", path: str, frame_shape: Tuple[int, int, int] = (3, 224, 224),
                    exporter: str = "dynamo") -> Dict[str, Any]:
-    """Exports the clip network with a dynamic number of clips (batch ``N*T``, ``T`` fixed); returns the sidecar dict."""
+    """Exports the clip network with a dynamic number of clips (batch ``N*T``, ``T`` fixed).
+
+    Returns the sidecar dict.
+    """
     net.eval()
     segments = net.n_segments
     clips = torch.zeros((2 * segments,) + tuple(frame_shape))
@@ -140,37 +107,57 @@ def export_offline(net: "tsm_surgery.TSMNet", path: str, frame_shape: Tuple[int,
     }
 
 
+def output_files(path: str) -> List[Tuple[str, str]]:
+    """``(path, role)`` of every file ``export`` writes for ONNX path ``path``.
+
+    The dynamo exporter stores the weights next to the graph in ``<path>.data``; the sidecar is
+    ``path`` with ``.json``. A ``path`` ending in ``.json`` would put the sidecar on the graph.
+    """
+    side = os.path.splitext(path)[0] + ".json"
+    if os.path.abspath(side) == os.path.abspath(path):
+        raise ValueError(f"--output {path}: the JSON sidecar is the ONNX path with .json, so it would overwrite "
+                         "the ONNX graph; name the graph *.onnx.")
+    return [(path, "the ONNX graph"), (path + ".data", "its weights, written by the dynamo exporter"),
+            (side, "the JSON sidecar naming inputs, outputs and caches")]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="timm:NAME or torchvision:NAME (random weights unless --checkpoint)")
+    parser.add_argument("--model", required=True,
+                        help="timm:NAME or torchvision:NAME (random weights unless --checkpoint)")
     form = parser.add_mutually_exclusive_group()
     form.add_argument("--online", dest="online", action="store_true", default=True,
                       help="export the one-frame step with explicit caches (default; direction uni)")
     form.add_argument("--offline", dest="online", action="store_false",
                       help="export the clip network, input (N*T, C, H, W) with N dynamic")
-    parser.add_argument("--n-segments", type=int, default=8, help="frames per clip T (offline; default 8)")
-    parser.add_argument("--shift-div", type=int, default=8, help="1/shift_div of the channels move (default 8)")
+    parser.add_argument("--n-segments", type=positive_int, default=8, help="frames per clip T (offline; default 8)")
+    parser.add_argument("--shift-div", type=positive_int, default=8,
+                        help="1/shift_div of the channels move (default 8)")
     parser.add_argument("--direction", choices=("bi", "uni"),
                         help="offline only; default bi (online is always uni)")
     parser.add_argument("--checkpoint", help="2D or converted state_dict, loaded with weights_only=True")
-    parser.add_argument("--num-classes", type=int, help="classifier size (default: the model's own)")
-    parser.add_argument("--size", type=int, help="frame height and width (default: the model's input size)")
-    parser.add_argument("--batch-size", type=int, default=1, help="streams per step (online; default 1)")
+    parser.add_argument("--num-classes", type=positive_int, help="classifier size (default: the model's own)")
+    parser.add_argument("--size", type=positive_int, help="frame height and width (default: the model's input size)")
+    parser.add_argument("--batch-size", type=positive_int, default=1, help="streams per step (online; default 1)")
     parser.add_argument("--exporter", choices=("dynamo", "legacy"), default="dynamo",
                         help="torch.onnx exporter: dynamo (torch.export based, default) or legacy (TorchScript)")
-    parser.add_argument("--output", help="ONNX path (default: <model>_<online|offline>.onnx); the sidecar "
-                        "is the same path with .json")
+    parser.add_argument("--output", help="ONNX path (default: <model>_<online|offline>.onnx); the weights go to "
+                        "<output>.data (dynamo exporter) and the sidecar to the same path with .json")
+    parser.add_argument("--force", action="store_true", help="replace existing output files (all of them)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.online and args.direction == "bi":
-        raise SystemExit("tsm-surgery export: --online needs the uni-directional shift (a bi network reads "
+        raise ValueError("--direction bi: --online needs the uni-directional shift (a bi network reads "
                          "future frames); drop --direction bi or use --offline.")
     direction = "uni" if args.online else (args.direction or "bi")
-    model = build_2d(args.model, args.checkpoint, args.num_classes)
-    size = args.size or default_frame_size(model)
-    frame_shape = (3, size, size)
     form = "online" if args.online else "offline"
     path = args.output or f"{args.model.split(':')[-1]}_{form}.onnx"
+    outputs = output_files(path)
+    claim_outputs(outputs, args.force)  # before anything slow or written
+    kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
+    model = build_model(args.model, checkpoint=args.checkpoint, **kwargs).eval()
+    size = args.size or default_frame_size(model)
+    frame_shape = (3, size, size)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     start = time.perf_counter()
     net = tsm_surgery.convert(model, args.n_segments, shift_div=args.shift_div, direction=direction,
@@ -200,9 +187,10 @@ def run(args: argparse.Namespace) -> int:
                             "at the next frame; initialise the caches with zeros")
     else:
         sidecar["usage"] = f"clips holds N clips of {args.n_segments} contiguous frames; N may vary"
-    side_path = os.path.splitext(path)[0] + ".json"
+    side_path = outputs[-1][0]
     with open(side_path, "w") as f:
         json.dump(sidecar, f, indent=2)
-    print(f"wrote {path} ({form}, {len(net.sites)} shift sites, {args.exporter} exporter, "
-          f"{time.perf_counter() - start:.1f} s) and {side_path}")
+    written = [p for p, _ in outputs if os.path.exists(p)]
+    print(f"wrote {', '.join(written)} ({form}, {len(net.sites)} shift sites, {args.exporter} exporter, "
+          f"{time.perf_counter() - start:.1f} s); they belong together")
     return 0

@@ -1,18 +1,61 @@
-"""Builds image models from short specs: ``timm:NAME``, ``torchvision:NAME`` or a bare name.
+"""The one model builder: ``timm:NAME``, ``torchvision:NAME``, ``mmaction:resnetNN`` or a bare timm name.
 
-Weights are never downloaded: models are randomly initialised unless a local checkpoint is
-loaded by the caller.
+Weights are never downloaded: models are randomly initialised unless ``checkpoint=`` names a
+local file, which is loaded strictly with ``weights_only=True``
+(:func:`~tsm_surgery.integrations.checkpoint_io.load_state_dict_file`).
 """
 
-from typing import Any
+from typing import Any, Optional
 
 from torch import nn
 
-__all__ = ["build_model"]
+from .checkpoint_io import load_state_dict_file
+
+__all__ = ["build_model", "default_frame_size", "SOURCES"]
+
+SOURCES = ("timm", "torchvision", "mmaction")
 
 
-def build_model(spec: str, **kwargs: Any) -> nn.Module:
-    """Creates a model from ``timm:resnet18``, ``torchvision:mobilenet_v2`` or a bare timm name.
+def _timm(name: str, kwargs: dict) -> nn.Module:
+    import timm
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name}*")[:5]
+        raise ValueError(f"timm has no model {name!r}. Close names: {close or 'none'}; "
+                         "`python -c 'import timm; print(timm.list_models())'` lists them all.")
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def _torchvision(name: str, kwargs: dict) -> nn.Module:
+    import torchvision
+
+    try:
+        builder = torchvision.models.get_model_builder(name)
+    except ValueError as err:
+        raise ValueError(f"torchvision has no model {name!r} ({err}). "
+                         "torchvision.models.list_models() lists them.") from None
+    return builder(weights=None, **kwargs)
+
+
+def _mmaction(name: str, kwargs: dict) -> nn.Module:
+    if not (name.startswith("resnet") and name[len("resnet"):].isdigit()):
+        raise ValueError(f"mmaction models are given as mmaction:resnetNN (MMAction2's ResNet), got {name!r}.")
+    from tsm_surgery.integrations.mmaction import compat
+
+    compat.apply()
+    from mmaction.models.backbones import ResNet
+
+    return ResNet(depth=int(name[len("resnet"):]), **{"pretrained": None, "norm_eval": False, **kwargs})
+
+
+def build_model(spec: str, *, checkpoint: Optional[str] = None, **kwargs: Any) -> nn.Module:
+    """Creates a model from ``timm:resnet18``, ``torchvision:mobilenet_v2``, ``mmaction:resnet50`` or ``resnet18``.
+
+    Args:
+        spec: ``SOURCE:NAME``; a bare name is a timm name.
+        checkpoint: a local state_dict (or mmengine/``{'state_dict': ...}``) file loaded strictly,
+            ``weights_only=True``; the message names the file and the first mismatching keys.
+        **kwargs: passed to the library's constructor (``num_classes=5``, ``img_size=64``...).
 
     Example:
         >>> build_model("timm:resnet18", num_classes=5).fc.out_features
@@ -20,20 +63,17 @@ def build_model(spec: str, **kwargs: Any) -> nn.Module:
     """
     source, _, name = spec.rpartition(":")
     source = source or "timm"
-    if source == "timm":
-        import timm
+    builders = {"timm": _timm, "torchvision": _torchvision, "mmaction": _mmaction}
+    if source not in builders:
+        raise ValueError(f"unknown model source {source!r} in {spec!r}: use timm:NAME, torchvision:NAME or "
+                         "mmaction:resnetNN.")
+    model = builders[source](name, kwargs)
+    if checkpoint:
+        load_state_dict_file(checkpoint, model, source="--checkpoint")
+    return model
 
-        if name not in timm.list_models():
-            close = timm.list_models(f"*{name}*")[:5]
-            raise ValueError(f"timm has no model {name!r}. Close names: {close or 'none'}; "
-                             "`python -c 'import timm; print(timm.list_models())'` lists them all.")
-        return timm.create_model(name, pretrained=False, **kwargs)
-    if source == "torchvision":
-        import torchvision
 
-        try:
-            return torchvision.models.get_model(name, weights=None, **kwargs)
-        except ValueError as err:
-            raise ValueError(f"torchvision has no model {name!r} ({err}). "
-                             "torchvision.models.list_models() lists them.") from None
-    raise ValueError(f"unknown model source {source!r} in {spec!r}: use timm:NAME or torchvision:NAME.")
+def default_frame_size(model: nn.Module) -> int:
+    """The model's own input side (timm's ``pretrained_cfg``), else 224."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return int(cfg.get("input_size", (3, 224, 224))[-1])

@@ -16,6 +16,7 @@ Example::
 """
 
 import argparse
+import os
 import statistics
 import time
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
@@ -26,8 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import tsm_surgery
+from tsm_surgery.cli import non_negative_int, positive_int
 
-from .export import build_2d, default_frame_size
+from .checkpoint_io import load_state_dict_file
+from .models import build_model, default_frame_size
 
 __all__ = ["decode", "Preprocess", "add_arguments", "run"]
 
@@ -36,26 +39,46 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def decode(path: str, max_frames: Optional[int] = None) -> Iterator[np.ndarray]:
-    """Yields the video's frames as ``(H, W, 3)`` uint8 RGB arrays (PyAV, else decord)."""
+    """Yields the video's frames as ``(H, W, 3)`` uint8 RGB arrays (PyAV, else decord).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file cannot be decoded (truncated, corrupt, not a video); the message
+            names the file and how many frames were decoded before the error.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"video {path!r} does not exist or is not a file.")
+    count = 0
+    try:
+        for frame in _frames(path):
+            if max_frames is not None and count >= max_frames:
+                return
+            yield frame
+            count += 1
+    except ImportError:
+        raise
+    except Exception as err:  # PyAV/decord raise many types (InvalidDataError, IndexError...) for bad files
+        raise ValueError(f"cannot decode video {path!r} after {count} frames ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}); the file may be truncated or corrupt, "
+                         "or not a video.") from err
+
+
+def _frames(path: str) -> Iterator[np.ndarray]:
     try:
         import av
     except ImportError:
         av = None
-    count = 0
     if av is not None:
         with av.open(path) as container:
             for frame in container.decode(video=0):
-                if max_frames is not None and count >= max_frames:
-                    return
                 yield frame.to_ndarray(format="rgb24")
-                count += 1
         return
     try:
         import decord
     except ImportError:
         raise ImportError("decoding needs PyAV or decord: pip install av") from None
     reader = decord.VideoReader(path)
-    for i in range(len(reader) if max_frames is None else min(len(reader), max_frames)):
+    for i in range(len(reader)):
         yield reader[i].asnumpy()
 
 
@@ -94,7 +117,8 @@ class Preprocess:
 
 def _from_timm(args: argparse.Namespace) -> Tuple[nn.Module, Callable, Preprocess]:
     """(2D model, online module, preprocessing) for ``--model``; both models share weights."""
-    model = build_2d(args.model, args.checkpoint, args.num_classes)
+    kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
+    model = build_model(args.model, checkpoint=args.checkpoint, **kwargs).eval()
     size = args.size or default_frame_size(model)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     pre = Preprocess(size, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
@@ -116,16 +140,21 @@ def _from_mmaction(args: argparse.Namespace) -> Tuple[nn.Module, Callable, Prepr
         import tsm_surgery.integrations.mmaction  # noqa: F401  registers the plugin, applies compat patches
         from mmaction.apis import init_recognizer
     except ImportError as err:
-        raise SystemExit(f"tsm-surgery stream --config needs MMAction2 ({err}). "
-                         "Install the extras: pip install 'tsm_surgery[mmaction]'.") from None
-    recognizer = init_recognizer(args.config, args.checkpoint, device="cpu").eval()
+        raise ImportError(f"--config needs MMAction2 ({err}). "
+                          "Install the extras: pip install 'tsm_surgery[mmaction]'.") from None
+    if not os.path.isfile(args.config):
+        raise FileNotFoundError(f"--config {args.config!r} does not exist.")
+    recognizer = init_recognizer(args.config, None, device="cpu")
+    if args.checkpoint:  # mmengine's load_checkpoint is not strict: it would stream random weights
+        load_state_dict_file(args.checkpoint, recognizer, source="--checkpoint")
+    recognizer.eval()
     backbone, head = recognizer.backbone, recognizer.cls_head
     net = getattr(backbone, "net", None)
     if not isinstance(net, tsm_surgery.TSMNet):
-        raise SystemExit(f"tsm-surgery stream --config: the config's backbone is {type(backbone).__name__}; "
+        raise ValueError(f"--config {args.config}: the backbone is {type(backbone).__name__}; "
                          "streaming needs TSMSurgeryBackbone(direction='uni').")
     if net.direction != "uni":
-        raise SystemExit("tsm-surgery stream --config: the backbone shifts direction='bi' (it reads future "
+        raise ValueError(f"--config {args.config}: the backbone shifts direction='bi' (it reads future "
                          "frames); train a config with direction='uni' to stream it.")
     online = tsm_surgery.to_online(net, inplace=True)
     preprocessor = recognizer.data_preprocessor
@@ -177,16 +206,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--model", help="timm:NAME or torchvision:NAME (random weights unless --checkpoint)")
     source.add_argument("--config", help="an MMAction2 config whose backbone is TSMSurgeryBackbone(direction='uni')")
     parser.add_argument("--checkpoint", help="weights (state_dict for --model, MMAction2 checkpoint for --config)")
-    parser.add_argument("--num-classes", type=int, help="classifier size for --model (default: the model's own)")
-    parser.add_argument("--shift-div", type=int, default=8, help="1/shift_div of the channels move (default 8)")
-    parser.add_argument("--size", type=int, help="frame side after resize and centre crop (default: model's input size)")
-    parser.add_argument("--topk", type=int, default=5, help="classes printed per frame (default 5)")
+    parser.add_argument("--num-classes", type=positive_int,
+                        help="classifier size for --model (default: the model's own)")
+    parser.add_argument("--shift-div", type=positive_int, default=8,
+                        help="1/shift_div of the channels move (default 8)")
+    parser.add_argument("--size", type=positive_int,
+                        help="frame side after resize and centre crop (default: model's input size)")
+    parser.add_argument("--topk", type=positive_int, default=5, help="classes printed per frame (default 5)")
     parser.add_argument("--labels", help="text file with one class name per line")
-    parser.add_argument("--max-frames", type=int, help="stop after this many frames")
+    parser.add_argument("--max-frames", type=positive_int, help="stop after this many frames")
     parser.add_argument("--benchmark", action="store_true",
                         help="also time the plain 2D model on each frame; report the median online/2D ratio")
-    parser.add_argument("--warmup", type=int, default=2, help="frames left out of the timing statistics (default 2)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--warmup", type=non_negative_int, default=2,
+                        help="frames left out of the timing statistics (default 2)")
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                         help="weights and frames in this dtype, the caches follow (default float32)")
@@ -245,10 +278,11 @@ def run(args: argparse.Namespace) -> int:
         count += 1
     wall = time.perf_counter() - start
     if count == 0:
-        raise SystemExit(f"tsm-surgery stream: no video frames decoded from {args.video!r}.")
+        raise ValueError(f"no video frames decoded from {args.video!r}.")
     step = statistics.median(online_times) if online_times else float("nan")
     print(f"{count} frames in {wall:.2f} s: {count / wall:.1f} frames/s end to end (decode + preprocess + model), "
-          f"online step median {1e3 * step:.2f} ms = {1.0 / step:.1f} frames/s")
+          f"online step median {1e3 * step:.2f} ms = {1.0 / step:.1f} frames/s"
+          f"{'' if args.checkpoint else ' (random weights: no --checkpoint)'}")
     if args.benchmark:
         if ratios:
             print(f"benchmark over {len(ratios)} frames (first {args.warmup} left out): online step "

@@ -1,6 +1,5 @@
 """Each patch in tsm_surgery.integrations.mmaction.compat, with a check that fails without it."""
 
-import io
 import os
 import pickle
 import subprocess
@@ -44,7 +43,8 @@ def test_drn_placeholder():
 def test_no_pkg_resources(tmp_path):
     # setuptools >= 82 has no pkg_resources: simulate it; `mmaction::` config paths still resolve.
     cfg = tmp_path / "child.py"
-    cfg.write_text("_base_ = ['mmaction::recognition/tsm/tsm_imagenet-pretrained-r50_8xb16-1x1x8-50e_kinetics400-rgb.py']\n")
+    base = "mmaction::recognition/tsm/tsm_imagenet-pretrained-r50_8xb16-1x1x8-50e_kinetics400-rgb.py"
+    cfg.write_text(f"_base_ = [{base!r}]\n")
     proc = _python(f"""
         import sys
         sys.modules['pkg_resources'] = None  # as if setuptools >= 82
@@ -95,18 +95,23 @@ def test_weights_only_refuses_other_objects(tmp_path):
     compat.apply()
     path = str(tmp_path / "evil.pth")
     torch.save({"state_dict": {}, "meta": {"obj": os.stat_result((0,) * 10)}}, path)
-    with pytest.raises(CheckpointLoadError, match="evil.pth"):
+    with pytest.raises(CheckpointLoadError, match="evil.pth.*global os.stat_result") as info:
         CheckpointLoader.load_checkpoint(path, map_location="cpu")
-    with trusted_resume():
+    assert info.value.refused_global == "os.stat_result"
+    other = str(tmp_path / "other.pth")
+    torch.save({"state_dict": {}, "meta": {"obj": os.stat_result((1,) * 10)}}, other)
+    with trusted_resume(path):
         assert CheckpointLoader.load_checkpoint(path, map_location="cpu")["meta"]["obj"].st_mode == 0
+        with pytest.raises(CheckpointLoadError, match="other.pth"):  # the opt-in covers that one file only
+            CheckpointLoader.load_checkpoint(other, map_location="cpu")
     with pytest.raises(CheckpointLoadError):  # the opt-in ends with its block
         CheckpointLoader.load_checkpoint(path, map_location="cpu")
 
 
-def test_trusted_resume_follows_the_config_key():
+def test_trusted_resume_follows_the_config_key(monkeypatch):
     from mmengine.runner import Runner
 
-    from tsm_surgery.integrations.mmaction.checkpoint import is_trusted
+    from tsm_surgery.integrations.mmaction.checkpoint import TRUST_ENV, is_trusted
 
     compat.apply()
     assert getattr(Runner.resume, "_tsm_surgery", False)
@@ -115,19 +120,21 @@ def test_trusted_resume_follows_the_config_key():
         def __init__(self, cfg):
             self.cfg = cfg
 
-    # Wrap a probe body the way the patch wraps mmengine's Runner.resume: the body runs inside
-    # the opt-in exactly when the config says trusted_resume=True. (End to end:
-    # test_mmaction_runner.py::test_untrusted_checkpoint_resumes_with_opt_in.)
+    # Wrap a probe body the way the patch wraps mmengine's Runner.resume: the body runs with the
+    # resumed file (and only it) trusted exactly when the config or the environment opts in.
+    # (End to end: test_checkpoint_safety.py.)
     seen, saved = [], Runner.resume
     try:
-        Runner.resume = lambda self, *args, **kwargs: seen.append(is_trusted())
+        Runner.resume = lambda self, filename, *a, **k: seen.append((is_trusted(filename), is_trusted("other.pth")))
         compat._trusted_resume()
-        Runner.resume(Probe({"trusted_resume": True}))
-        Runner.resume(Probe({}))
-        Runner.resume._original(Probe({"trusted_resume": True}))  # unpatched: never trusted
+        Runner.resume(Probe({"trusted_resume": True}), "a.pth")
+        Runner.resume(Probe({}), "a.pth")
+        Runner.resume._original(Probe({"trusted_resume": True}), "a.pth")  # unpatched: never trusted
+        monkeypatch.setenv(TRUST_ENV, "1")
+        Runner.resume(Probe({}), "a.pth")
     finally:
         Runner.resume = saved
-    assert seen == [True, False, False]
+    assert seen == [(True, False), (False, False), (False, False), (True, False)]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the patch matters on machines without CUDA")

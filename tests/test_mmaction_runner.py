@@ -56,14 +56,21 @@ def test_train_val_test_cycle(trained, config, capsys):
     assert metrics["acc/top1"] == pytest.approx(val_top1)
 
 
-def test_cli_test_verb(trained, config, capsys):
+def test_cli_test_verb_prints_only_json(trained, config, capsys, tmp_path):
+    """`tsm-surgery test ... > metrics.json` is JSON: mmengine's log lines go to stderr; --out writes a file."""
     from tsm_surgery.cli import main
 
     _, work_dir, _ = trained
-    assert main(["test", config, os.path.join(work_dir, "epoch_1.pth"), "--work-dir", work_dir]) == 0
-    out = capsys.readouterr().out
-    metrics = json.loads(out[out.rindex('{\n  "acc'):])
+    out_file = tmp_path / "metrics.json"
+    argv = ["test", config, os.path.join(work_dir, "epoch_1.pth"), "--work-dir", work_dir, "--out", str(out_file)]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    metrics = json.loads(captured.out)  # the whole of stdout
     assert 0.0 <= metrics["acc/top1"] <= 1.0
+    assert "Epoch(test)" in captured.err  # the logs went to stderr
+    assert json.loads(out_file.read_text()) == metrics
+    assert main(argv) == 1 and "metrics.json already exists" in capsys.readouterr().err  # no overwrite
+    assert json.loads(out_file.read_text()) == metrics
 
 
 def test_load_from_is_weights_only_and_exact(trained, config, tmp_path):

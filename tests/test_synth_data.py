@@ -171,7 +171,8 @@ def test_refuses_to_overwrite_unless_forced(tmp_path, capsys):
     from tsm_surgery.cli import main
 
     assert main(["synth-data", str(out), "--videos-per-class", "3", "--size", "32", "--frames", "8"]) == 1
-    assert "refusing to overwrite" in capsys.readouterr().out
+    err = capsys.readouterr().err
+    assert "refusing to overwrite" in err and "train.txt" in err and len(err.strip().splitlines()) == 1
     assert main(["synth-data", str(out), "--videos-per-class", "3", "--size", "32", "--frames", "8", "--force"]) == 0
     assert (out / "mine.txt").read_text() == "keep me"  # --force replaces only generated files
     assert len(_lines(out / "train.txt")) == 6  # 3 per class: one each for train, val, test

@@ -12,7 +12,6 @@ network's keys: a 2D (ImageNet or TSN) checkpoint loads unchanged.
 import copy
 import importlib
 import logging
-import os
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -23,8 +22,8 @@ from torch import nn
 import tsm_surgery
 from mmaction.registry import MODELS
 
+from ..checkpoint_io import match_state_dict, read_checkpoint, state_dict_of
 from . import _temporal
-from .checkpoint import load_weights
 
 __all__ = ["TSMSurgeryBackbone", "SHIFT_PLACES"]
 
@@ -305,34 +304,15 @@ class TSMSurgeryBackbone(BaseModule):
             FileNotFoundError: ``path`` does not exist.
             KeyError: the checkpoint's keys do not match the 2D network's (the message lists some).
         """
-        if not os.path.isfile(os.path.expanduser(path)):
-            raise FileNotFoundError(f"model.backbone.pretrained={path!r}: no such file.")
-        state = load_weights(path)
-        if isinstance(state, dict):
-            for key in ("state_dict", "model"):
-                if key in state and isinstance(state[key], dict):
-                    state = state[key]
-                    break
-        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-        if prefix:
-            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        source = "model.backbone.pretrained"
+        state = state_dict_of(read_checkpoint(path, source=source), path, source, prefix)
         own = self.state_dict()
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
-        if missing:
-            hint = ""
-            if any(k.startswith("backbone.") for k in state) and not prefix:
-                hint = " The checkpoint's keys start with 'backbone.': set model.backbone.pretrained_prefix='backbone.'."
-            raise KeyError(
-                f"model.backbone.pretrained={path!r} does not match the 2D network: {len(missing)} of its "
-                f"{len(own)} keys are missing (e.g. {missing[:3]}), {len(unexpected)} checkpoint keys are "
-                f"unknown (e.g. {unexpected[:3]}).{hint}")
-        mismatched = [k for k in own if tuple(state[k].shape) != tuple(own[k].shape)]
-        if mismatched:
-            k = mismatched[0]
-            raise KeyError(f"model.backbone.pretrained={path!r}: {len(mismatched)} tensors have other shapes, "
-                           f"e.g. {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}.")
+        hint = ""
+        if any(k.startswith("backbone.") for k in state) and not prefix:
+            hint = "The checkpoint's keys start with 'backbone.': set model.backbone.pretrained_prefix='backbone.'."
+        state = match_state_dict(state, own, path=path, source=source, allow_unexpected=True, hint=hint)
         self.load_state_dict({k: state[k] for k in own}, strict=True)
+        unexpected = [k for k in state if k not in own]
         if unexpected:
             print_log(f"TSMSurgeryBackbone: ignored {len(unexpected)} checkpoint keys the 2D feature network "
                       f"does not have (e.g. {unexpected[:3]}) from {path}", logger="current", level=logging.INFO)

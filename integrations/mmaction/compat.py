@@ -86,19 +86,21 @@ def _weights_only_checkpoints() -> None:
 
 
 def _trusted_resume() -> None:
-    # Resuming full training state may unpickle more than weights: allowed only when the run opted
-    # in (config key trusted_resume=True, set by `tsm-surgery train --resume`).
+    # Resuming full training state may unpickle more than weights: allowed for the one file being
+    # resumed, only when the run opted in (config key trusted_resume=True, set by
+    # `tsm-surgery train --resume`, or TSM_SURGERY_TRUSTED_RESUME=1). Nothing else reads the opt-in.
     from mmengine.runner import Runner
 
-    from .checkpoint import trusted_resume
+    from .checkpoint import TRUST_ENV, trusted_resume
 
     original = Runner.resume
     if getattr(original, "_tsm_surgery", False):
         return
 
-    def resume(self, *args, **kwargs):
-        with trusted_resume(bool(self.cfg.get("trusted_resume", False))):
-            return original(self, *args, **kwargs)
+    def resume(self, filename, *args, **kwargs):
+        opted_in = bool(self.cfg.get("trusted_resume", False)) or os.environ.get(TRUST_ENV, "") == "1"
+        with trusted_resume(filename if opted_in else None):
+            return original(self, filename, *args, **kwargs)
 
     resume._tsm_surgery = True
     resume._original = original

@@ -16,8 +16,8 @@ Without CUDA the process group uses gloo and DDP runs on CPU; with CUDA, nothing
 
 Checkpoints: ``load_from`` (and the CHECKPOINT of ``test``) loads with ``weights_only=True``.
 ``--resume`` resumes full training state (model, optimizer, schedulers, message hub) and is the
-explicit opt-in for unpickling a checkpoint in full when the safe loader cannot read it: use it
-only for files you trust, such as your own work dir's (see :mod:`.checkpoint`).
+explicit opt-in for unpickling the one checkpoint it resumes in full when the safe loader cannot
+read it: use it only for files you trust, such as your own work dir's (see :mod:`.checkpoint`).
 
 A work dir that already holds checkpoints is never trained over unless asked: pass
 ``--resume`` to continue it or ``--overwrite`` to start again.
@@ -26,7 +26,7 @@ A work dir that already holds checkpoints is never trained over unless asked: pa
 import argparse
 import copy
 import glob
-import os
+import logging
 import os.path as osp
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -40,11 +40,14 @@ from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.hooks import Hook  # noqa: E402
 from mmengine.model import is_model_wrapper  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
+from mmengine.logging import print_log  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
+from mmengine.runner.checkpoint import find_latest_checkpoint  # noqa: E402
 
 import tsm_surgery.integrations.mmaction  # noqa: E402,F401  (registers the plugin)
 from mmaction.registry import HOOKS, MODELS  # noqa: E402
 
+from ..checkpoint_io import Adapter, match_state_dict, state_dict_of  # noqa: E402
 from .clip_length import sync_clip_length  # noqa: E402
 
 __all__ = ["load_config", "build_runner", "train", "test", "CheckpointKeysHook", "add_arguments", "run"]
@@ -58,48 +61,41 @@ class CheckpointKeysHook(Hook):
     """Stops on a checkpoint whose keys do not match the model, naming the file.
 
     mmengine loads ``load_from`` with ``strict=False`` and only logs missing keys, so a
-    checkpoint of another model "loads" and evaluates at chance.
+    checkpoint of another model "loads" and evaluates at chance. The check is
+    :func:`~tsm_surgery.integrations.checkpoint_io.match_state_dict`, the one every loader uses.
 
     Args:
         strict: every model key must be in the checkpoint with the same shape, and the
-            checkpoint must have no other keys (for testing). Otherwise only a checkpoint that
-            shares no key with the model, or misses backbone keys, is an error (fine-tuning may
-            replace the head).
+            checkpoint must have no other keys (for testing). Otherwise the backbone's keys
+            must all be there (fine-tuning may replace the head).
         source: how the user named the file, for the message (e.g. ``'load_from'``).
+        adapt: a key-layout adapter, ``adapt(state, model_state) -> state``; the adapted
+            state_dict is what mmengine then loads.
     """
 
     priority = "VERY_HIGH"
 
-    def __init__(self, strict: bool = False, source: str = "load_from") -> None:
+    def __init__(self, strict: bool = False, source: str = "load_from", adapt: Optional[Adapter] = None) -> None:
         self.strict = strict
         self.source = source
+        self.adapt = adapt
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
-        state = checkpoint.get("state_dict", checkpoint)
-        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+        path = runner._load_from
+        state = state_dict_of(checkpoint, path, self.source)
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
         own = model.state_dict()
-        path = runner._load_from
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
-        shapes = [k for k in own if k in state and hasattr(state[k], "shape")
-                  and tuple(state[k].shape) != tuple(own[k].shape)]
-        backbone_missing = [k for k in missing if k.startswith("backbone.")]
-        if self.strict:
-            bad = bool(missing or unexpected or shapes)
-        else:
-            bad = len(missing) == len(own) or bool(backbone_missing)
-        if not bad:
-            return
-        hint = ""
-        if unexpected and any(".net." in k for k in unexpected):
-            hint = (" Keys with '.net.' come from MMAction2's ResNetTSM; this backbone keeps plain 2D keys: "
-                    "drop '.net' from them (revise_keys) or convert the checkpoint once.")
-        raise KeyError(
-            f"{self.source}={path!r} does not match the model: {len(missing)} of {len(own)} model keys are "
-            f"missing (e.g. {missing[:3]}), {len(unexpected)} checkpoint keys are unknown (e.g. {unexpected[:3]}), "
-            f"{len(shapes)} have other shapes (e.g. {shapes[:2]}). Check that the config matches the "
-            f"checkpoint.{hint}")
+        required = None
+        if not self.strict and any(k.startswith("backbone.") for k in own):
+            required = lambda key: key.startswith("backbone.")  # noqa: E731
+        state = match_state_dict(state, own, path=path, source=self.source, required=required,
+                                 allow_unexpected=not self.strict, adapt=self.adapt)
+        if self.adapt is not None:
+            if isinstance(checkpoint.get("state_dict"), dict):
+                checkpoint["state_dict"] = state
+            else:
+                checkpoint.clear()
+                checkpoint.update(state)
 
 
 def _set_options(cfg: Config, cfg_options: Optional[Dict[str, Any]]) -> None:
@@ -185,7 +181,8 @@ def load_config(config: ConfigLike, work_dir: Optional[str] = None, cfg_options:
         env.setdefault("dist_cfg", {})["backend"] = "gloo"  # nccl needs CUDA
         if launcher != "none":
             # CPU modules take no device_ids in DistributedDataParallel.
-            wrapper = dict(cfg.get("model_wrapper_cfg") or dict(type="MMDistributedDataParallel", broadcast_buffers=False))
+            default = dict(type="MMDistributedDataParallel", broadcast_buffers=False)
+            wrapper = dict(cfg.get("model_wrapper_cfg") or default)
             wrapper["device_ids"] = None
             cfg.model_wrapper_cfg = wrapper
     return cfg
@@ -196,6 +193,32 @@ def _existing_checkpoints(work_dir: str) -> List[str]:
     if osp.isfile(osp.join(work_dir, "last_checkpoint")):
         found.append(osp.join(work_dir, "last_checkpoint"))
     return found
+
+
+def _resume_target(cfg: Config, resume: Union[bool, str]) -> Optional[str]:
+    """The one checkpoint to resume: a path, the work dir's last checkpoint, or None (start fresh).
+
+    ``resume=True`` (or the config's ``resume=True``) continues the work dir's last checkpoint;
+    when there is none and ``load_from`` is set, training starts from those weights
+    (``weights_only=True``): ``load_from`` is never resumed, so never unpickled in full.
+    """
+    if isinstance(resume, str):
+        return resume
+    if not (resume or cfg.get("resume", False)):
+        return None
+    latest = find_latest_checkpoint(cfg.work_dir) if osp.isfile(osp.join(cfg.work_dir, "last_checkpoint")) else None
+    load_from = cfg.get("load_from")
+    if latest:
+        if load_from:
+            print_log(f"--resume: resuming {latest}; load_from={load_from!r} is not used.", logger="current",
+                      level=logging.WARNING)
+        return latest
+    if load_from:
+        print_log(f"--resume: work dir {cfg.work_dir!r} has no last_checkpoint; starting from the weights of "
+                  f"load_from={load_from!r} (weights_only=True).", logger="current", level=logging.WARNING)
+        return None
+    raise FileNotFoundError(f"--resume: work dir {cfg.work_dir!r} has no last_checkpoint to resume from; "
+                            "pass the checkpoint path (--resume PATH) or train without --resume.")
 
 
 def build_runner(cfg: Config, checkpoint_keys: Optional[CheckpointKeysHook] = None) -> Runner:
@@ -215,9 +238,11 @@ def train(config: ConfigLike, work_dir: Optional[str] = None, cfg_options: Optio
         work_dir: where logs and checkpoints go (default ``work_dirs/<config name>``).
         cfg_options: ``{'dotted.key': value}`` overrides, e.g. ``{'train_cfg.max_epochs': 1}``.
         launcher: ``'none'`` for one process, ``'pytorch'`` under torchrun, ``'slurm'``, ``'mpi'``.
-        resume: ``True`` continues the work dir's last checkpoint, a path continues that file.
-            Resuming is the opt-in for unpickling a trusted checkpoint in full.
-        load_from: initial weights (``weights_only=True``); ``None`` keeps the config's.
+        resume: ``True`` continues the work dir's last checkpoint (when there is none, training
+            starts from ``load_from``'s weights); a path continues that file. Resuming is the
+            opt-in for unpickling that one checkpoint in full, if it holds more than weights.
+        load_from: initial weights (``weights_only=True``, never unpickled in full); ``None``
+            keeps the config's. Not combined with ``resume=PATH``.
         overwrite: train in a work dir that already holds checkpoints without resuming.
 
     Returns:
@@ -230,24 +255,25 @@ def train(config: ConfigLike, work_dir: Optional[str] = None, cfg_options: Optio
         FileNotFoundError: the config, an annotation file, a video folder or a checkpoint is missing.
         KeyError: an unknown model type or a checkpoint whose keys do not match.
     """
+    if isinstance(resume, str) and load_from is not None:
+        raise ValueError(f"--resume {resume} and --load-from {load_from} both name a checkpoint: resume one file "
+                         "(--resume PATH) or start from weights (--load-from PATH).")
     cfg = load_config(config, work_dir, cfg_options, launcher)
     if load_from is not None:
         cfg.load_from = load_from
-    if isinstance(resume, str):
-        cfg.load_from, resume = resume, True
-    cfg.resume = bool(resume or cfg.get("resume", False))
-    if resume:
-        cfg.trusted_resume = True
+    resume_from = _resume_target(cfg, resume)
+    cfg.resume = resume_from is not None
+    if cfg.resume:
+        cfg.load_from = resume_from
+        # The explicit opt-in covers this one file: Runner.resume is only ever given it.
+        cfg.trusted_resume = bool(resume) or bool(cfg.get("trusted_resume", False))
     existing = _existing_checkpoints(cfg.work_dir)
     if existing and not cfg.resume and not overwrite:
         raise FileExistsError(
             f"work dir {cfg.work_dir!r} already holds a training run ({osp.basename(existing[0])}, ...). "
             "Pass --resume to continue it, --overwrite to train over it, or choose another --work-dir.")
-    if cfg.resume and cfg.get("load_from") is None and not osp.isfile(osp.join(cfg.work_dir, "last_checkpoint")):
-        raise FileNotFoundError(f"--resume: work dir {cfg.work_dir!r} has no last_checkpoint to resume from; "
-                                "pass the checkpoint path (--resume PATH) or train without --resume.")
     if cfg.get("load_from") and not osp.isfile(cfg.load_from) and "://" not in cfg.load_from:
-        raise FileNotFoundError(f"load_from={cfg.load_from!r} does not exist.")
+        raise FileNotFoundError(f"{'--resume' if cfg.resume else 'load_from'}={cfg.load_from!r} does not exist.")
     _required_files(cfg, ("train", "val") if cfg.get("val_cfg") else ("train",))
     runner = build_runner(cfg, CheckpointKeysHook(strict=False, source="load_from"))
     runner.train()
@@ -297,7 +323,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                         help="resume full training state from the work dir's last checkpoint (or CHECKPOINT). "
                              "Unpickles the checkpoint in full if it holds more than weights: trusted files only")
-    parser.add_argument("--load-from", help="initial weights, loaded with weights_only=True")
+    parser.add_argument("--load-from", help="initial weights, loaded with weights_only=True (with a bare --resume: "
+                        "used when the work dir has nothing to resume)")
     parser.add_argument("--overwrite", action="store_true",
                         help="train in a work dir that already holds checkpoints, replacing them")
 

@@ -1,13 +1,20 @@
 """``tsm-surgery test CONFIG CHECKPOINT``: evaluate a checkpoint with mmengine's Runner.
 
+The metrics are the only thing on stdout (JSON), so ``tsm-surgery test ... > metrics.json``
+works; mmengine's log lines go to stderr (and to the work dir's log file). ``--out FILE``
+also writes them to a file.
+
 The Python form is :func:`tsm_surgery.integrations.mmaction.runner.test`.
 """
 
 import argparse
+import contextlib
 import json
+import sys
 
 from mmengine.config import DictAction
 
+from ..outputs import claim_outputs
 from .runner import LAUNCHERS, test
 
 __all__ = ["add_arguments", "run"]
@@ -21,11 +28,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--launcher", choices=LAUNCHERS, default="none", help="'pytorch' under torchrun")
     parser.add_argument("--cfg-options", nargs="+", action=DictAction, metavar="KEY=VALUE",
                         help="override config keys, e.g. test_dataloader.batch_size=4")
+    parser.add_argument("--out", help="also write the metrics JSON to this file (refused if it exists, unless --force)")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out file")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs ``tsm-surgery test`` and prints the metrics as JSON."""
-    metrics = test(args.config, args.checkpoint, work_dir=args.work_dir,
-                   cfg_options=dict(args.cfg_options) if args.cfg_options else None, launcher=args.launcher)
-    print(json.dumps({k: float(v) for k, v in metrics.items()}, indent=2))
+    """Runs ``tsm-surgery test``: metrics JSON on stdout (and in ``--out``), logs on stderr."""
+    if args.out:
+        claim_outputs([(args.out, "the metrics JSON")], args.force)
+    # mmengine's console handler writes to the sys.stdout it finds when the Runner builds its logger.
+    with contextlib.redirect_stdout(sys.stderr):
+        metrics = test(args.config, args.checkpoint, work_dir=args.work_dir,
+                       cfg_options=dict(args.cfg_options) if args.cfg_options else None, launcher=args.launcher)
+    text = json.dumps({k: float(v) for k, v in metrics.items()}, indent=2)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    print(text)
     return 0

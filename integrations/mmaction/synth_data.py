@@ -273,14 +273,27 @@ def claim_out_dir(out: Path, force: bool, owned: Sequence[str], hint: str) -> No
         raise FileExistsError(f"{out} exists and is not a directory: {hint}")
     if out.is_dir() and any(out.iterdir()):
         if not force:
-            raise FileExistsError(f"{out} is not empty; refusing to overwrite it. Pass --force "
-                                  f"(force=True) to replace the files this command writes, or {hint}")
+            raise FileExistsError(f"{out} is not empty; refusing to overwrite it. This command writes "
+                                  f"{', '.join(owned)} there, which belong together. Pass --force (force=True) "
+                                  f"to replace them (nothing else in {out} is touched), or {hint}")
         for name in owned:
             target = out / name
             if target.is_dir():
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
+
+
+def check_settings(videos_per_class: int, size: int, frames: int, seed: int) -> None:
+    """Raises ValueError, naming the flag, for a setting :func:`generate` cannot use."""
+    if size < 32 or size % 2:
+        raise ValueError(f"--size {size}: use an even size of at least 32 px (H.264 needs even sizes).")
+    if frames < 8:
+        raise ValueError(f"--frames {frames}: use at least 8 frames (the demo samples 8 segments).")
+    if videos_per_class < 3:
+        raise ValueError(f"--videos-per-class {videos_per_class}: use at least 3 (one per split).")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"--seed {seed}: use an integer of 0 or more (numpy seeds are non-negative).")
 
 
 def generate(out_dir: os.PathLike, videos_per_class: int = 80, size: int = 64, frames: int = 16,
@@ -313,15 +326,10 @@ def generate(out_dir: os.PathLike, videos_per_class: int = 80, size: int = 64, f
         FileExistsError: ``out_dir`` is not empty and ``force`` is false.
         ValueError: a size or count out of range.
     """
-    if size < 32 or size % 2:
-        raise ValueError(f"--size {size}: use an even size of at least 32 px (H.264 needs even sizes).")
-    if frames < 8:
-        raise ValueError(f"--frames {frames}: use at least 8 frames (the demo samples 8 segments).")
+    check_settings(videos_per_class, size, frames, seed)
     if not (0 < motion_scale <= 1 and noise_scale >= 0):
         raise ValueError(f"motion_scale={motion_scale}, noise_scale={noise_scale}: use 0 < motion_scale <= 1 "
                          "(1 is the default motion) and noise_scale >= 0.")
-    if videos_per_class < 3:
-        raise ValueError(f"--videos-per-class {videos_per_class}: use at least 3 (one per split).")
     out = Path(out_dir)
     claim_out_dir(out, force, GENERATED, "choose an empty OUT_DIR.")
     for name in CLASSES:
@@ -379,14 +387,10 @@ def run(args: argparse.Namespace) -> int:
         if done == total or done % 60 == 0:
             print(f"  {done}/{total} videos", flush=True)
 
+    check_settings(args.videos_per_class, args.size, args.frames, args.seed)
     print(f"writing {len(CLASSES) * args.videos_per_class} videos ({args.size}x{args.size}, "
           f"{args.frames} frames, seed {args.seed}) to {args.out_dir}", flush=True)
-    try:
-        meta = generate(args.out_dir, args.videos_per_class, args.size, args.frames, args.seed,
-                        args.force, progress)
-    except (FileExistsError, ValueError) as err:
-        print(f"tsm-surgery synth-data: {err}")
-        return 1
+    meta = generate(args.out_dir, args.videos_per_class, args.size, args.frames, args.seed, args.force, progress)
     counts = ", ".join(f"{k} {v}" for k, v in meta["counts"].items())
     print(f"done in {time.time() - start:.1f} s: {counts}; classes: {', '.join(CLASSES)}")
     return 0
