@@ -213,7 +213,11 @@ def test_select_and_place_block():
         block1 = model.layer1[0]
         expect_block = block1.relu(block1.bn2(block1.conv2(block1.relu(block1.bn1(block1.conv1(shifted))))) + shifted)
         expect_residual = block1.relu(block1.bn2(block1.conv2(block1.relu(block1.bn1(block1.conv1(shifted))))) + stem)
-        tail = lambda h: model.fc(torch.flatten(model.avgpool(model.layer4(model.layer3(model.layer2(model.layer1[1](h))))), 1))
+
+        def tail(h):
+            h = model.layer4(model.layer3(model.layer2(model.layer1[1](h))))
+            return model.fc(torch.flatten(model.avgpool(h), 1))
+
         torch.testing.assert_close(block(x), tail(expect_block))
         torch.testing.assert_close(residual(x), tail(expect_residual))
 
@@ -284,3 +288,90 @@ def test_untraceable_module_is_named_and_leaf_option_works():
     net = convert(Net(), 2, example_input=torch.randn(1, 3, 8, 8), leaf_modules=[DataDependent])
     assert len(net.sites) == 1
     assert net(torch.randn(4, 3, 8, 8)).shape == (4, 8, 8, 8)
+
+
+def test_converting_a_converted_network_is_refused():
+    model = build("timm:resnet18")
+    net = convert(model, SEGMENTS)
+    for again in (net, tsm_surgery.to_online(convert(model, SEGMENTS, direction="uni")), nn.Sequential(net)):
+        for example in (None, torch.randn(1, 3, 32, 32)):  # a batch-1 example once failed elsewhere
+            with pytest.raises(ValueError, match=r"(?s)already .*twice.*n_segments"):
+                convert(again, SEGMENTS, example_input=example)
+    assert "re-convert the original 2D model" in str(pytest.raises(ValueError, convert, net, 8).value)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(n_segments=2.5), "n_segments"), (dict(n_segments=True), "n_segments"),
+    (dict(n_segments=None), "n_segments"), (dict(n_segments=float("nan")), "n_segments"),
+    (dict(shift_div=2.5), "shift_div"), (dict(shift_div=0), "shift_div"),
+    (dict(uni_slot="first"), "uni_slot"), (dict(direction="uni", uni_slot="second"), "uni_slot"),
+])
+def test_bad_settings_name_the_parameter(kwargs, name):
+    kwargs = {"n_segments": SEGMENTS, **kwargs}
+    with pytest.raises(ValueError, match=name):
+        convert(Net(), example_input=torch.randn(1, 3, 8, 8), leaf_modules=[DataDependent], **kwargs)
+
+
+def test_n_segments_attribute_is_validated():
+    net = convert(build("timm:resnet18"), SEGMENTS)
+    for bad in (2.5, True, 0, None):
+        with pytest.raises(ValueError, match="n_segments"):
+            net.n_segments = bad
+    assert net.n_segments == SEGMENTS
+
+
+def test_leaf_modules_that_match_nothing_are_named():
+    with pytest.raises(ValueError, match=r"\['LSTM', 'gate.nope'\] match no module of Net"):
+        convert(Net(), 2, example_input=torch.randn(1, 3, 8, 8), leaf_modules=[DataDependent, nn.LSTM, "gate.nope"])
+    with pytest.raises(ValueError, match=r"\['stem.conv'\] match no module"):
+        find_residual_sites(Net(), torch.randn(1, 3, 8, 8), leaf_modules=["stem.conv"])
+    # a path matches, and a class matches its subclasses (Conv2d here)
+    net = convert(Net(), 2, example_input=torch.randn(1, 3, 8, 8), leaf_modules=["gate", nn.modules.conv._ConvNd])
+    assert [s.name for s in net.sites] == ["branch"]
+
+
+class ValueGate(nn.Module):
+    """A leaf whose output size depends on the values: fake tensors cannot run it."""
+
+    def forward(self, x):
+        return x * x[x > 0].numel() / x.numel()
+
+
+class GatedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.branch = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+        self.gate = ValueGate()
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.gate(x + self.branch(x))
+
+
+def test_convert_with_a_data_dependent_leaf_prints_nothing(capfd):
+    net = convert(GatedNet(), 2, example_input=torch.randn(1, 3, 8, 8), leaf_modules=[ValueGate])
+    assert [s.name for s in net.sites] == ["branch"]
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(direction="uni", uni_slot="first")], ids=["bi", "uni_first"])
+def test_torchscript_and_trace_give_the_converted_network(kwargs):
+    net = convert(randomize_norms(build("timm:resnet18")), SEGMENTS, **kwargs).eval()
+    x = torch.randn(2 * SEGMENTS, 3, 32, 32)
+    with torch.no_grad():
+        expected = net(x)
+        scripted = torch.jit.script(net)
+        traced = torch.jit.trace(net, x)
+        torch.testing.assert_close(scripted(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(traced(x), expected, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(expected, randomize_norms(build("timm:resnet18")).eval()(x))
+    assert net._forward_hooks  # scripting used a copy: the network keeps its recompute scope
+
+
+def test_uni_slot_is_a_setting_of_the_network():
+    net = convert(build("timm:resnet18"), SEGMENTS, direction="uni", uni_slot="first")
+    assert net.uni_slot == "first" and {m.uni_slot for m in net.shift_modules().values()} == {"first"}
+    assert convert(build("timm:resnet18"), SEGMENTS, direction="uni").uni_slot == "past"
+    assert "uni_slot='first'" in repr(next(iter(net.shift_modules().values())))

@@ -1,4 +1,5 @@
-"""The online (streaming) form: equal to the offline uni network on every prefix, state handling, errors, stream verb."""
+"""The online (streaming) form: equal to the offline uni network on every prefix, state handling,
+errors, copies, the stream verb."""
 
 import doctest
 import re
@@ -109,7 +110,8 @@ class _Block(torch.nn.Module):
 @torch.no_grad()
 def test_slot_swap_only_before_layers_that_just_read(first, swapped):
     model = randomize_norms(_Block(first())).eval()
-    net = tsm_surgery.convert(model, n_segments=FRAMES, direction="uni", example_input=torch.randn(FRAMES, 3, 8, 8)).eval()
+    net = tsm_surgery.convert(model, n_segments=FRAMES, direction="uni",
+                              example_input=torch.randn(FRAMES, 3, 8, 8)).eval()
     online = to_online(net)
     assert _swapped_sites(online) == swapped
     clips = torch.randn(2, FRAMES, 3, 8, 8)
@@ -149,7 +151,8 @@ def test_cache_is_the_past_slot_of_each_site():
     _, state = online.step(frame, online.init_state(2, frame_shape=(3, SIZE, SIZE)))
     for site in net.sites:
         fold = site.channels // net.shift_div
-        torch.testing.assert_close(state[site.name], seen[site.name].narrow(site.channel_dim, fold, fold), rtol=0, atol=0)
+        expected = seen[site.name].narrow(site.channel_dim, fold, fold)
+        torch.testing.assert_close(state[site.name], expected, rtol=0, atol=0)
     # init_state's shapes, from the sites convert saw (224x224 example) and from a probe frame.
     default = online.init_state(1)
     assert [tuple(default[s.name].shape) for s in net.sites] == [
@@ -400,3 +403,117 @@ def test_stream_verb_with_an_mmaction_config(tmp_path, capsys):
         printed = re.search(r"top-1: (\d+):([\d.]+)", line)
         assert int(printed.group(1)) == int(probs.argmax())
         assert abs(float(printed.group(2)) - float(probs.max())) < 1e-3
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["swap", "copy"])
+def test_first_slot_online_equals_offline_on_every_prefix(grad):
+    # uni_slot="first": channels [0, fold) come from frame t-1 (the paper's online demo layout);
+    # without autograd most sites swap the slot in place, with autograd every site copies.
+    model = _model()
+    net = tsm_surgery.convert(model, n_segments=FRAMES, direction="uni", uni_slot="first").eval()
+    online = to_online(net)
+    assert all(m.uni_slot == "first" for m in online.online_shifts.values())
+    clips = torch.randn(2, FRAMES, 3, SIZE, SIZE)
+    with torch.set_grad_enabled(grad):
+        outs = [online(clips[:, t]) for t in range(FRAMES)]
+    with torch.no_grad():
+        for t in range(FRAMES):
+            assert _rel(outs[t], _offline_prefix(net, clips, t)) <= RTOL, t
+        past = tsm_surgery.convert(model, n_segments=FRAMES, direction="uni").eval()
+        assert _rel(outs[-1], _offline_prefix(past, clips, FRAMES - 1)) > 10 * RTOL  # the slot matters
+
+
+class _PaperBlock(torch.nn.Module):
+    def __init__(self, c=16):
+        super().__init__()
+        self.branch = torch.nn.Sequential(torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.ReLU(),
+                                          torch.nn.Conv2d(c, c, 3, padding=1))
+
+    def forward(self, x):
+        return x + self.branch(x)
+
+
+def _paper_online_shift(x, buffer, div=8):
+    """The paper's online demo shift (mit-han-lab online_demo, MobileNetV2): the first C//div
+    channels are cached and fed back at the next frame."""
+    c = x.size(1)
+    x1, x2 = x[:, : c // div], x[:, c // div:]
+    return torch.cat((buffer, x2), dim=1), x1
+
+
+@torch.no_grad()
+def test_first_slot_streams_as_the_papers_online_demo():
+    model = _paper_model()
+    online = tsm_surgery.convert(model, 4, direction="uni", uni_slot="first", online=True,
+                                 example_input=torch.randn(1, 3, 8, 8))
+    frames = torch.randn(6, 2, 3, 8, 8)
+    buffers = [torch.zeros(2, 2, 8, 8) for _ in range(2)]
+    for frame in frames:
+        h = model[0](frame)
+        for k, block in enumerate((model[1], model[2])):
+            shifted, buffers[k] = _paper_online_shift(h, buffers[k])
+            h = h + block.branch(shifted)
+        reference = model[5](model[4](model[3](h)))
+        torch.testing.assert_close(online(frame), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_copies_made_mid_stream_continue_the_stream(tmp_path):
+    import copy
+    import pickle
+
+    _, net = _uni()
+    online = to_online(net)
+    frames = torch.randn(5, 2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        for f in frames[:2]:
+            online(f)
+        copies = [copy.deepcopy(online), pickle.loads(pickle.dumps(online))]
+        torch.save(online, tmp_path / "online.pt")
+        copies.append(torch.load(tmp_path / "online.pt", weights_only=False))
+        expected = [online(f) for f in frames[2:]]
+        for other in copies:
+            assert other.state is not online.state
+            for f, e in zip(frames[2:], expected):
+                torch.testing.assert_close(other(f), e, rtol=0, atol=0)
+
+
+def test_train_mode_is_refused():
+    _, net = _uni()
+    online = to_online(net)
+    with pytest.raises(RuntimeError, match="eval mode only.*to_online"):
+        online.train()
+    with pytest.raises(RuntimeError, match="eval mode only"):
+        torch.nn.Sequential(online).train()
+    assert not online.training and not any(m.training for m in online.modules())
+    assert online.eval() is online and online.train(False) is online
+
+
+def _paper_model():
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), _PaperBlock(), _PaperBlock(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 5)).eval()
+
+
+@torch.no_grad()
+def test_first_slot_exports_with_torch_export_and_onnx(tmp_path):
+    online = tsm_surgery.convert(_paper_model(), 4, direction="uni", uni_slot="first", online=True,
+                                 example_input=torch.randn(1, 3, 8, 8))
+    frames = torch.randn(4, 1, 3, 8, 8)
+    state = online.init_state(1)
+    program = torch.export.export(online.step_module, (frames[0], *state.values())).module()
+    expected, exported_state = [], list(state.values())
+    for frame in frames:
+        results = program(frame, *exported_state)
+        exported_state = list(results[1:])
+        out, state = online.step(frame, state)
+        torch.testing.assert_close(results[0], out, rtol=1e-5, atol=1e-6)
+        expected.append(out)
+    ort = pytest.importorskip("onnxruntime")
+    export = pytest.importorskip("tsm_surgery.integrations.export")
+    sidecar = export.export_online(online, str(tmp_path / "step.onnx"), frame_shape=(3, 8, 8), exporter="legacy")
+    session = ort.InferenceSession(str(tmp_path / "step.onnx"), providers=["CPUExecutionProvider"])
+    caches = {s["input"]: np.zeros(s["shape"], np.float32) for s in sidecar["state"]}
+    for frame, out in zip(frames, expected):
+        names = [o.name for o in session.get_outputs()]
+        results = dict(zip(names, session.run(None, {"frames": frame.numpy(), **caches})))
+        np.testing.assert_allclose(results["output"], out.numpy(), rtol=1e-4, atol=1e-5)
+        caches = {s["input"]: results[s["output"]] for s in sidecar["state"]}

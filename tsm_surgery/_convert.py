@@ -2,14 +2,14 @@
 
 import copy
 import fnmatch
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import fx, nn
 
 from ._graph import SHIFTS, module_key
 from ._net import TSMNet
-from ._online import OnlineTSM, to_online
+from ._online import OnlineShift, OnlineTSM, to_online
 from ._shift import TemporalShift, check_shift_args
 from ._sites import ResidualSite, analyse_graph, default_example_input
 from ._tracer import LeafSpec, trace_train_and_eval
@@ -59,66 +59,7 @@ def _no_sites_error(model: nn.Module, found: List[ResidualSite], select: Select)
     )
 
 
-def convert(
-    model: nn.Module,
-    n_segments: int = 8,
-    *,
-    shift_div: int = 8,
-    direction: str = "bi",
-    place: str = "residual",
-    select: Select = None,
-    example_input: Optional[torch.Tensor] = None,
-    leaf_modules: Sequence[LeafSpec] = (),
-    inplace: bool = False,
-    online: bool = False,
-    no_residual: str = "error",
-) -> Union[TSMNet, OnlineTSM]:
-    """Turns a 2D image network into a Temporal Shift Module video network.
-
-    The network is traced with ``torch.fx``; at every residual join found by
-    :func:`find_residual_sites` one :class:`TemporalShift` is inserted where the residual
-    branch starts. Inputs are clips with frames folded into the batch, ``(N*T, C, H, W)``.
-
-    Args:
-        model: the 2D network (a torchvision, timm or MMAction2 backbone, or your own).
-        n_segments: frames per clip ``T``; can be changed later with ``net.n_segments = T``.
-        shift_div: ``1/shift_div`` of the channels move each way.
-        direction: ``"bi"`` (past and future, offline) or ``"uni"`` (past only; streamable
-            with :func:`to_online`).
-        place: ``"residual"`` shifts only the branch input, the shortcut sees the unshifted
-            tensor (the paper's default); ``"block"`` shifts the block input for every consumer.
-        select: which sites to shift: glob pattern(s) over site names (``"layer[34].*"``) or
-            a callable ``site -> bool``. ``None`` shifts every residual site.
-        example_input: one input batch used to learn shapes; defaults to one random image.
-        leaf_modules: module classes or paths to keep as single nodes when tracing.
-        inplace: reuse ``model``'s modules instead of deep-copying them. The returned network
-            then shares parameters with ``model``; ``model`` itself keeps its forward.
-        online: return ``to_online(net)``, the frame-by-frame streaming form (needs
-            ``direction="uni"``), instead of the clip network.
-        no_residual: what to do with a network that has no residual join (DenseNet, VGG,
-            Inception, LCNet): ``"error"`` raises (the default); ``"first_conv"`` shifts the
-            tensor entering the first layer(s) of each block instead (sites of kind
-            ``"first_conv"``; see :func:`find_residual_sites`).
-
-    Returns:
-        A :class:`TSMNet` whose ``state_dict()`` keys are exactly ``model``'s, with no added
-        parameters or buffers; with ``online=True`` the :class:`OnlineTSM` made from it.
-
-    Raises:
-        ValueError: bad settings, or no residual site to shift (with a hint).
-        TraceError: a module could not be traced; the message names it.
-
-    Example:
-        >>> import torchvision
-        >>> net = convert(torchvision.models.resnet18(), n_segments=8)
-        >>> len(net.sites), net(torch.randn(2 * 8, 3, 64, 64)).shape
-        (8, torch.Size([16, 1000]))
-
-    When tracing fails:
-        The :class:`TraceError` names the module; pass it in ``leaf_modules`` or register it
-        with :func:`register_leaf_module`. Residual joins inside a leaf are not shifted.
-    """
-    check_shift_args(n_segments, shift_div, direction)
+def _check_settings(model: nn.Module, direction: str, place: str, online: bool, no_residual: str) -> None:
     if online and direction != "uni":
         raise ValueError(f"online=True needs direction='uni': with direction={direction!r} a frame reads "
                          "the next frame, which a stream has not seen yet. "
@@ -128,11 +69,26 @@ def convert(
                          "'block' the block input for every consumer.")
     if no_residual not in NO_RESIDUAL:
         raise ValueError(f"no_residual={no_residual!r} is not one of {NO_RESIDUAL}.")
-    root = model if inplace else copy.deepcopy(model)
-    train_graph, eval_graph = trace_train_and_eval(root, leaf_modules)
-    example_input = default_example_input(root) if example_input is None else example_input
+    if isinstance(model, (TSMNet, OnlineTSM)):
+        raise ValueError(
+            f"the model is already converted ({type(model).__name__}); converting it again would shift "
+            "every site twice. Hint: change its settings through attributes (net.n_segments = T), or "
+            "re-convert the original 2D model with the new settings."
+        )
+    shifted = next((name for name, m in model.named_modules() if isinstance(m, (TemporalShift, OnlineShift))), None)
+    if shifted is not None:
+        raise ValueError(
+            f"the model already holds a temporal shift at {shifted!r}; converting it would shift its "
+            "sites twice. Hint: convert the 2D model inside it instead, or change the converted part's "
+            "settings through its attributes (n_segments)."
+        )
+
+
+def _choose_sites(root: nn.Module, graphs: Dict[str, fx.Graph], example_input: torch.Tensor, select: Select,
+                  no_residual: str, model: nn.Module) -> Dict[str, List[ResidualSite]]:
+    """The sites to shift in each mode's graph: the eval graph's choice, found again in the train graph."""
     per_mode = {}
-    for mode, graph in (("train", train_graph), ("eval", eval_graph)):
+    for mode, graph in graphs.items():
         _, found = analyse_graph(root, graph, example_input)
         residual = [s for s in found if s.kind == "residual"]
         if not residual and no_residual == "first_conv":
@@ -151,12 +107,87 @@ def convert(
             "module whose forward depends on self.training as a leaf (leaf_modules=[...])."
         )
     per_mode["train"] = [train_by_name[s.name] for s in per_mode["eval"]]
+    return per_mode
+
+
+def convert(
+    model: nn.Module,
+    n_segments: int = 8,
+    *,
+    shift_div: int = 8,
+    direction: str = "bi",
+    place: str = "residual",
+    select: Select = None,
+    example_input: Optional[torch.Tensor] = None,
+    leaf_modules: Sequence[LeafSpec] = (),
+    inplace: bool = False,
+    online: bool = False,
+    no_residual: str = "error",
+    uni_slot: str = "past",
+) -> Union[TSMNet, OnlineTSM]:
+    """Turns a 2D image network into a Temporal Shift Module video network.
+
+    The network is traced with ``torch.fx``; at every residual join found by
+    :func:`find_residual_sites` one :class:`TemporalShift` is inserted where the residual
+    branch starts. Inputs are clips with frames folded into the batch, ``(N*T, C, H, W)``.
+
+    Args:
+        model: the 2D network (a torchvision, timm or MMAction2 backbone, or your own).
+        n_segments: frames per clip ``T``; can be changed later with ``net.n_segments = T``.
+        shift_div: ``1/shift_div`` of the channels move each way.
+        direction: ``"bi"`` (past and future, offline) or ``"uni"`` (past only; streamable
+            with :func:`to_online`).
+        uni_slot: with ``"uni"``, the channels that move from frame t-1: ``"past"``
+            (``[fold, 2*fold)``, the slot a ``"bi"`` network reads from the past, so a bi-trained
+            model keeps it) or ``"first"`` (``[0, fold)``, the paper's online demo).
+        place: ``"residual"`` shifts only the branch input, the shortcut sees the unshifted
+            tensor (the paper's default); ``"block"`` shifts the block input for every consumer.
+        select: which sites to shift: glob pattern(s) over site names (``"layer[34].*"``) or
+            a callable ``site -> bool``. ``None`` shifts every residual site.
+        example_input: one input batch used to learn shapes; defaults to one random image.
+        leaf_modules: module classes or paths to keep as single nodes when tracing; each must
+            match a module of ``model``.
+        inplace: reuse ``model``'s modules instead of deep-copying them. The returned network
+            then shares parameters with ``model``; ``model`` itself keeps its forward.
+        online: return ``to_online(net)``, the frame-by-frame streaming form (needs
+            ``direction="uni"``), instead of the clip network.
+        no_residual: what to do with a network that has no residual join (DenseNet, VGG,
+            Inception, LCNet): ``"error"`` raises (the default); ``"first_conv"`` shifts the
+            tensor entering the first layer(s) of each block instead (sites of kind
+            ``"first_conv"``; see :func:`find_residual_sites`).
+
+    Returns:
+        A :class:`TSMNet` whose ``state_dict()`` keys are exactly ``model``'s, with no added
+        parameters or buffers; with ``online=True`` the :class:`OnlineTSM` made from it.
+
+    Raises:
+        ValueError: bad settings (each names its parameter), a model that is already converted,
+            or no residual site to shift (with a hint).
+        TraceError: a module could not be traced; the message names it.
+
+    Example:
+        >>> import torchvision
+        >>> net = convert(torchvision.models.resnet18(), n_segments=8)
+        >>> len(net.sites), net(torch.randn(2 * 8, 3, 64, 64)).shape
+        (8, torch.Size([16, 1000]))
+
+    When tracing fails:
+        The :class:`TraceError` names the module; pass it in ``leaf_modules`` or register it
+        with :func:`register_leaf_module`. Residual joins inside a leaf are not shifted.
+    """
+    check_shift_args(n_segments, shift_div, direction, uni_slot)
+    _check_settings(model, direction, place, online, no_residual)
+    root = model if inplace else copy.deepcopy(model)
+    train_graph, eval_graph = trace_train_and_eval(root, leaf_modules)
+    example_input = default_example_input(root) if example_input is None else example_input
+    per_mode = _choose_sites(root, {"train": train_graph, "eval": eval_graph}, example_input, select,
+                             no_residual, model)
     shifts = nn.ModuleDict()
     for site in per_mode["eval"]:
         if site.channels < shift_div:
             raise ValueError(f"site {site.name!r} has {site.channels} channels, fewer than shift_div={shift_div}. "
                              "Hint: lower shift_div or leave the site out with select=.")
-        shifts[module_key(site.name)] = TemporalShift(n_segments, shift_div, direction, site.channel_dim)
+        shifts[module_key(site.name)] = TemporalShift(n_segments, shift_div, direction, site.channel_dim, uni_slot)
     _insert_shifts(train_graph, per_mode["train"], place)
     _insert_shifts(eval_graph, per_mode["eval"], place)
     net = TSMNet(root, train_graph, eval_graph, shifts, per_mode["eval"], place)

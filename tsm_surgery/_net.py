@@ -23,11 +23,12 @@ class TSMNet(fx.GraphModule):
 
     Attributes:
         sites: the shifted :class:`ResidualSite` objects, in graph order.
-        shift_div, direction, place: the conversion settings.
+        shift_div, direction, uni_slot, place: the conversion settings.
     """
 
     # TorchScript compiles properties; these read Python containers and are not part of forward.
-    __jit_unused_properties__ = ["n_segments", "shift_div", "direction"]
+    __jit_unused_properties__ = [*fx.GraphModule.__jit_unused_properties__, "n_segments", "shift_div", "direction",
+                                 "uni_slot"]
 
     def __init__(self, root: nn.Module, train_graph: fx.Graph, eval_graph: fx.Graph,
                  shifts: nn.ModuleDict, sites: List[ResidualSite], place: str, class_name: Optional[str] = None):
@@ -64,7 +65,7 @@ class TSMNet(fx.GraphModule):
 
     @n_segments.setter
     def n_segments(self, value: int) -> None:
-        check_shift_args(value, self.shift_div, self.direction)
+        check_shift_args(value, self.shift_div, self.direction, self.uni_slot)
         for shift in self.shift_modules().values():
             shift.n_segments = int(value)
 
@@ -75,6 +76,18 @@ class TSMNet(fx.GraphModule):
     @property
     def direction(self) -> str:
         return self._setting("direction")
+
+    @property
+    def uni_slot(self) -> str:
+        return getattr(next(iter(self.shift_modules().values())), "uni_slot", "past")
+
+    def __prepare_scriptable__(self) -> fx.GraphModule:
+        # torch.jit.script calls this first. TorchScript would compile the recompute scope's
+        # forward hooks, which are Python only (saved-tensor hooks do not exist in TorchScript),
+        # so it gets the current mode's graph over the same modules, without the hooks.
+        scriptable = fx.GraphModule(self, self.graph, class_name=type(self).__name__)
+        scriptable.train(self.training)
+        return scriptable
 
     def _parts(self):
         graphs = (self.train_graph, self.eval_graph)

@@ -1,200 +1,34 @@
 """Online (streaming) form of a uni-directional TSM network: one frame in, one output out.
 
-A ``direction="uni"`` network only moves channels ``[fold, 2*fold)`` forward in time, so frame
-t needs, at every shift site, that slot of frame t-1 and nothing else from the past. The
-online form keeps exactly that slot per site as a *cache*: at each step every site replaces its
-past slot with its cache and hands this frame's slot on as the next cache. Caches start at
-zero, which is the offline network's zero padding before the first frame. Run over frames
-0..t, the online outputs equal the offline uni network's outputs on the clip 0..t, for every t:
-that equality is the definition this module is tested against.
+A ``direction="uni"`` network moves one slot of ``fold`` channels forward in time (channels
+``[fold, 2*fold)``, or ``[0, fold)`` with ``uni_slot="first"``), so frame t needs, at every
+shift site, that slot of frame t-1 and nothing else from the past. The online form keeps
+exactly that slot per site as a *cache*: at each step every site replaces its moving slot with
+its cache and hands this frame's slot on as the next cache. Caches start at zero, which is the
+offline network's zero padding before the first frame. Run over frames 0..t, the online outputs
+equal the offline uni network's outputs on the clip 0..t, for every t: that equality is the
+definition this module is tested against.
 
-The online form is built by rewriting a copy of the converted network's eval graph: every
-``TemporalShift`` node becomes an :class:`OnlineShift` node reading a cache input, and the
-graph returns the new caches next to the output. That explicit-state graph (frame + caches in,
-output + new caches out, no Python state) is what :meth:`OnlineTSM.step` runs and what exports
-to ONNX and ``torch.export``. Run without autograd, most sites swap the cache into their input
-in place for the length of one layer and swap it back (:func:`_restore_slot`); traced, exported
-or differentiated, every site makes a shifted copy instead.
+The online form is the converted network's eval graph rewritten by :mod:`._online_graph`
+(frame + caches in, output + new caches out, no Python state): :meth:`OnlineTSM.step` runs it,
+and it exports to ONNX and ``torch.export``.
 """
 
 import copy
-import operator
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, fx, nn
-from torch.nn import functional as F
 
 from ._graph import ONLINE_SHIFTS, SHIFTS, adopt_module_tree, deepcopy_graph_module, module_key, module_tree
 from ._graph import reduce_graph_module
 from ._net import TSMNet
-from ._recompute import in_graph_capture
+from ._online_graph import OnlineShift, describe, rewrite
 
 __all__ = ["to_online", "OnlineTSM", "OnlineShift"]
 
 State = Dict[str, Tensor]
-
-
-class OnlineShift(nn.Module):
-    """The streaming form of one uni-directional :class:`TemporalShift` site.
-
-    ``forward(x, cache)`` takes the activation of the current frame ``x`` (``(N, C, ...)``, no
-    time axis) and the cache (that slot of the previous frame, ``fold`` channels), and returns
-    ``(shifted, new_cache)``: ``x`` with channels ``[fold, 2*fold)`` replaced by the cache, and
-    this frame's channels ``[fold, 2*fold)``. A ``None`` cache stands for zeros (the first
-    frame); it is used to learn the cache shapes.
-
-    Example:
-        >>> shift = OnlineShift("block", shift_div=4)
-        >>> x = torch.arange(4.).reshape(1, 4, 1, 1)
-        >>> out, cache = shift(x, torch.full((1, 1, 1, 1), -1.))
-        >>> out.flatten().tolist(), cache.flatten().tolist()
-        ([0.0, -1.0, 2.0, 3.0], [1.0])
-    """
-
-    def __init__(self, site: str, shift_div: int = 8, channel_dim: int = 1):
-        super().__init__()
-        self.site = site
-        self.shift_div = int(shift_div)
-        self.channel_dim = int(channel_dim)
-
-    def forward(self, x: Tensor, cache: Optional[Tensor], swap: bool = False) -> Tuple[Tensor, Tensor]:
-        """``swap=True`` lets the shift write the cache into ``x`` itself when that is safe (see
-        :func:`_restore_slot`, which must then run right after the one consumer of the result)."""
-        dim = self.channel_dim % x.dim()
-        channels = x.shape[dim]
-        fold = channels // self.shift_div
-        past = x.narrow(dim, fold, fold)
-        if cache is None:
-            cache = torch.zeros_like(past)
-        elif not torch.jit.is_tracing() and (cache.shape != past.shape or cache.dtype != x.dtype
-                                             or cache.device != x.device):
-            raise ValueError(
-                f"site {self.site!r}: the cache is {_describe(cache)} but this frame's activation needs "
-                f"{_describe(past)}. Hint: the state was made for frames of another size, batch, dtype "
-                "or device; make a new one with init_state(batch_size, device, dtype, frame_shape=...) "
-                "or call reset() on the internal-state form."
-            )
-        # A copy, not a view: a view would keep this frame's whole activation alive in the state.
-        new_cache = past.clone()
-        if swap and _can_swap(x):
-            past.copy_(cache)
-            return x, new_cache
-        shifted = torch.cat([x.narrow(dim, 0, fold), cache, x.narrow(dim, 2 * fold, channels - 2 * fold)], dim=dim)
-        return shifted, new_cache
-
-    def extra_repr(self) -> str:
-        return f"site={self.site!r}, shift_div={self.shift_div}, channel_dim={self.channel_dim}"
-
-
-# Consumers that read their input once and neither keep it, return a view of it, nor write
-# to it: the only kinds a shift may hand its input to with the slot swapped in place.
-_SWAP_SAFE_CONSUMERS = (
-    nn.modules.conv._ConvNd,  # first layer of a convolutional branch
-    nn.Linear,  # first layer of an MLP branch on tokens
-    nn.modules.batchnorm._NormBase,  # pre-activation branches start with a norm
-    nn.LayerNorm,
-    nn.GroupNorm,
-)
-# The same layers as traced functions (a conv wrapper with its own forward, such as mmcv's,
-# is traced into and shows up as the functional call).
-_SWAP_SAFE_FUNCTIONS = {
-    F.conv1d, F.conv2d, F.conv3d, F.linear, F.batch_norm, F.layer_norm, F.group_norm,
-    torch.conv1d, torch.conv2d, torch.conv3d,
-}
-
-
-def _can_swap(x: Tensor) -> bool:
-    """In-place use of ``x`` is safe: no autograd, no exporter or tracer, no overlapping memory."""
-    if torch.is_grad_enabled() or in_graph_capture():
-        return False
-    return x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
-
-
-def _restore_slot(x: Tensor, shifted: Tensor, new_cache: Tensor, channel_dim: int) -> None:
-    """Undoes a swapped-in shift once its consumer has read ``x``: puts this frame's slot back.
-
-    The online shift at one frame moves a single slot, so instead of a shifted copy of the whole
-    activation (one read and one write of all of it), the swap writes the cache into ``x``, lets
-    the branch's first layer read it, and writes the saved slot back: three copies of 1/shift_div
-    of the channels. The shortcut, which runs later, sees ``x`` bit for bit as it was.
-    """
-    if isinstance(x, fx.Proxy):  # re-tracing a pickled graph: keep the node, it has no users
-        x.tracer.create_proxy("call_function", _restore_slot, (x, shifted, new_cache, channel_dim), {})
-        return None
-    if shifted is x:
-        dim = channel_dim % x.dim()
-        fold = new_cache.shape[dim]
-        x.narrow(dim, fold, fold).copy_(new_cache)
-
-
-def _describe(t: Tensor) -> str:
-    return f"shape {tuple(t.shape)} {str(t.dtype).replace('torch.', '')} on {t.device}"
-
-
-def _rewrite(graph: fx.Graph, keys: Sequence[str], root: nn.Module) -> fx.Graph:
-    """Turns the shift nodes of an eval graph into online shifts with cache inputs and outputs.
-
-    A site whose shifted tensor feeds one layer that only reads it (:data:`_SWAP_SAFE_CONSUMERS`,
-    :data:`_SWAP_SAFE_FUNCTIONS`), and whose input is not the network's own input, gets the
-    in-place slot swap: the online shift
-    runs just before that layer and :func:`_restore_slot` just after it, so no other node can
-    see the swapped activation.
-    """
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != 1:
-        raise ValueError(
-            f"to_online needs a network whose forward takes one tensor (the frames); this one takes "
-            f"{[n.target for n in placeholders]}. Hint: wrap it in a module whose forward(x) fills the others."
-        )
-    shift_nodes = {n.target: n for n in graph.nodes if n.op == "call_module" and str(n.target).startswith(SHIFTS + ".")}
-    cursor = placeholders[0]
-    caches, new_caches = [], []
-    for key in keys:
-        with graph.inserting_after(cursor):
-            cursor = graph.placeholder(f"cache_{key}")
-        caches.append(cursor)
-    for key, cache in zip(keys, caches):
-        node = shift_nodes.pop(f"{SHIFTS}.{key}", None)
-        if node is None:
-            raise RuntimeError(f"the eval graph has no shift node for {key!r}; was the network edited after convert?")
-        source, channel_dim = node.args[0], root.get_submodule(str(node.target)).channel_dim
-        consumer = _swap_consumer(node, root)
-        swap = consumer is not None and source.op != "placeholder"
-        with graph.inserting_before(consumer if swap else node.next):
-            pair = graph.call_module(f"{ONLINE_SHIFTS}.{key}", (source, cache, swap))
-            shifted = graph.call_function(operator.getitem, (pair, 0))
-            new_cache = graph.call_function(operator.getitem, (pair, 1))
-        new_caches.append(new_cache)
-        node.replace_all_uses_with(shifted)
-        graph.erase_node(node)
-        if swap:
-            with graph.inserting_after(consumer):
-                graph.call_function(_restore_slot, (source, shifted, new_cache, channel_dim))
-    output = next(n for n in graph.nodes if n.op == "output")
-    output.args = ((output.args[0], *new_caches),)
-    graph.lint()
-    return graph
-
-
-def _swap_consumer(node: fx.Node, root: nn.Module) -> Optional[fx.Node]:
-    """The single consumer of a shift node, if it may read a swapped-in-place input."""
-    if len(node.users) != 1:
-        return None
-    (user,) = node.users
-    # The shifted tensor must be the layer's input and only that; the unshifted one not at all.
-    if not user.args or user.args[0] is not node or node in user.args[1:] or node in user.kwargs.values():
-        return None
-    if node.args[0] in user.all_input_nodes:
-        return None
-    if user.op == "call_function":
-        return user if user.target in _SWAP_SAFE_FUNCTIONS else None
-    if user.op != "call_module":
-        return None
-    module = root.get_submodule(str(user.target))
-    if not isinstance(module, _SWAP_SAFE_CONSUMERS) or module._forward_hooks or module._forward_pre_hooks:
-        return None
-    return user
+_STREAM_ATTRIBUTES = ("_state", "_stream", "_cache_specs")  # the running streams, kept by copy and pickle
 
 
 class OnlineTSM(nn.Module):
@@ -212,8 +46,11 @@ class OnlineTSM(nn.Module):
       same computation as a module taking ``(frames, *caches)`` and returning
       ``(out, *new_caches)`` in :attr:`state_names` order, for ``torch.onnx`` and ``torch.export``.
 
-    ``state_dict()`` keys are the original 2D model's. The module is returned in eval mode:
-    the online form is the eval graph (training graphs specialise drop path and the like).
+    ``state_dict()`` keys are the original 2D model's. The module runs in eval mode only (the
+    online form is the eval graph; training graphs specialise drop path and the like, and a
+    stream of single frames would update BatchNorm statistics one frame at a time):
+    ``online.train()`` raises. ``copy.deepcopy`` and pickling keep the running streams, so a
+    copy made mid-stream continues exactly as the original would.
 
     A frame whose shape, batch, dtype or device differs from the running stream raises a
     ``ValueError`` naming both; streams are never reset silently.
@@ -248,16 +85,23 @@ class OnlineTSM(nn.Module):
         for attr in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
             step.__dict__[attr] = self.__dict__[attr]
         object.__setattr__(self, "_step_module", step)  # not a registered child: no duplicate keys
-        step.training = self.training
         self._state: Optional[State] = None
         self._stream: Optional[Tuple] = None
         self._cache_specs: Dict[Tuple, List[Tuple[Tuple[int, ...], torch.dtype]]] = {}
+        self.eval()
 
     def train(self, mode: bool = True) -> "OnlineTSM":
+        if mode:
+            raise RuntimeError(
+                "OnlineTSM runs in eval mode only: in train mode BatchNorm would normalise each frame by "
+                "its own statistics and update the running statistics frame by frame. Hint: train the "
+                "clip network (convert(model, direction='uni')) and call to_online on it; to "
+                "backpropagate through time, call online.step(frames, state), which keeps the graph."
+            )
         # Exporters switch the module they are given to eval and back to its own flag: keep the
         # step module's flag equal to ours, or exporting it would leave our layers in train mode.
-        self._step_module.training = mode
-        return super().train(mode)
+        self._step_module.training = False
+        return super().train(False)
 
     # ------------------------------------------------------------------ explicit state
     @property
@@ -291,18 +135,12 @@ class OnlineTSM(nn.Module):
         key = (frame_shape, self._param_dtype(), device, autocast)
         if key not in self._cache_specs:
             probe = torch.zeros((1,) + frame_shape, device=device, dtype=self._param_dtype())
-            was_training = self.training
-            if was_training:  # leave per-module modes alone unless we must switch
-                self.eval()
             try:
                 with torch.no_grad():
                     outs = self._step_module(probe, *[None] * len(self.state_names))
             except Exception as err:
                 raise ValueError(f"cannot run the network on a frame of shape {frame_shape}: {type(err).__name__}: "
                                  f"{err}. Hint: frame_shape is (C, H, W) without the batch.") from err
-            finally:
-                if was_training:
-                    self.train(True)
             self._cache_specs[key] = [(tuple(c.shape[1:]), c.dtype) for c in outs[1:]]
         return self._cache_specs[key]
 
@@ -384,7 +222,7 @@ class OnlineTSM(nn.Module):
             self._stream = stream
         elif stream != self._stream:
             raise ValueError(
-                f"this frame is {_describe(frames)} but the running streams got {_describe_stream(self._stream)}. "
+                f"this frame is {describe(frames)} but the running streams got {_describe_stream(self._stream)}. "
                 "Hint: call online.reset() to start new streams with the new input."
             )
         out, state = self.step(frames, self._state)
@@ -420,7 +258,8 @@ class OnlineTSM(nn.Module):
         return self._state
 
     def _parts(self):
-        return (self.graph,), (self.sites, self.shift_div, self.frame_shape), {}
+        state = {k: self.__dict__[k] for k in _STREAM_ATTRIBUTES}
+        return (self.graph,), (self.sites, self.shift_div, self.frame_shape), state
 
     def __reduce__(self):
         graphs, args, state = self._parts()
@@ -432,7 +271,7 @@ class OnlineTSM(nn.Module):
 
 
 def _rebuild(tree: nn.Module, graphs: List[fx.Graph], sites: Sequence, shift_div: int, frame_shape) -> OnlineTSM:
-    return OnlineTSM(tree, graphs[0], sites, shift_div, frame_shape).train(tree.training)
+    return OnlineTSM(tree, graphs[0], sites, shift_div, frame_shape)
 
 
 def _describe_stream(stream: Tuple) -> str:
@@ -477,12 +316,11 @@ def to_online(net: TSMNet, *, frame_shape: Optional[Sequence[int]] = None, inpla
     if not inplace:
         net = copy.deepcopy(net)
     keys = [module_key(site.name) for site in net.sites]
-    graph = _rewrite(copy.deepcopy(net.eval_graph), keys, net)
+    graph = rewrite(copy.deepcopy(net.eval_graph), keys, net)
     root = module_tree(net, skip=(SHIFTS,))
     online_shifts = nn.ModuleDict()
     for site, key in zip(net.sites, keys):
         shift = shifts[site.name]
-        online_shifts[key] = OnlineShift(site.name, shift.shift_div, shift.channel_dim)
+        online_shifts[key] = OnlineShift(site.name, shift.shift_div, shift.channel_dim, shift.uni_slot)
     root.add_module(ONLINE_SHIFTS, online_shifts)
-    online = OnlineTSM(root, graph, net.sites, net.shift_div, frame_shape)
-    return online.eval()
+    return OnlineTSM(root, graph, net.sites, net.shift_div, frame_shape)

@@ -5,8 +5,10 @@ A clip batch is ``(N*T, C, ...)`` with the ``T`` frames of each clip contiguous.
 
 * ``"bi"``: channels ``[0, fold)`` of frame t come from frame t+1 (zeros at the last frame),
   channels ``[fold, 2*fold)`` from frame t-1 (zeros at the first frame); the rest stay.
-* ``"uni"``: only channels ``[fold, 2*fold)`` move, from frame t-1 (zeros at the first frame),
-  so frame t never sees a later frame.
+* ``"uni"``: one slot moves, from frame t-1 (zeros at the first frame), so frame t never sees a
+  later frame. ``uni_slot="past"`` (the default) moves ``[fold, 2*fold)``, the slot a ``"bi"``
+  network reads from the past, so a bi-trained model keeps its past slot; ``uni_slot="first"``
+  moves ``[0, fold)``, the layout of the paper's online demo.
 
 Three forms compute the same tensor, each where it is cheapest:
 
@@ -19,6 +21,8 @@ Three forms compute the same tensor, each where it is cheapest:
   that produces the input (:func:`_shift_selecting`).
 """
 
+import math
+import numbers
 from typing import List
 
 import torch
@@ -26,22 +30,49 @@ from torch import Tensor, nn
 
 from ._recompute import in_graph_capture, mark_recomputable, recording
 
-__all__ = ["temporal_shift", "TemporalShift", "DIRECTIONS"]
+__all__ = ["temporal_shift", "TemporalShift", "DIRECTIONS", "UNI_SLOTS"]
 
 DIRECTIONS = ("bi", "uni")
+UNI_SLOTS = ("past", "first")  # which channels a "uni" shift moves: [fold, 2*fold) or [0, fold)
 
 
-def check_shift_args(n_segments: int, shift_div: int, direction: str) -> None:
-    """Raises ValueError for arguments no clip can satisfy."""
+def check_int(name: str, value, least: int, meaning: str) -> int:
+    """``value`` as an int, or ValueError naming ``name``: bools, floats, None and NaN are refused, never truncated."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        shown = "NaN" if isinstance(value, float) and math.isnan(value) else repr(value)
+        raise ValueError(f"{name} must be an int ({meaning}), got {shown} of type {type(value).__name__}. "
+                         f"Hint: pass a whole number such as {name}={max(least, 8)}.")
+    if value < least:
+        raise ValueError(f"{name} must be at least {least} ({meaning}), got {value}.")
+    return int(value)
+
+
+def check_shift_args(n_segments: int, shift_div: int, direction: str, uni_slot: str = "past") -> None:
+    """Raises ValueError for arguments no clip can satisfy, naming the argument."""
     if direction not in DIRECTIONS:
         raise ValueError(
             f"direction={direction!r} is not one of {DIRECTIONS}: 'bi' mixes past and future "
             "frames (offline), 'uni' only the past (online/streaming)."
         )
-    if int(n_segments) < 1:
-        raise ValueError(f"n_segments must be a positive number of frames per clip, got {n_segments}.")
-    if int(shift_div) < 2:
-        raise ValueError(f"shift_div must be at least 2 (1/shift_div of the channels move each way), got {shift_div}.")
+    if uni_slot not in UNI_SLOTS:
+        raise ValueError(f"uni_slot={uni_slot!r} is not one of {UNI_SLOTS}: 'past' moves channels [fold, 2*fold) "
+                         "(a bi network's past slot), 'first' channels [0, fold) (the paper's online demo).")
+    if uni_slot != "past" and direction != "uni":
+        raise ValueError(f"uni_slot={uni_slot!r} applies to direction='uni' only; direction={direction!r} moves "
+                         "both slots. Hint: convert(..., direction='uni', uni_slot=...).")
+    check_int("n_segments", n_segments, 1, "frames per clip")
+    check_int("shift_div", shift_div, 2, "1/shift_div of the channels move each way")
+
+
+def check_int_dim(channel_dim) -> int:
+    if isinstance(channel_dim, bool) or not isinstance(channel_dim, numbers.Integral):
+        raise ValueError(f"channel_dim must be an int (1 for NCHW, -1 for NHWC or tokens), got {channel_dim!r}.")
+    return int(channel_dim)
+
+
+def _mode(direction: str, uni_slot: str) -> str:
+    """The one string the kernels switch on: "bi", "uni" (the past slot) or "uni_first"."""
+    return "uni_first" if direction == "uni" and uni_slot == "first" else direction
 
 
 def _check_input(x: Tensor, n_segments: int, shift_div: int, channel_dim: int) -> None:
@@ -68,12 +99,15 @@ def _shift_frames(v: Tensor, channel_dim: int, fold: int, direction: str) -> Ten
 
     This functional form is the one TorchScript, tracing/ONNX export and ``torch.compile`` see:
     it has no in-place writes, so exporters emit plain Slice/Concat and inductor fuses it.
+    ``direction`` is a kernel mode (see :func:`_mode`).
     """
     frames = v.shape[1]
     channels = v.shape[channel_dim]
-    past = v.narrow(channel_dim, fold, fold)
+    past = v.narrow(channel_dim, 0 if direction == "uni_first" else fold, fold)
     first = torch.zeros_like(past.narrow(1, 0, 1))
     from_past = torch.cat([first, past.narrow(1, 0, frames - 1)], dim=1)
+    if direction == "uni_first":
+        return torch.cat([from_past, v.narrow(channel_dim, fold, channels - fold)], dim=channel_dim)
     rest = v.narrow(channel_dim, 2 * fold, channels - 2 * fold)
     if direction == "uni":
         return torch.cat([v.narrow(channel_dim, 0, fold), from_past, rest], dim=channel_dim)
@@ -98,6 +132,8 @@ def _shift_selecting(x: Tensor, n_segments: int, fold: int, direction: str, chan
     channel_shape[channel_dim] = channels
     channel = torch.arange(channels, device=x.device).view(channel_shape)
     from_past = torch.where(frame != 0, x.roll(1, 0), 0.0)
+    if direction == "uni_first":
+        return torch.where(channel < fold, from_past, x)
     if direction == "uni":
         return torch.where((channel >= fold) & (channel < 2 * fold), from_past, x)
     from_future = torch.where(frame != n_segments - 1, x.roll(-1, 0), 0.0)
@@ -112,6 +148,8 @@ _SLOTS = {
     ("bi", True): ((0, -1), (1, 1)),
     ("uni", False): ((1, -1),),
     ("uni", True): ((1, 1),),
+    ("uni_first", False): ((0, -1),),
+    ("uni_first", True): ((0, 1),),
 }
 
 
@@ -129,7 +167,7 @@ def _shift_copy(v: Tensor, channel_dim: int, fold: int, direction: str, reverse:
         v: a dense ``(N, T, ...)`` view of the clips.
         channel_dim: the channel dimension of ``v``.
         fold: channels per moving slot.
-        direction: ``"bi"`` or ``"uni"``.
+        direction: the kernel mode, ``"bi"``, ``"uni"`` or ``"uni_first"`` (see :func:`_mode`).
         reverse: shift the other way (the backward of the forward shift).
     """
     frames = v.shape[1]
@@ -146,9 +184,11 @@ def _shift_copy(v: Tensor, channel_dim: int, fold: int, direction: str, reverse:
         dst.narrow(1, frames - 1 if offset > 0 else 0, 1).zero_()
     if whole_first:
         return out
-    if direction == "uni":
-        out.narrow(channel_dim, 0, fold).copy_(v.narrow(channel_dim, 0, fold))
-    out.narrow(channel_dim, 2 * fold, channels - 2 * fold).copy_(v.narrow(channel_dim, 2 * fold, channels - 2 * fold))
+    slots = [slot for slot, _ in _SLOTS[(direction, reverse)]]
+    lo, hi = min(slots) * fold, (max(slots) + 1) * fold  # the moving slots are adjacent
+    if lo:
+        out.narrow(channel_dim, 0, lo).copy_(v.narrow(channel_dim, 0, lo))
+    out.narrow(channel_dim, hi, channels - hi).copy_(v.narrow(channel_dim, hi, channels - hi))
     return out
 
 
@@ -183,13 +223,18 @@ def _compiling_not_exporting() -> bool:
     return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
 
 
-def _temporal_shift(x: Tensor, n_segments: int, shift_div: int, direction: str, channel_dim: int) -> Tensor:
+def _temporal_shift(x: Tensor, n_segments: int, shift_div: int, direction: str, channel_dim: int,
+                    uni_slot: str = "past") -> Tensor:
     source, original_dim = x, channel_dim
+    if channel_dim < -x.dim() or channel_dim >= x.dim():
+        raise ValueError(f"channel_dim={channel_dim} is out of range for a tensor of shape {list(x.shape)} "
+                         f"(rank {x.dim()}): channels are dim 1 (NCHW) or -1 (NHWC, tokens).")
     channel_dim = channel_dim % x.dim()
     _check_input(x, n_segments, shift_div, channel_dim)
     fold = x.shape[channel_dim] // shift_div
+    mode = _mode(direction, uni_slot)
     if _compiling_not_exporting():
-        return _shift_selecting(x, n_segments, fold, direction, channel_dim)
+        return _shift_selecting(x, n_segments, fold, mode, channel_dim)
     # channels_last: shift the (N*T, H, W, C) view, whose memory is contiguous, so the result
     # keeps the caller's memory format without an extra copy.
     channels_last = (channel_dim == 1 and x.dim() == 4 and not x.is_contiguous()
@@ -200,23 +245,24 @@ def _temporal_shift(x: Tensor, n_segments: int, shift_div: int, direction: str, 
     shape: List[int] = list(x.shape)
     clips = x.reshape([shape[0] // n_segments, n_segments] + shape[1:])
     if torch.jit.is_scripting():  # a literal check: TorchScript then skips compiling the eager branch
-        out = _shift_frames(clips, channel_dim + 1, fold, direction)
+        out = _shift_frames(clips, channel_dim + 1, fold, mode)
     elif _use_functional_form():
-        out = _shift_frames(clips, channel_dim + 1, fold, direction)
+        out = _shift_frames(clips, channel_dim + 1, fold, mode)
     else:
-        out = _eager_shift(clips.contiguous(), channel_dim + 1, fold, direction)
+        out = _eager_shift(clips.contiguous(), channel_dim + 1, fold, mode)
     out = out.reshape(shape)
     out = out.permute(0, 3, 1, 2) if channels_last else out
     if not torch.jit.is_scripting():
         if recording() and out.requires_grad and not _use_functional_form():
             # Inside a recompute scope: a consumer that saves this output for its backward
             # (the branch's first conv saves its input) stores how to rebuild it instead.
-            mark_recomputable(out, source, _temporal_shift, n_segments, shift_div, direction, original_dim)
+            mark_recomputable(out, source, _temporal_shift, n_segments, shift_div, direction, original_dim, uni_slot)
     return out
 
 
 def temporal_shift(
-    x: Tensor, n_segments: int, shift_div: int = 8, direction: str = "bi", channel_dim: int = 1
+    x: Tensor, n_segments: int, shift_div: int = 8, direction: str = "bi", channel_dim: int = 1,
+    uni_slot: str = "past",
 ) -> Tensor:
     """Shifts 1/``shift_div`` of the channels one frame along time.
 
@@ -226,7 +272,10 @@ def temporal_shift(
         n_segments: frames per clip, ``T``.
         shift_div: ``1/shift_div`` of the channels move each way.
         direction: ``"bi"`` (past and future, offline) or ``"uni"`` (past only, online).
-        channel_dim: the channel dimension of ``x``.
+        channel_dim: the channel dimension of ``x`` (in range for its rank; never wrapped).
+        uni_slot: with ``"uni"``, which channels move from frame t-1: ``"past"`` (the default,
+            ``[fold, 2*fold)``, a bi network's past slot) or ``"first"`` (``[0, fold)``, the
+            layout of the paper's online demo).
 
     Returns:
         A new tensor of ``x``'s shape; ``x`` is not modified.
@@ -246,10 +295,12 @@ def temporal_shift(
     if isinstance(x, torch.fx.Proxy):
         return x.tracer.create_proxy(
             "call_function", temporal_shift, (x,),
-            {"n_segments": n_segments, "shift_div": shift_div, "direction": direction, "channel_dim": channel_dim},
+            {"n_segments": n_segments, "shift_div": shift_div, "direction": direction, "channel_dim": channel_dim,
+             "uni_slot": uni_slot},
         )
-    check_shift_args(n_segments, shift_div, direction)
-    return _temporal_shift(x, n_segments, shift_div, direction, channel_dim)
+    check_shift_args(n_segments, shift_div, direction, uni_slot)
+    check_int_dim(channel_dim)
+    return _temporal_shift(x, n_segments, shift_div, direction, channel_dim, uni_slot)
 
 
 class TemporalShift(nn.Module):
@@ -264,17 +315,20 @@ class TemporalShift(nn.Module):
         torch.Size([16, 64, 7, 7])
     """
 
-    def __init__(self, n_segments: int, shift_div: int = 8, direction: str = "bi", channel_dim: int = 1):
+    def __init__(self, n_segments: int, shift_div: int = 8, direction: str = "bi", channel_dim: int = 1,
+                 uni_slot: str = "past"):
         super().__init__()
-        check_shift_args(n_segments, shift_div, direction)
+        check_shift_args(n_segments, shift_div, direction, uni_slot)
         self.n_segments = int(n_segments)
         self.shift_div = int(shift_div)
         self.direction = direction
-        self.channel_dim = int(channel_dim)
+        self.channel_dim = check_int_dim(channel_dim)
+        self.uni_slot = uni_slot
 
     def forward(self, x: Tensor) -> Tensor:
-        return _temporal_shift(x, self.n_segments, self.shift_div, self.direction, self.channel_dim)
+        return _temporal_shift(x, self.n_segments, self.shift_div, self.direction, self.channel_dim, self.uni_slot)
 
     def extra_repr(self) -> str:
+        slot = f", uni_slot={self.uni_slot!r}" if self.direction == "uni" else ""
         return (f"n_segments={self.n_segments}, shift_div={self.shift_div}, "
-                f"direction={self.direction!r}, channel_dim={self.channel_dim}")
+                f"direction={self.direction!r}{slot}, channel_dim={self.channel_dim}")

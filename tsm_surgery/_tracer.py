@@ -168,12 +168,34 @@ def _failed_soft_leaf(model: nn.Module, tracer: "SiteTracer") -> Optional[type]:
     return None
 
 
+def check_leaf_modules(model: nn.Module, specs: Sequence[LeafSpec]) -> None:
+    """Raises ValueError naming the ``leaf_modules`` entries that match no module of ``model``."""
+    if isinstance(specs, (str, type)):
+        raise ValueError(f"leaf_modules must be a list, got {specs!r}. Hint: leaf_modules=[{specs!r}].")
+    named = dict(model.named_modules())
+    bad = [spec for spec in specs if not isinstance(spec, (str, type))]
+    if bad:
+        raise ValueError(f"leaf_modules entries must be module classes or dotted module paths, got {bad!r}.")
+    types = {type(m) for m in named.values()}
+    unmatched = [spec for spec in specs if (spec not in named if isinstance(spec, str)
+                                            else not any(issubclass(t, spec) for t in types))]
+    if unmatched:
+        shown = [s if isinstance(s, str) else s.__name__ for s in unmatched]
+        paths = [p for p in named if p][:6]
+        raise ValueError(
+            f"leaf_modules entries {shown} match no module of {type(model).__name__}. Hint: give module "
+            f"classes, or dotted paths from model.named_modules() such as {paths}."
+        )
+
+
 def trace(model: nn.Module, extra_leaf_modules: Sequence[LeafSpec] = ()) -> fx.Graph:
     """Traces ``model.forward`` in the model's current train/eval mode.
 
     Raises:
+        ValueError: an entry of ``extra_leaf_modules`` matches no module of ``model``.
         TraceError: naming the innermost module that failed and how to keep it as a leaf.
     """
+    check_leaf_modules(model, extra_leaf_modules)
     concrete = _default_arguments(model)
     kept_whole: List[type] = []
     while True:
