@@ -10,7 +10,7 @@ import torch
 
 import tsm_surgery
 from tsm_surgery import OnlineTSM, to_online
-from tsm_surgery import _online
+from tsm_surgery import _online, _online_graph
 from tsm_surgery.integrations.models import build_model
 
 from utils import randomize_norms
@@ -61,7 +61,7 @@ def test_online_equals_offline_uni_on_every_prefix(spec):
 
 
 def _swapped_sites(online):
-    return sum(n.op == "call_function" and n.target is _online._restore_slot for n in online.graph.nodes)
+    return sum(n.op == "call_function" and n.target is _online_graph._restore_slot for n in online.graph.nodes)
 
 
 @pytest.mark.parametrize("spec", ["timm:resnet18", "timm:convnext_atto"])
@@ -306,9 +306,10 @@ def test_docstring_examples():
     import torchvision
 
     online = to_online(tsm_surgery.convert(torchvision.models.resnet18(), n_segments=8, direction="uni"))
-    result = doctest.testmod(_online, extraglobs={"tsm_surgery": tsm_surgery, "online": online},
-                             optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0 and result.failed == 0
+    for module in (_online, _online_graph):
+        result = doctest.testmod(module, extraglobs={"tsm_surgery": tsm_surgery, "online": online},
+                                 optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+        assert result.attempted > 0 and result.failed == 0
 
 
 # ---------------------------------------------------------------------------------- stream verb

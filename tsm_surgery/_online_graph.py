@@ -72,7 +72,7 @@ class OnlineShift(nn.Module):
             past.copy_(cache)
             return x, new_cache
         rest = x.narrow(dim, start + fold, channels - start - fold)
-        if start:
+        if self.slot:
             return torch.cat([x.narrow(dim, 0, start), cache, rest], dim=dim), new_cache
         return torch.cat([cache, rest], dim=dim), new_cache
 
