@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # wheel some machines offer has no matching torchvision (see DESIGN.md).
 TORCH := torch==2.13.0 torchvision==0.28.0
 
-.PHONY: demo test test-all bench setup
+.PHONY: demo test test-all test-gpu bench setup
 
 demo: $(STAMP)
 	$(VENV)/bin/tsm-surgery demo
@@ -16,6 +16,10 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m ''
+
+# The CUDA suite alone (tests/test_cuda.py): skipped, not failed, on a machine without a GPU.
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m cuda -p no:xdist
 
 bench: $(STAMP)
 	$(VENV)/bin/tsm-surgery bench

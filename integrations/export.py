@@ -71,7 +71,8 @@ def export_online(online: "tsm_surgery.OnlineTSM", path: str, batch_size: int = 
     """
     online.eval()
     state = online.init_state(batch_size, frame_shape=frame_shape)
-    frames = torch.zeros((batch_size,) + tuple(frame_shape), dtype=next(iter(state.values())).dtype)
+    first = next(iter(state.values()))
+    frames = torch.zeros((batch_size,) + tuple(frame_shape), dtype=first.dtype, device=first.device)
     cache_in = [f"cache_{i}" for i in range(len(state))]
     cache_out = [f"new_cache_{i}" for i in range(len(state))]
     with torch.no_grad():
@@ -95,7 +96,8 @@ def export_offline(net: "tsm_surgery.TSMNet", path: str, frame_shape: Tuple[int,
     """
     net.eval()
     segments = net.n_segments
-    clips = torch.zeros((2 * segments,) + tuple(frame_shape))
+    param = next(net.parameters())  # a model on CUDA exports from CUDA inputs
+    clips = torch.zeros((2 * segments,) + tuple(frame_shape), dtype=param.dtype, device=param.device)
     with torch.no_grad():
         out = net(clips)
         _export_onnx(net, (clips,), path, ["clips"], ["output"], exporter, dynamic={"clips": {0: ("clips", segments)}})

@@ -182,3 +182,23 @@ def _scores(printed):
     lines = [line for line in printed.splitlines() if line.startswith("frame ")]
     return [{c: float(p) for c, p in (item.split(":") for item in line.split("top-3:")[1].split())}
             for line in lines]
+
+
+def test_amp_config_builds_and_names_mmengines_amp_wrapper():
+    pytest.importorskip("mmaction")
+    import os
+
+    import tsm_surgery.integrations.mmaction  # noqa: F401  (compat + registration)
+    from mmengine.config import Config
+    from mmengine.optim import build_optim_wrapper
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = Config.fromfile(os.path.join(root, "configs", "tsm_surgery_r50_1x1x8_50e_kinetics400_amp.py"))
+    wrapper = cfg.optim_wrapper
+    assert wrapper.type == "AmpOptimWrapper" and wrapper.dtype == "float16"
+    # the base config's optimizer and parameter groups are kept
+    assert wrapper.constructor == "TSMSurgeryOptimWrapperConstructor" and wrapper.optimizer.type == "SGD"
+    if not torch.cuda.is_available():  # mmengine 0.10.7 has no CPU AMP training (tests/test_cuda.py trains it)
+        with pytest.raises(AssertionError, match="only available training on gpu"):
+            build_optim_wrapper(nn.Linear(2, 2), dict(type="AmpOptimWrapper", dtype="bfloat16",
+                                                      optimizer=dict(type="SGD", lr=0.1)))

@@ -13,9 +13,6 @@ Example:
 
 import contextlib
 import copy
-import cProfile
-import pstats
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
@@ -26,10 +23,11 @@ from torch import Tensor, nn
 import tsm_surgery
 
 from . import machine as machine_info
+from .breakdown import ConvertTimes, convert_times, profile_forward
 from .measure import CONTROL, clock_for, faulted_mib, keep_freed_memory, min_time, paired_ratios, peak_bytes
-from .peers import SHIFT_LABEL, ZeroFillShift, build_2d, build_models, labelled_shifts, set_mode, shift_inputs
+from .peers import ZeroFillShift, build_models, set_mode, shift_inputs
 
-__all__ = ["Settings", "BenchResult", "Compiled", "ConvertTimes", "Throughput", "run_bench", "DTYPES"]
+__all__ = ["Settings", "BenchResult", "Compiled", "Throughput", "run_bench", "DTYPES"]
 
 Paired = Dict[str, Dict[str, float]]  # name -> paired_ratios entry
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -69,15 +67,6 @@ class Compiled:
     copy_floor_s: float  # a compiled clone of every site input
     base_2d_s: float
     eval: Paired
-
-
-@dataclass
-class ConvertTimes:
-    spec: str
-    median_s: float
-    min_s: float
-    profiled_s: float
-    split: Dict[str, float]  # phase -> seconds of one convert() under cProfile
 
 
 @dataclass
@@ -190,7 +179,8 @@ def run_bench(settings: Settings) -> BenchResult:
         eval=eval_res, train=train_res, memory=memory, online=_online(run, models["2d"]),
         compiled=_compiled(run, models, sites, x_eval) if settings.compile else None,
         convert=convert_times(settings.convert_model, settings.frames, settings.convert_repeats),
-        profile=_profile(run, models["ours"], x_eval) if settings.profile else None,
+        profile=profile_forward(models["ours"], lambda: run.eval_call(models["ours"], x_eval), run.device)
+        if settings.profile else None,
         faults=faults, malloc_tuned=tuned, notes=notes)
     if device.type == "cuda":
         result.throughput = _throughput(run, models)
@@ -358,56 +348,3 @@ def _throughput(run: _Run, models: Dict[str, nn.Module]) -> Throughput:
     x = run.input(best * s.frames, s.eval_size)
     fns = {name: (lambda m=m: run.eval_call(m, x)) for name, m in models.items()}
     return Throughput(clips=best, search=search, eval=run.paired(fns, max(3, s.rounds // 3), 4))
-
-
-def convert_times(spec: str, frames: int, repeats: int) -> ConvertTimes:
-    """Median ``convert()`` time, and where one ``convert()`` spends it (cProfile, cumulative).
-
-    The split names only the standard library's and torch's functions (deep copy, torch.fx
-    tracing, the convolutions the shape propagation runs); the rest is the site analysis and
-    the rewrite.
-    """
-    model, _ = build_2d(spec)
-    times = []
-    for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        tsm_surgery.convert(model, frames)
-        times.append(time.perf_counter() - start)
-    profiler = cProfile.Profile()
-    profiler.enable()
-    tsm_surgery.convert(model, frames)
-    profiler.disable()
-    stats = pstats.Stats(profiler).stats
-    total = max(v[3] for v in stats.values())
-
-    def cumulative(file_tail: str, func: str) -> float:
-        # the outermost call's cumulative time: the largest among matching entries
-        return max((v[3] for (f, _, name), v in stats.items() if name == func and f.endswith(file_tail)), default=0.0)
-
-    split = {"deep copy of the model": cumulative("copy.py", "deepcopy"),
-             "torch.fx tracing (train and eval graphs)": cumulative("_symbolic_trace.py", "trace")}
-    split["site analysis, shape propagation and the rewrite"] = max(0.0, total - sum(split.values()))
-    split["  of which: conv2d on the example input"] = cumulative("~", "<built-in method torch.conv2d>")
-    return ConvertTimes(spec=spec, median_s=statistics.median(times), min_s=min(times), profiled_s=total, split=split)
-
-
-def _profile(run: _Run, model: nn.Module, x: Tensor) -> Tuple[str, Optional[float]]:
-    """torch.profiler table of one eval forward, and the shifts' share of its time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = run.device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    set_mode(model, False)
-    with labelled_shifts(model):
-        run.eval_call(model, x)
-        with profile(activities=activities) as prof:
-            run.eval_call(model, x)
-            if cuda:
-                torch.cuda.synchronize(run.device)
-    averages = prof.key_averages()
-    self_key, total_key = ("self_device_time_total", "device_time_total") if cuda else \
-        ("self_cpu_time_total", "cpu_time_total")
-    total = sum(getattr(event, self_key) for event in averages)
-    shift = sum(getattr(event, total_key) for event in averages if event.key == SHIFT_LABEL)
-    table = averages.table(sort_by=total_key, row_limit=14, max_name_column_width=34)
-    return table, (shift / total if total else None)
