@@ -142,12 +142,14 @@ def test_quick_fills_only_the_flags_not_given():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
-def test_cuda_bench_refuses_clearly_without_cuda(tmp_path):
+def test_cuda_bench_refuses_clearly_without_cuda(tmp_path, capsys):
     from tsm_surgery.cli import main
 
     out = tmp_path / "BENCH.md"
-    with pytest.raises(SystemExit, match=r"--device cuda: no CUDA device is available .*Hint"):
-        main(["bench", "--device", "cuda", "--quick", "--output", str(out)])
+    with pytest.raises(ValueError, match=r"--device cuda: no CUDA device is available .*Hint"):
+        bench.run(_args("--device", "cuda", "--quick", "--output", str(out)))
+    assert main(["bench", "--device", "cuda", "--quick", "--output", str(out)]) == 1
+    assert "tsm-surgery bench: --device cuda: no CUDA device is available" in capsys.readouterr().err
     assert not out.exists()
 
 

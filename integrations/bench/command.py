@@ -81,13 +81,12 @@ def _check_device(settings: Settings) -> None:
         return
     if not torch.cuda.is_available():
         built = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-        raise SystemExit(
-            f"tsm-surgery bench --device cuda: no CUDA device is available (torch {torch.__version__}, {built}). "
+        raise ValueError(
+            f"--device cuda: no CUDA device is available (torch {torch.__version__}, {built}). "
             "Hint: run it on a machine with an NVIDIA GPU and a CUDA build of torch, or leave out --device "
             "for the CPU bench.")
     if settings.dtype == "bf16" and not torch.cuda.is_bf16_supported():
-        raise SystemExit("tsm-surgery bench --device cuda --dtype bf16: this GPU has no bfloat16 support. "
-                         "Hint: --amp or --dtype fp16.")
+        raise ValueError("--device cuda --dtype bf16: this GPU has no bfloat16 support. Hint: --amp or --dtype fp16.")
 
 
 def run(args: argparse.Namespace) -> int:
