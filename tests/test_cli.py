@@ -144,3 +144,13 @@ def test_broken_videos_are_named(tmp_path, capsys):
     assert "16 frames" in capsys.readouterr().out
     for name in ("truncated.mp4", "corrupt.mp4"):
         _one_line_error(capsys, ["stream", str(tmp_path / name)] + argv[1:], name, "cannot decode")
+
+
+@pytest.mark.parametrize("module", ["checkpoint_io", "outputs"])
+def test_docstring_examples(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(f"tsm_surgery.integrations.{module}"),
+                             optionflags=doctest.ELLIPSIS)
+    assert result.attempted and result.failed == 0

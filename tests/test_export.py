@@ -145,3 +145,35 @@ def test_export_verb_offline_and_errors(tmp_path):
         torch.save(_model("timm:resnet18", classes=3).state_dict(), tmp_path / "r18.pth")
         main(["export", "--model", "timm:resnet18", "--checkpoint", str(tmp_path / "r18.pth"), "--size", "32",
               "--output", str(tmp_path / "x.onnx"), "--debug"])
+
+
+def test_export_never_overwrites_without_force(tmp_path, capsys):
+    from tsm_surgery.cli import main
+
+    out, side, data = tmp_path / "r18.onnx", tmp_path / "r18.json", tmp_path / "r18.onnx.data"
+    argv = ["export", "--model", "timm:resnet18", "--offline", "--n-segments", "2", "--size", "32",
+            "--exporter", "legacy", "--output", str(out)]
+    side.write_text("the user's own json")
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "r18.json already exists" in err
+    assert all(str(p) in err for p in (out, data, side)) and "belong together" in err and "--force" in err
+    assert side.read_text() == "the user's own json" and not out.exists()
+
+    data.write_bytes(b"weights of an older dynamo export")  # --force replaces the whole set: no stale member
+    assert main(argv + ["--force"]) == 0
+    assert json.loads(side.read_text())["onnx"] == "r18.onnx" and not data.exists()
+    graph = out.read_bytes()
+    capsys.readouterr()
+    assert main(argv) == 1 and "r18.onnx, " in capsys.readouterr().err.split("already exist")[0]
+    assert out.read_bytes() == graph
+
+
+def test_export_sidecar_cannot_land_on_the_graph(tmp_path, capsys):
+    from tsm_surgery.cli import main
+
+    target = tmp_path / "x.json"
+    assert main(["export", "--model", "timm:resnet18", "--offline", "--size", "32", "--exporter", "legacy",
+                 "--output", str(target)]) == 1
+    assert "would overwrite the ONNX graph" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
