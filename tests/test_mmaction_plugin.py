@@ -192,3 +192,85 @@ def test_unknown_inner_backbone(backbone, message):
 def test_bad_shift_place():
     with pytest.raises(ValueError, match="model.backbone.shift_place"):
         TSMSurgeryBackbone(backbone=dict(type="ResNet", depth=18), shift_place="somewhere")
+
+
+def _tiny_swin(**extra):
+    return dict(type="timm.swin_tiny_patch4_window7_224", pretrained=False, img_size=64, window_size=4,
+                embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), **extra)
+
+
+@pytest.mark.parametrize("extra", [{}, {"feature_shape": "NHWC"}], ids=["output_fmt", "feature_shape"])
+def test_wrapped_timm_nhwc_backbone_hands_the_head_nchw(extra):
+    """Swin's maps are NHWC; the stock TSNHead pools NCHW. Recognizer2D's `feature_shape` is read, not passed to timm."""
+    model = MODELS.build(dict(
+        type="Recognizer2D",
+        backbone=dict(type="TSMSurgeryBackbone", num_segments=2, backbone=_tiny_swin(**extra), example_input_size=64),
+        cls_head=dict(type="TSNHead", num_classes=3, in_channels=256, init_std=0.01)))
+    backbone = model.backbone.eval()
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        raw = backbone.net(x)  # the converted timm model's own NHWC output
+        got = backbone(x)
+        scores = model.cls_head(got, num_segs=2)  # the stock head takes the wrapped features as they are
+    assert raw.shape == (4, 2, 2, 256) and got.shape == (4, 256, 2, 2)
+    assert torch.equal(got, raw.permute(0, 3, 1, 2))
+    assert scores.shape == (2, 3)
+
+
+def test_wrapped_timm_tokens_become_an_l_by_1_map():
+    vit = dict(type="timm.vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+               embed_dim=32, num_heads=2, feature_shape="NLC")
+    backbone = MODELS.build(dict(type="TSMSurgeryBackbone", num_segments=2, backbone=vit, example_input_size=32)).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        raw, got = backbone.net(x), backbone(x)
+    assert raw.shape == (4, 17, 32) and got.shape == (4, 32, 17, 1)
+    # The head's average pool over the map is Recognizer2D's NLC pool over tokens.
+    assert torch.allclose(got.mean((2, 3)), raw.mean(1))
+
+
+def test_bad_feature_shape():
+    with pytest.raises(ValueError, match="feature_shape"):
+        TSMSurgeryBackbone(backbone=_tiny_swin(feature_shape="HWNC"))
+
+
+@pytest.mark.parametrize("prefix", ["mmpretrain", "mmcls"])
+def test_openmmlab_prefixed_backbones_build_as_recognizer2d_builds_them(prefix):
+    """`mmcls.` types build with mmpretrain (mmcls renamed) when mmcls is absent, as their registry names match."""
+    from mmpretrain.models import ResNet as PretrainResNet
+
+    ours = MODELS.build(dict(type="TSMSurgeryBackbone", num_segments=2, example_input_size=32,
+                             backbone=dict(type=f"{prefix}.ResNet", depth=18, out_indices=(3,))))
+    model2d = randomize_norms(PretrainResNet(depth=18, out_indices=(3,)))
+    assert list(ours.state_dict()) == list(model2d.state_dict())
+    ours.load_state_dict(model2d.state_dict())
+    ref = tsm_surgery.convert(model2d, n_segments=2, example_input=torch.randn(1, 3, 32, 32)).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(ours.eval()(x), ref(x)[0])  # the 1-tuple mmpretrain returns is unpacked
+    with pytest.raises(KeyError, match="has no model"):
+        TSMSurgeryBackbone(backbone=dict(type=f"{prefix}.NoSuchNet"))
+
+
+def test_mobileone_is_shifted_at_block_inputs_by_default():
+    from mmaction.models.backbones import MobileOneTSM
+
+    stock = randomize_norms(MobileOneTSM("s0", num_segments=2, pretrained2d=False))
+    ours = MODELS.build(dict(type="TSMSurgeryBackbone", num_segments=2, example_input_size=32,
+                             backbone=dict(type="mmpretrain.MobileOne", arch="s0")))
+    ours.load_state_dict({k.replace(".net.", "."): v for k, v in stock.state_dict().items()}, strict=True)
+    x = torch.randn(4, 3, 32, 32)
+    ours.eval(), stock.eval()  # mmpretrain's train() returns None: no chaining
+    with torch.no_grad():
+        assert torch.equal(ours(x), stock(x))
+    assert len(ours.sites) == sum(type(m).__name__ == "TemporalShift" for m in stock.modules()) - 1  # stage0: 3 channels
+
+
+def test_densenet_wraps_with_first_conv_policy():
+    dense = dict(type="torchvision.densenet121", weights=None)
+    with pytest.raises(ValueError, match="no_residual='first_conv'"):
+        TSMSurgeryBackbone(backbone=dense, example_input_size=32)
+    ours = MODELS.build(dict(type="TSMSurgeryBackbone", num_segments=2, backbone=dense, no_residual="first_conv",
+                             example_input_size=32))
+    assert ours.sites and all(s.kind == "first_conv" for s in ours.sites)
+    assert ours(torch.randn(4, 3, 32, 32)).shape == (4, 1024, 1, 1)

@@ -104,7 +104,7 @@ def _build_2d(cfg: Union[dict, nn.Module]) -> Tuple[nn.Module, Optional[str]]:
         return model, feature_shape
     if prefix in ("mmcls", "mmpretrain"):
         return _build_openmmlab(prefix, name, cfg), None
-    if isinstance(kind, str) and kind in ("TSMSurgeryBackbone", "ResNetTSM", "MobileNetV2TSM", "MobileOneTSM"):
+    if isinstance(kind, str) and (kind.endswith("TSM") or kind.startswith("TSMSurgery")):
         raise ValueError(f"model.backbone.backbone.type={kind!r} is already a TSM network; wrap its 2D "
                          f"form instead (e.g. 'ResNet' for 'ResNetTSM', 'MobileNetV2' for 'MobileNetV2TSM').")
     if isinstance(kind, str) and MODELS.get(kind) is None:
