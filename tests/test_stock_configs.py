@@ -311,3 +311,10 @@ def test_mobileone_init_cfg_pretrained_loads_with_prefix(tmp_path):
     ours.init_weights()
     for key, value in reference.state_dict().items():
         assert torch.equal(ours.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("type_, kwargs", [("TSMSurgeryMobileNetV2", {}), ("TSMSurgeryMobileOne", {"arch": "s0"})])
+def test_direction_and_uni_slot_reach_every_shift(type_, kwargs):
+    ours = MODELS.build(dict(type=type_, num_segments=2, direction="uni", uni_slot="first", **kwargs))
+    shifts = list(ours.net.shift_modules().values())
+    assert shifts and all((s.direction, s.uni_slot) == ("uni", "first") for s in shifts)

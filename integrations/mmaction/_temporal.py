@@ -179,7 +179,8 @@ def _trace_pair(model: nn.Module):
 
 
 def shift_module_inputs(model: nn.Module, patterns: Sequence[str], n_segments: int, *, shift_div: int = 8,
-                        direction: str = "bi", example_input: Optional[torch.Tensor] = None) -> "tsm_surgery.TSMNet":
+                        direction: str = "bi", uni_slot: str = "past",
+                        example_input: Optional[torch.Tensor] = None) -> "tsm_surgery.TSMNet":
     """Converts ``model`` by shifting the input of every module whose path matches ``patterns``.
 
     ``patterns`` are globs matched segment by segment (see :func:`path_matches`).
@@ -204,7 +205,7 @@ def shift_module_inputs(model: nn.Module, patterns: Sequence[str], n_segments: i
         shape = tuple(entry.meta["tensor_meta"].shape)
         if shape[1] < shift_div:
             continue
-        shifts[_key(path)] = tsm_surgery.TemporalShift(n_segments, shift_div, direction)
+        shifts[_key(path)] = tsm_surgery.TemporalShift(n_segments, shift_div, direction, uni_slot=uni_slot)
         consumers = tuple(u.name for u in entry.users if _inside(u, path))
         sites.append(tsm_surgery.ResidualSite(name=path, kind="first_conv", join="", fork=entry.name,
                                               branch_consumers=consumers, channels=shape[1], channel_dim=1,

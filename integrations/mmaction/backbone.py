@@ -173,6 +173,9 @@ class TSMSurgeryBackbone(BaseModule):
         shift_inputs: glob patterns over module paths, matched segment by segment
             (``'stage[1-4].*'``): shift the input of each matching module instead of residual
             sites. MobileOne uses this rule by default (each block's input, as ``MobileOneTSM``).
+        uni_slot: with ``direction='uni'``, the channels that come from frame t-1: ``'past'``
+            (``[fold, 2*fold)``, a bi-trained network's past slot) or ``'first'`` (``[0, fold)``,
+            the paper's online demo); see :func:`tsm_surgery.convert`.
         init_cfg: mmengine's init config. Ignored for the wrapped network (see ``init_weights``).
 
     Example:
@@ -193,6 +196,7 @@ class TSMSurgeryBackbone(BaseModule):
                  example_input_size: Optional[int] = None,
                  no_residual: str = "error",
                  shift_inputs: Union[None, str, Sequence[str]] = None,
+                 uni_slot: str = "past",
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
         if shift_place not in SHIFT_PLACES:
@@ -213,13 +217,14 @@ class TSMSurgeryBackbone(BaseModule):
                                  "give one of them.")
             patterns = [shift_inputs] if isinstance(shift_inputs, str) else list(shift_inputs)
             net = _temporal.shift_module_inputs(model2d, patterns, num_segments, shift_div=shift_div,
-                                                direction=direction, example_input=example)
+                                                direction=direction, uni_slot=uni_slot, example_input=example)
         else:
             # inplace=True: the converted net shares the 2D network's modules, so the 2D network's
             # own init_weights/train (norm_eval, frozen stages) still act on them.
             net = tsm_surgery.convert(model2d, n_segments=num_segments, shift_div=shift_div, direction=direction,
                                       place=SHIFT_PLACES[shift_place], select=select, example_input=example,
-                                      leaf_modules=leaf_modules, inplace=True, no_residual=no_residual)
+                                      leaf_modules=leaf_modules, inplace=True, no_residual=no_residual,
+                                      uni_slot=uni_slot)
         # Adopt the converted net's children/parameters/buffers so the state_dict keys are the 2D
         # network's; keep the net and the 2D object outside the module tree (no key prefix).
         self._modules.update(net._modules)

@@ -62,7 +62,8 @@ def _check_kwargs(stock: str, cls: type, kwargs: Dict[str, Any], **given: Any) -
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
         raise TypeError(f"model.backbone: {stock} has no argument(s) {unknown}. The surgery type takes {stock}'s "
-                        f"TSM arguments, 'direction', and these of its 2D type {cls.__name__}: {sorted(accepted)}.")
+                        f"TSM arguments, 'direction', 'uni_slot', and these of its 2D type {cls.__name__}: "
+                        f"{sorted(accepted)}.")
     given = dict(kwargs, **given)
     for key, (value, reason) in _REFUSED.items():
         if key in given and given[key] is value:
@@ -161,7 +162,7 @@ class TSMSurgeryResNet(_StockBackbone):
     """``ResNetTSM``'s equivalent: MMAction2's ``ResNet`` converted by surgery.
 
     Takes ``ResNetTSM``'s arguments (and ``ResNet``'s), plus ``direction`` (``'uni'`` for
-    online models). ``non_local`` places mmcv ``NonLocal3d`` blocks (keys
+    online models) and ``uni_slot``. ``non_local`` places mmcv ``NonLocal3d`` blocks (keys
     ``layerK.i.non_local_block.*``) after the chosen blocks; ``temporal_pool`` max-pools
     time by 2 after ``layer1``, and the later shifts then see ``num_segments // 2`` frames.
     ``pretrained`` (a name :func:`resolve_pretrained` takes: ``'torchvision://resnet50'``, a
@@ -177,7 +178,7 @@ class TSMSurgeryResNet(_StockBackbone):
     def __init__(self, depth: int, num_segments: int = 8, is_shift: bool = True,
                  non_local: Sequence = (0, 0, 0, 0), non_local_cfg: Optional[dict] = None, shift_div: int = 8,
                  shift_place: str = "blockres", temporal_pool: bool = False, pretrained2d: bool = True,
-                 direction: str = "bi", **kwargs):
+                 direction: str = "bi", uni_slot: str = "past", **kwargs):
         from mmaction.models.backbones import ResNet
 
         _check_kwargs("ResNetTSM", ResNet, kwargs, is_shift=is_shift)
@@ -192,7 +193,7 @@ class TSMSurgeryResNet(_StockBackbone):
             _check_temporal_pool(num_segments, plan, model2d.out_indices)
         select = _every_other_block([len(s) for s in stages]) if shift_place == "blockres" else None
         super().__init__(model2d, num_segments=num_segments, shift_div=shift_div, shift_place=shift_place,
-                         direction=direction, select=select, example_input_size=_EXAMPLE_SIZE)
+                         direction=direction, uni_slot=uni_slot, select=select, example_input_size=_EXAMPLE_SIZE)
         self._finish(pretrained2d, pretrained)
         for path in plan:
             block = self._net.get_submodule(path)
@@ -262,14 +263,14 @@ class TSMSurgeryMobileNetV2(_StockBackbone):
     """
 
     def __init__(self, num_segments: int = 8, is_shift: bool = True, shift_div: int = 8,
-                 pretrained2d: bool = True, direction: str = "bi", **kwargs):
+                 pretrained2d: bool = True, direction: str = "bi", uni_slot: str = "past", **kwargs):
         from mmaction.models.backbones import MobileNetV2
 
         _check_kwargs("MobileNetV2TSM", MobileNetV2, kwargs, is_shift=is_shift)
         pretrained = kwargs.pop("pretrained", None)
         model2d = MobileNetV2(**kwargs)
         super().__init__(model2d, num_segments=num_segments, shift_div=shift_div, direction=direction,
-                         example_input_size=_EXAMPLE_SIZE)
+                         uni_slot=uni_slot, example_input_size=_EXAMPLE_SIZE)
         self._finish(pretrained2d, pretrained)
 
 
@@ -286,7 +287,7 @@ class TSMSurgeryMobileOne(_StockBackbone):
     """
 
     def __init__(self, arch: Any, num_segments: int = 8, is_shift: bool = True, shift_div: int = 8,
-                 pretrained2d: bool = True, direction: str = "bi", **kwargs):
+                 pretrained2d: bool = True, direction: str = "bi", uni_slot: str = "past", **kwargs):
         try:
             from mmpretrain.models import MobileOne
         except ImportError as err:
@@ -295,7 +296,7 @@ class TSMSurgeryMobileOne(_StockBackbone):
         _check_kwargs("MobileOneTSM", MobileOne, kwargs, is_shift=is_shift)
         model2d = MobileOne(arch, **kwargs)
         super().__init__(model2d, num_segments=num_segments, shift_div=shift_div, direction=direction,
-                         example_input_size=_EXAMPLE_SIZE)
+                         uni_slot=uni_slot, example_input_size=_EXAMPLE_SIZE)
         self._finish(pretrained2d, None)
 
     def _init_2d(self) -> None:
