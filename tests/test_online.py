@@ -104,7 +104,8 @@ class _Block(torch.nn.Module):
 
 
 @pytest.mark.parametrize("first, swapped", [
-    (lambda: torch.nn.ReLU(inplace=True), 0),  # writes its input: the copy stays
+    (lambda: torch.nn.ReLU(), 0),  # not a layer that only reads: the copy stays
+    (lambda: torch.nn.ReLU(inplace=True), 1),  # writes the block input: on the trunk, the conv reads the shift
     (lambda: _TracedConv(16, 16, 3, padding=1), 1),  # a traced F.conv2d reads it: swapped
 ])
 @torch.no_grad()

@@ -2,12 +2,14 @@
 
 import copy
 import fnmatch
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import fx, nn
 
+from ._aliasing import plan_shift
 from ._graph import SHIFTS, module_key
+from ._index import GraphIndex
 from ._net import TSMNet
 from ._online import OnlineShift, OnlineTSM, to_online
 from ._shift import TemporalShift, check_shift_args
@@ -31,17 +33,19 @@ def _select_sites(sites: List[ResidualSite], select: Select) -> List[ResidualSit
     return [s for s in sites if any(fnmatch.fnmatchcase(s.name, p) for p in patterns)]
 
 
-def _insert_shifts(graph: fx.Graph, sites: List[ResidualSite], place: str) -> None:
-    nodes = {node.name: node for node in graph.nodes}
-    for site in sites:
-        fork = nodes[site.fork]
-        with graph.inserting_after(fork):
-            shifted = graph.create_node("call_module", f"{SHIFTS}.{module_key(site.name)}", (fork,))
-        if place == "block":
-            fork.replace_all_uses_with(shifted, delete_user_cb=lambda user: user is not shifted)
-        else:
-            for consumer in site.branch_consumers:
-                nodes[consumer].replace_input_with(fork, shifted)
+def _insert_shifts(index: GraphIndex, sites: List[ResidualSite], place: str) -> Dict[str, bool]:
+    """Inserts each site's shift where :func:`plan_shift` puts it; returns which sites may recompute it."""
+    graph = index.nodes[0].graph
+    nodes = {node.name: node for node in index.nodes}
+    plans = [plan_shift(index, site.name, nodes[site.fork], [nodes[c] for c in site.branch_consumers], place)
+             for site in sites]  # all plans first: they read the graph as analysed
+    for site, plan in zip(sites, plans):
+        with graph.inserting_before(plan.before):
+            shifted = graph.create_node("call_module", f"{SHIFTS}.{module_key(site.name)}", (plan.source,))
+        for reader in plan.readers:
+            for name in plan.names:
+                reader.replace_input_with(name, shifted)
+    return {site.name: plan.recompute for site, plan in zip(sites, plans)}
 
 
 def _no_sites_error(model: nn.Module, found: List[ResidualSite], select: Select) -> ValueError:
@@ -85,11 +89,12 @@ def _check_settings(model: nn.Module, direction: str, place: str, online: bool, 
 
 
 def _choose_sites(root: nn.Module, graphs: Dict[str, fx.Graph], example_input: torch.Tensor, select: Select,
-                  no_residual: str, model: nn.Module) -> Dict[str, List[ResidualSite]]:
-    """The sites to shift in each mode's graph: the eval graph's choice, found again in the train graph."""
-    per_mode = {}
+                  no_residual: str, model: nn.Module) -> Tuple[Dict[str, List[ResidualSite]], Dict[str, GraphIndex]]:
+    """The sites to shift in each mode's graph (the eval graph's choice, found again in the train
+    graph), and each graph's analysis."""
+    per_mode, indexes = {}, {}
     for mode, graph in graphs.items():
-        _, found = analyse_graph(root, graph, example_input)
+        indexes[mode], found = analyse_graph(root, graph, example_input)
         residual = [s for s in found if s.kind == "residual"]
         if not residual and no_residual == "first_conv":
             residual = [s for s in found if s.kind == "first_conv"]
@@ -107,7 +112,7 @@ def _choose_sites(root: nn.Module, graphs: Dict[str, fx.Graph], example_input: t
             "module whose forward depends on self.training as a leaf (leaf_modules=[...])."
         )
     per_mode["train"] = [train_by_name[s.name] for s in per_mode["eval"]]
-    return per_mode
+    return per_mode, indexes
 
 
 def convert(
@@ -180,7 +185,7 @@ def convert(
     root = model if inplace else copy.deepcopy(model)
     train_graph, eval_graph = trace_train_and_eval(root, leaf_modules)
     example_input = default_example_input(root) if example_input is None else example_input
-    per_mode = _choose_sites(root, {"train": train_graph, "eval": eval_graph}, example_input, select,
+    per_mode, indexes = _choose_sites(root, {"train": train_graph, "eval": eval_graph}, example_input, select,
                              no_residual, model)
     shifts = nn.ModuleDict()
     for site in per_mode["eval"]:
@@ -188,8 +193,10 @@ def convert(
             raise ValueError(f"site {site.name!r} has {site.channels} channels, fewer than shift_div={shift_div}. "
                              "Hint: lower shift_div or leave the site out with select=.")
         shifts[module_key(site.name)] = TemporalShift(n_segments, shift_div, direction, site.channel_dim, uni_slot)
-    _insert_shifts(train_graph, per_mode["train"], place)
-    _insert_shifts(eval_graph, per_mode["eval"], place)
+    recompute = [_insert_shifts(indexes[mode], per_mode[mode], place) for mode in ("train", "eval")]
+    for site in per_mode["eval"]:
+        # A site whose input is written after the shift (x.add_(branch(x))) keeps its shifted copy.
+        shifts[module_key(site.name)].recompute = all(flags[site.name] for flags in recompute)
     net = TSMNet(root, train_graph, eval_graph, shifts, per_mode["eval"], place)
     if online:
         return to_online(net, frame_shape=tuple(example_input.shape[1:]), inplace=True)

@@ -5,14 +5,16 @@ Nothing here writes to the graph: shapes are recorded by a small interpreter int
 """
 
 import operator
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._pytree import tree_leaves
 
 Shape = Tuple[int, ...]
+View = Optional[Tuple[int, int, Tuple[int, ...]]]
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
@@ -24,19 +26,37 @@ _MIXING_FUNCTIONS = _LAYER_FUNCTIONS | {
 _MIXING_METHODS = {"matmul", "mm", "bmm"}
 
 
-class _ShapeRecorder(fx.Interpreter):
-    """Runs a graph module and keeps each node's output shape (``None`` for non-tensors).
+class Recording(NamedTuple):
+    """What one run of a graph showed, per node.
+
+    Attributes:
+        shapes: the output's shape (``None`` for non-tensors).
+        views: the output's (storage identity, offset, strides): equal storage identities mean
+            aliases, equal views the very same tensor (an in-place op's result is its input).
+        writes: the input nodes whose tensors the node changed in place (their version counter moved).
+    """
+
+    shapes: Dict[fx.Node, Optional[Shape]]
+    views: Dict[fx.Node, View]
+    writes: Dict[fx.Node, Tuple[fx.Node, ...]]
+
+
+class _Recorder(fx.Interpreter):
+    """Runs a graph module and records each node's output shape, view and in-place writes.
 
     Unlike ``ShapeProp`` it prints nothing when a node fails: the caller decides what a
-    failure means (the fake-tensor run falls back to a real one).
+    failure means (the fake-tensor run falls back to a real one). Every value is kept until
+    the run ends, so no storage is freed and reused: storage identities stay unique.
     """
 
     def __init__(self, gm: fx.GraphModule, fake_mode: Optional[FakeTensorMode] = None):
-        super().__init__(gm)
+        super().__init__(gm, garbage_collect_values=False)
         self.fake_mode = fake_mode
-        self.shapes: Dict[fx.Node, Optional[Shape]] = {}
+        self.recording = Recording({}, {}, {})
 
     def run_node(self, n: fx.Node):
+        before = [(i, t, t._version) for i in n.all_input_nodes for t in tree_leaves(self.env.get(i))
+                  if isinstance(t, torch.Tensor)]
         if self.fake_mode is None:
             result = super().run_node(n)
         else:
@@ -44,24 +64,37 @@ class _ShapeRecorder(fx.Interpreter):
 
             with self.fake_mode, enable_python_dispatcher():
                 result = super().run_node(n)
-        self.shapes[n] = tuple(int(d) for d in result.shape) if isinstance(result, torch.Tensor) else None
+        tensor = isinstance(result, torch.Tensor)
+        self.recording.shapes[n] = tuple(int(d) for d in result.shape) if tensor else None
+        self.recording.views[n] = _view(result) if tensor else None
+        written = tuple(dict.fromkeys(i for i, t, version in before if t._version != version))
+        if written:
+            self.recording.writes[n] = written
         return result
 
 
-def record_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> Dict[fx.Node, Optional[Shape]]:
-    """Every node's output shape for ``example_input``, with fake tensors where they can follow the graph.
+def _view(t: torch.Tensor) -> View:
+    try:
+        return t.untyped_storage()._cdata, int(t.storage_offset()), tuple(int(s) for s in t.stride())
+    except (RuntimeError, NotImplementedError):  # sparse and nested tensors: no single strided storage
+        return None
+
+
+def record(gm: fx.GraphModule, example_input: torch.Tensor) -> Recording:
+    """Every node's output shape, view and in-place writes for ``example_input``, with fake tensors
+    where they can follow the graph.
 
     Fake tensors carry shapes without computing (a ResNet-50 at 224 px: about 0.15 s instead of
     0.25-1.5 s); graphs whose ops need real values (``.item()``, ``nonzero``) run for real.
     """
     try:
         mode = FakeTensorMode(allow_non_fake_inputs=True)
-        recorder = _ShapeRecorder(gm, mode)
+        recorder = _Recorder(gm, mode)
         recorder.run(mode.from_tensor(example_input))
     except Exception:
-        recorder = _ShapeRecorder(gm)
+        recorder = _Recorder(gm)
         recorder.run(example_input)
-    return recorder.shapes
+    return recorder.recording
 
 
 def is_add(node: fx.Node) -> bool:
@@ -104,15 +137,14 @@ class GraphIndex:
     Args:
         graph: the traced graph.
         modules: its module paths -> modules.
-        shapes: from :func:`record_shapes`.
+        recording: from :func:`record`.
         batch: the example input's batch size; frames live in that dim (``None``: unknown).
     """
 
-    def __init__(self, graph: fx.Graph, modules: Dict[str, nn.Module], shapes: Dict[fx.Node, Optional[Shape]],
-                 batch: Optional[int]):
+    def __init__(self, graph: fx.Graph, modules: Dict[str, nn.Module], recording: Recording, batch: Optional[int]):
         self.nodes = list(graph.nodes)
         self.modules = modules
-        self.shapes = shapes
+        self.shapes, self.views, self.writes = recording
         self.batch = batch
         self.position = {node: i for i, node in enumerate(self.nodes)}
         self.ancestors: Dict[fx.Node, int] = {}

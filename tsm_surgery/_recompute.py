@@ -44,10 +44,11 @@ def recording() -> bool:
 def mark_recomputable(out: Tensor, source: Tensor, fn: Callable[..., Tensor], *args) -> None:
     """Records that ``out == fn(source, *args)``, so a saved ``out`` can be rebuilt from ``source``.
 
-    Only a weak reference to ``source`` and its version counter are kept: if ``source`` changes
-    in place before the backward pass, the rebuild refuses rather than give another tensor.
+    Only a weak reference to ``source`` and both version counters are kept: an ``out`` changed
+    in place before it is saved is saved as it is, and if ``source`` changes in place before
+    the backward pass, the rebuild refuses rather than give another tensor.
     """
-    setattr(out, _TAG, (weakref.ref(source), source._version, fn, args))
+    setattr(out, _TAG, (weakref.ref(source), source._version, fn, args, out._version))
 
 
 class _Recipe:
@@ -70,18 +71,37 @@ class _Recipe:
             return self.fn(self.source.detach(), *self.args)
 
 
+class _Saved:
+    """A saved tensor and its version: the hooks replace autograd's own check that it is unchanged."""
+
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, t: Tensor):
+        # detach: the saved object must not hold this tensor's graph (a reference cycle for
+        # outputs); the detached tensor shares the version counter, so later writes still show.
+        self.tensor, self.version = t.detach(), t._version
+
+    def get(self) -> Tensor:
+        if self.tensor._version != self.version:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an inplace "
+                f"operation: a tensor of shape {list(self.tensor.shape)} is at version {self.tensor._version}; "
+                f"expected version {self.version} instead (found by tsm_surgery's recompute scope)."
+            )
+        return self.tensor
+
+
 def _pack(t: Tensor):
     tag = getattr(t, _TAG, None)
-    if tag is not None:
+    if tag is not None and t._version == tag[4]:  # a changed output is no longer fn(source)
         source = tag[0]()
         if source is not None:
-            return _Recipe(source, *tag[1:])
-    # detach: the saved object must not hold this tensor's graph (a reference cycle for outputs).
-    return t.detach()
+            return _Recipe(source, *tag[1:4])
+    return _Saved(t)
 
 
 def _unpack(packed) -> Tensor:
-    return packed.rebuild() if isinstance(packed, _Recipe) else packed
+    return packed.rebuild() if isinstance(packed, _Recipe) else packed.get()
 
 
 @contextlib.contextmanager

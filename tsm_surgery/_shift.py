@@ -224,7 +224,7 @@ def _compiling_not_exporting() -> bool:
 
 
 def _temporal_shift(x: Tensor, n_segments: int, shift_div: int, direction: str, channel_dim: int,
-                    uni_slot: str = "past") -> Tensor:
+                    uni_slot: str = "past", recompute: bool = True) -> Tensor:
     source, original_dim = x, channel_dim
     if channel_dim < -x.dim() or channel_dim >= x.dim():
         raise ValueError(f"channel_dim={channel_dim} is out of range for a tensor of shape {list(x.shape)} "
@@ -253,7 +253,7 @@ def _temporal_shift(x: Tensor, n_segments: int, shift_div: int, direction: str, 
     out = out.reshape(shape)
     out = out.permute(0, 3, 1, 2) if channels_last else out
     if not torch.jit.is_scripting():
-        if recording() and out.requires_grad and not _use_functional_form():
+        if recompute and recording() and out.requires_grad and not _use_functional_form():
             # Inside a recompute scope: a consumer that saves this output for its backward
             # (the branch's first conv saves its input) stores how to rebuild it instead.
             mark_recomputable(out, source, _temporal_shift, n_segments, shift_div, direction, original_dim, uni_slot)
@@ -307,7 +307,9 @@ class TemporalShift(nn.Module):
     """:func:`temporal_shift` as a module with no parameters and no buffers.
 
     ``convert`` inserts one per shifted site; its attributes can be changed after conversion
-    (for instance ``n_segments`` when test clips are longer than training clips).
+    (for instance ``n_segments`` when test clips are longer than training clips). ``recompute``
+    is False where ``convert`` found the shift's input written in place after the shift: its
+    output is then saved for backward rather than rebuilt (see ``recompute_shifts``).
 
     Example:
         >>> shift = TemporalShift(n_segments=8, shift_div=8, direction="uni")
@@ -324,11 +326,14 @@ class TemporalShift(nn.Module):
         self.direction = direction
         self.channel_dim = check_int_dim(channel_dim)
         self.uni_slot = uni_slot
+        self.recompute = True
 
     def forward(self, x: Tensor) -> Tensor:
-        return _temporal_shift(x, self.n_segments, self.shift_div, self.direction, self.channel_dim, self.uni_slot)
+        return _temporal_shift(x, self.n_segments, self.shift_div, self.direction, self.channel_dim, self.uni_slot,
+                               self.recompute)
 
     def extra_repr(self) -> str:
         slot = f", uni_slot={self.uni_slot!r}" if self.direction == "uni" else ""
         return (f"n_segments={self.n_segments}, shift_div={self.shift_div}, "
-                f"direction={self.direction!r}{slot}, channel_dim={self.channel_dim}")
+                f"direction={self.direction!r}{slot}, channel_dim={self.channel_dim}"
+                + ("" if self.recompute else ", recompute=False"))

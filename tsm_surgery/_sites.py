@@ -22,7 +22,7 @@ from typing import Dict, List, Literal, NamedTuple, Optional, Sequence, Tuple, g
 import torch
 from torch import fx, nn
 
-from ._index import GraphIndex, common_prefix, is_add, is_layer, module_path, record_shapes
+from ._index import GraphIndex, common_prefix, is_add, is_layer, module_path, record
 from ._no_residual import BlockEntry, block_entries
 from ._tracer import LeafSpec, trace
 
@@ -192,17 +192,18 @@ def default_example_input(model: nn.Module) -> torch.Tensor:
 
 
 def analyse_graph(root: nn.Module, graph: fx.Graph,
-                  example_input: torch.Tensor) -> Tuple[fx.GraphModule, List[ResidualSite]]:
+                  example_input: torch.Tensor) -> Tuple[GraphIndex, List[ResidualSite]]:
     """Records shapes through ``graph`` (with ``root`` in eval mode) and classifies every addition.
 
-    Nothing is written to ``graph`` or ``root``; ``root``'s train/eval mode is restored.
+    Nothing is written to ``graph`` or ``root``; ``root``'s train/eval mode is restored. The
+    returned index also holds the run's aliases and in-place writes (see ``_aliasing``).
     """
     gm = fx.GraphModule(root, graph)
     was_training = root.training
     gm.eval()
     try:
         with torch.no_grad():
-            shapes = record_shapes(gm, example_input)
+            recording = record(gm, example_input)
     except Exception as err:
         raise ValueError(
             f"running the traced graph on an example input of shape {tuple(example_input.shape)} failed: "
@@ -212,8 +213,8 @@ def analyse_graph(root: nn.Module, graph: fx.Graph,
     finally:
         root.train(was_training)
     batch = int(example_input.shape[0]) if example_input.dim() else None
-    index = GraphIndex(gm.graph, dict(gm.named_modules()), shapes, batch)
-    return gm, classify_joins(index)
+    index = GraphIndex(gm.graph, dict(gm.named_modules()), recording, batch)
+    return index, classify_joins(index)
 
 
 def find_residual_sites(
