@@ -140,7 +140,8 @@ def _model(style: str) -> Net:
 
 
 def _convert(model: Net, direction: str = "bi", **kwargs):
-    return tsm_surgery.convert(model, T, shift_div=DIV, direction=direction, leaf_modules=[ClampInPlace],
+    leaves = [ClampInPlace] if any(isinstance(m, ClampInPlace) for m in model.modules()) else []
+    return tsm_surgery.convert(model, T, shift_div=DIV, direction=direction, leaf_modules=leaves,
                                example_input=torch.randn(1, 3, SIZE, SIZE, dtype=torch.double), **kwargs)
 
 
