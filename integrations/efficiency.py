@@ -20,7 +20,8 @@ the times are reported as ratios only; absolute times are given on a GPU. It als
 the online claim: the per-frame cost of a streaming uni-directional TSM step against the naive
 way to predict at every frame, one offline clip pass per new frame.
 
-The report replaces its own section of ``--output`` (``BENCHMARKS.md``) and writes
+The report replaces its own section of ``--output`` (``BENCHMARKS.md``, next to the sections
+``tsm-surgery bench`` writes per device) and writes
 ``--plot`` (``efficiency.png``).
 
 Example:
@@ -56,7 +57,7 @@ STOCK_CONFIGS = {
     "TPN": ("tpn/tpn-slowonly_r50_8xb8-8x8x1-150e_kinetics400-rgb.py", "SlowOnly-R50 + temporal pyramid neck"),
 }
 BASE = "TSN"
-SECTION = ("<!-- tsm-surgery efficiency: begin -->", "<!-- tsm-surgery efficiency: end -->")
+SECTION = "efficiency"  # its key among the device sections of `tsm-surgery bench`'s report
 
 
 def _no_downloads(node):
@@ -230,7 +231,7 @@ def report(result: Dict) -> str:
     gpu = not result["device"].startswith("CPU")
     rows = result["rows"]
     base = rows[BASE]
-    lines = [SECTION[0], "## Efficiency: TSM at 2D cost, against 3D networks", "",
+    lines = ["## Efficiency: TSM at 2D cost, against 3D networks", "",
              f"`tsm-surgery efficiency` on {result['device']}, {result['threads']} thread(s), "
              f"{datetime.date.today().isoformat()}. Every model is built from MMAction2's stock config with "
              f"random weights and takes the same input: {result['batch']} clip(s) of {result['frames']} frames at "
@@ -266,19 +267,15 @@ def report(result: Dict) -> str:
             lines.append(f"| {name} | {_ratio(online[name])} |" + (f" {online[name]['ms']:.2f} |" if gpu else ""))
         saving = online["offline clip pass"]["ratio"] / online["online step"]["ratio"]
         lines += ["", f"The online step costs {saving:.1f}x less than the naive per-frame clip pass."]
-    lines.append(SECTION[1])
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
 
 
 def write_section(path: Path, section: str) -> None:
-    """Replaces this command's section of ``path`` (appended when absent); the rest is kept."""
-    text = path.read_text() if path.is_file() else ""
-    start, end = text.find(SECTION[0]), text.find(SECTION[1])
-    if start >= 0 and end > start:
-        text = text[:start] + section + text[end + len(SECTION[1]):]
-    else:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + section + "\n"
-    path.write_text(text)
+    """Replaces this command's section of ``path`` (the bench's report); the bench's own sections are kept."""
+    from .bench import merge_sections
+
+    existing = path.read_text() if path.is_file() else ""
+    path.write_text(merge_sections(existing, SECTION, section))
 
 
 def plot(result: Dict, path: Path) -> None:
