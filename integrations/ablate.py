@@ -87,15 +87,18 @@ def backbone_dict(spec: str) -> dict:
 
 
 def build_2d(spec: str) -> nn.Module:
-    """The 2D feature network of a spec, built the way ``TSMSurgeryBackbone`` builds it."""
+    """The 2D feature network of a spec in eval mode, built the way ``TSMSurgeryBackbone`` builds it."""
     from .mmaction import backbone as surgery_backbone
 
-    return surgery_backbone._build_2d(backbone_dict(spec))
+    net = surgery_backbone._build_2d(backbone_dict(spec))
+    net.eval()  # not chained: mmaction's ResNet.train() returns None
+    return net
 
 
 def _feature_channels(net: nn.Module, size: int) -> int:
     with torch.no_grad():
-        return int(net.eval()(torch.randn(1, 3, size, size)).shape[1])
+        out = net(torch.randn(1, 3, size, size))
+    return int((next(iter(out.values())) if isinstance(out, dict) else out).shape[1])  # torchvision: {'features': x}
 
 
 # --------------------------------------------------------------------------- latency
@@ -109,7 +112,7 @@ def measure_latency(spec: str, divs: Sequence[int], places: Sequence[str], frame
     import tsm_surgery
     from .bench import CONTROL, paired_ratios
 
-    plain = build_2d(spec).eval()
+    plain = build_2d(spec)
     models = {"2d": plain, CONTROL: copy.deepcopy(plain)}
     errors: Dict[str, str] = {}
     for place in places:

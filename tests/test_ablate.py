@@ -99,8 +99,8 @@ def test_bad_model_spec_fails_before_writing(tmp_path, spec, match):
     assert not (tmp_path / "out").exists()
 
 
-def test_latency_grid_on_a_timm_spec():
-    res = ablate.measure_latency("timm:resnet18", [8, 4096], ["residual", "block"], frames=2, size=32, rounds=1)
+def test_latency_grid_on_an_mmaction_spec():
+    res = ablate.measure_latency("mmaction:resnet18", [8, 4096], ["residual", "block"], frames=2, size=32, rounds=1)
     assert set(res["points"]) == {"residual/8", "block/8", "residual/4096", "block/4096"}
     assert res["points"]["block/8"]["ratio"] > 0
     assert "cannot convert" in res["points"]["residual/4096"]["error"]
@@ -108,3 +108,14 @@ def test_latency_grid_on_a_timm_spec():
 
 def test_proportion_is_the_total_shifted_share():
     assert [proportion(d) for d in (16, 8, 4, 2, 0)] == ["1/8", "1/4", "1/2", "1", "0"]
+
+
+@pytest.mark.parametrize("spec", ["timm:resnet18", "torchvision:resnet18"])
+def test_a_spec_backbone_goes_into_the_training_config_with_its_width(spec, tmp_path):
+    settings = ablate.AblationSettings(ablate.QUICK)
+    tsn = ablate._train_cfg(spec, 0, "residual", tmp_path, tmp_path / "tsn", settings, 0)
+    tsm = ablate._train_cfg(spec, 8, "block", tmp_path, tmp_path / "tsm", settings, 0)
+    assert tsn.model.backbone == ablate.backbone_dict(spec)
+    assert tsm.model.backbone.backbone == ablate.backbone_dict(spec)
+    assert tsm.model.backbone.shift_div == 8 and tsm.model.backbone.shift_place == "block"
+    assert tsn.model.cls_head.in_channels == tsm.model.cls_head.in_channels == 512  # ResNet-18's last stage
