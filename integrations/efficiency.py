@@ -33,6 +33,7 @@ import argparse
 import copy
 import datetime
 import json
+import os
 import platform
 import sys
 import time
@@ -171,7 +172,9 @@ def measure(names: List[str], batch: int, frames: int, size: int, rounds: int, d
         row.update(latency_ratio=t["ratio"], latency_p25=t["ratio_p25"], latency_p75=t["ratio_p75"],
                    latency_ms=1e3 * t["median_s"], clips_per_s=batch / t["median_s"])
     control = timing[CONTROL]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {"rows": rows, "control": dict(ratio=control["ratio"], p25=control["ratio_p25"], p75=control["ratio_p75"]),
+            "load_average": load, "date": datetime.date.today().isoformat(),
             "batch": batch, "frames": frames, "size": size, "rounds": rounds, "device": _device_name(device),
             "threads": torch.get_num_threads()}
 
@@ -226,30 +229,34 @@ def _ratio(entry: Dict) -> str:
     return f"{entry['ratio']:.2f}x ({entry['p25']:.2f}-{entry['p75']:.2f})"
 
 
+def _load(result: Dict) -> str:
+    load = result.get("load_average")
+    return "" if load is None else f", load average {load:.1f} at the end of timing"
+
+
 def report(result: Dict) -> str:
     """The Markdown section: the efficiency table and the online claim."""
     gpu = not result["device"].startswith("CPU")
     rows = result["rows"]
-    base = rows[BASE]
     lines = ["## Efficiency: TSM at 2D cost, against 3D networks", "",
              f"`tsm-surgery efficiency` on {result['device']}, {result['threads']} thread(s), "
-             f"{datetime.date.today().isoformat()}. Every model is built from MMAction2's stock config with "
-             f"random weights and takes the same input: {result['batch']} clip(s) of {result['frames']} frames at "
+             f"{result.get('date', '')}{_load(result)}. Every model is built from MMAction2's stock config "
+             f"with random weights and takes the same input: {result['batch']} clip(s) of {result['frames']} frames at "
              f"{result['size']} px. FLOPs from `torch.utils.flop_counter` (a multiply-add counts 2; a shift is a copy "
              "and counts 0). Latency: median ratio to TSN over "
              f"{result['rounds']} paired shuffled rounds, interquartile range in brackets.", "",
              "| model | what | GFLOPs / clip | params (M) | latency vs TSN | "
-             + ("latency (ms) | clips/s |" if gpu else "throughput vs TSN |") + " GFLOPs at its stock clip |",
-             "|---|---|---|---|---|" + ("---|---|" if gpu else "---|") + "---|"]
+             + ("latency (ms) | clips/s | " if gpu else "") + "GFLOPs at its stock clip |",
+             "|---|---|---|---|---|" + ("---|---|" if gpu else "") + "---|"]
     for name, row in rows.items():
         cells = [name, row["what"], f"{row['gflops']:.1f}", f"{row['params_m']:.1f}",
                  _ratio(dict(ratio=row["latency_ratio"], p25=row["latency_p25"], p75=row["latency_p75"]))]
-        cells += ([f"{row['latency_ms']:.1f}", f"{row['clips_per_s']:.1f}"] if gpu
-                  else [f"{row['clips_per_s'] / base['clips_per_s']:.2f}x"])
+        cells += [f"{row['latency_ms']:.1f}", f"{row['clips_per_s']:.1f}"] if gpu else []
         cells.append(f"{row['stock_gflops']:.1f} ({row['stock_frames']} frames)")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"A/A control (a copy of TSN timed like the others): {_ratio(result['control'])}."
-              + ("" if gpu else " On CPU only ratios are given; absolute times belong to a GPU run."),
+              + ("" if gpu else " On CPU only ratios are given: absolute times and throughput (clips/s) belong to "
+                 "a GPU run; at equal batch a model's throughput relative to TSN is the inverse of its latency ratio."),
               "The 3D networks downsample time in their stem (I3D by 4, trained on 32-frame clips), so on the "
               "same 8 frames they can cost less than TSN; the last column counts each at its stock clip length.",
               "ResNetTSM's stock config uses TSMHead, which applies its linear layer to every frame before "
@@ -291,6 +298,13 @@ def plot(result: Dict, path: Path) -> None:
     colors = ["C0" if not any(k in n for k in ("I3D", "SlowOnly", "C2D", "TPN")) else "C1" for n in names]
     panels = [("GFLOPs per clip", [r["gflops"] for r in rows]), ("parameters (M)", [r["params_m"] for r in rows]),
               ("eval latency vs TSN (x)", [r["latency_ratio"] for r in rows])]
+    stock = [(i, r["stock_gflops"]) for i, r in enumerate(rows) if r["stock_frames"] != result["frames"]]
+    if stock:  # a 3D network trained on longer clips, counted at its own clip length
+        axes[0].scatter(*zip(*stock), marker="_", s=300, color="black", label="at its stock clip length")
+        axes[0].legend(fontsize=7)
+    axes[2].errorbar(range(len(names)), [r["latency_ratio"] for r in rows], fmt="none", ecolor="black", capsize=3,
+                     yerr=[[r["latency_ratio"] - r["latency_p25"] for r in rows],
+                           [r["latency_p75"] - r["latency_ratio"] for r in rows]])
     for ax, (title, values) in zip(axes, panels):
         ax.bar(range(len(names)), values, color=colors)
         ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=8)
