@@ -39,7 +39,8 @@ def _torchvision(name: str, kwargs: dict) -> nn.Module:
 
 def _mmaction(name: str, kwargs: dict) -> nn.Module:
     if not (name.startswith("resnet") and name[len("resnet"):].isdigit()):
-        raise ValueError(f"mmaction models are given as mmaction:resnetNN (MMAction2's ResNet), got {name!r}.")
+        raise ValueError(f"mmaction models are given as mmaction:resnetNN (MMAction2's ResNet), got {name!r}. "
+                         "Hint: mmaction:resnet50, or timm:NAME / torchvision:NAME for other families.")
     from tsm_surgery.integrations.mmaction import compat
 
     compat.apply()

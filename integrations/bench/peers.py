@@ -54,22 +54,13 @@ class ZeroFillShift(nn.Module):
 
 
 def build_2d(spec: str) -> Tuple[nn.Module, Optional[int]]:
-    """The 2D model for ``spec`` and, for ``mmaction:resnetNN``, its depth."""
-    source, _, name = spec.rpartition(":")
-    if source == "mmaction":
-        if not name.startswith("resnet") or not name[len("resnet"):].isdigit():
-            raise ValueError(f"mmaction models are given as mmaction:resnetNN, got {spec!r}. "
-                             "Hint: mmaction:resnet50, or timm:NAME / torchvision:NAME for other families.")
-        from tsm_surgery.integrations.mmaction import compat
-
-        compat.apply()
-        from mmaction.models.backbones import ResNet
-
-        depth = int(name[len("resnet"):])
-        return ResNet(depth=depth, pretrained=None, norm_eval=False), depth
+    """The 2D model for ``spec`` (:func:`~tsm_surgery.integrations.models.build_model`) and, for
+    ``mmaction:resnetNN``, its depth."""
     from tsm_surgery.integrations.models import build_model
 
-    return build_model(spec), None
+    source, _, name = spec.rpartition(":")
+    model = build_model(spec)
+    return model, (int(name[len("resnet"):]) if source == "mmaction" else None)
 
 
 def randomize_norms(model: nn.Module) -> nn.Module:
