@@ -108,6 +108,9 @@ class PaperMobileNetV2(nn.Module):
         features.append(nn.Sequential(*_conv_bn(inp, 1280, 1, 1), nn.ReLU6(inplace=True)))
         self.features = nn.ModuleList(features) if online else nn.Sequential(*features)
         self.classifier = nn.Linear(1280, n_class)
+        for m in self.modules():  # the paper's init: He-normal convs (fan out), so activations keep their scale
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0, (2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)) ** 0.5)
 
     def forward(self, x, *shift_buffer):
         if not isinstance(self.features, nn.ModuleList):
@@ -141,3 +144,24 @@ def online_buffers(model: PaperMobileNetV2, frame: torch.Tensor):
             else:
                 x = f(x)
     return [torch.zeros(s) for s in shapes]
+
+
+def calibrate_norms(model: nn.Module, *inputs: torch.Tensor) -> nn.Module:
+    """Sets every BatchNorm's running statistics from one train-mode pass over ``inputs``; returns ``model`` in eval.
+
+    Random running statistics do not match the activations, and through MobileNetV2's
+    depthwise layers the signal then fades: the output stops depending on the input and an
+    equality test proves nothing. Statistics measured on data keep each layer's scale.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a plain average over the pass
+    model.train()
+    with torch.no_grad():
+        model(*inputs)
+    for m in norms:
+        m.momentum = 0.1
+    model.eval()
+    return model
+

@@ -5,7 +5,7 @@ import torch
 import torchvision
 
 import tsm_surgery
-from paper_tsm import PaperMobileNetV2, paper_mobilenet_v2_tsn, paper_resnet_tsn
+from paper_tsm import PaperMobileNetV2, calibrate_norms, paper_mobilenet_v2_tsn, paper_resnet_tsn
 from tsm_surgery.integrations.checkpoints import CheckpointLayoutError, detect_layout, import_tsm_checkpoint
 from utils import randomize_norms
 
@@ -19,6 +19,8 @@ def _close(name, got, expected):
     print(f"{name}: max abs diff {diff:.3g} (scale {expected.abs().max().item():.3g})")
     assert got.shape == expected.shape
     assert diff <= 1e-5 * max(1.0, expected.abs().max().item()), diff
+    if expected.shape[0] > 1:  # the outputs depend on the input, or equal outputs would prove nothing
+        assert (expected[0] - expected[1]).abs().max() > 1e-2 * expected.abs().max()
 
 
 def _save(tmp_path, state, name="ckpt.pth", wrap=True):
@@ -70,7 +72,8 @@ def test_paper_resnet101_every_other_block(tmp_path):
 
 
 def test_paper_mobilenet_v2_round_trip(tmp_path):
-    paper = randomize_norms(paper_mobilenet_v2_tsn(num_class=5, num_segments=T)).eval()
+    paper = calibrate_norms(randomize_norms(paper_mobilenet_v2_tsn(num_class=5, num_segments=T)),
+                            torch.randn(4 * T, 3, 32, 32))
     keys = paper.state_dict()
     assert "module.base_model.features.3.conv.0.net.weight" in keys
     assert "module.base_model.features.3.conv.7.weight" in keys
@@ -81,13 +84,18 @@ def test_paper_mobilenet_v2_round_trip(tmp_path):
     net.load_state_dict(import_tsm_checkpoint(path, net))
     x = torch.randn(2 * T, 3, 32, 32)
     with torch.no_grad():
-        _close("paper mobilenet_v2", net(x).view(2, T, -1).mean(1), paper(x))
+        expected = paper(x)
+        _close("paper mobilenet_v2", net(x).view(2, T, -1).mean(1), expected)
+        plain = torchvision.models.mobilenet_v2(num_classes=5).eval()
+        plain.load_state_dict(import_tsm_checkpoint(path))
+        flat = plain(x).view(2, T, -1).mean(1)
+    assert (flat - expected).abs().max() > 1e-2 * expected.abs().max()  # the shift matters
 
 
 def test_paper_online_layout_maps_onto_torchvision(tmp_path):
     # The 2D forward of the online demo's network (all shift buffers zero at the first frame
     # are not a 2D forward, so compare the structural map with the flat 2D MobileNetV2).
-    paper = randomize_norms(PaperMobileNetV2(n_class=27)).eval()
+    paper = calibrate_norms(randomize_norms(PaperMobileNetV2(n_class=27)), torch.randn(8, 3, 32, 32))
     path = _save(tmp_path, paper.state_dict(), wrap=False)
     layout = detect_layout(path)
     assert layout.name == "paper-online" and len(layout.shifts) == 10 and "uni_slot='first'" in layout.hint
@@ -183,14 +191,14 @@ def test_mmaction_stock_round_trip(stock, tmp_path):
 
     init_default_scope("mmaction")
     source_cfg, ours_cfg, channels = STOCK[stock]
-    source = randomize_norms(_recognizer(source_cfg, channels)).eval()
+    x = torch.randn(2, T, 3, 32, 32)
+    source = calibrate_norms(randomize_norms(_recognizer(source_cfg, channels)), x)
     assert any(".net." in k for k in source.state_dict())
     path = _save(tmp_path, source.state_dict())
     ours = _recognizer(ours_cfg, channels).eval()
     layout = detect_layout(path)
     assert layout.name == "mmaction2" and layout.arch.startswith(stock), layout
     ours.load_state_dict(import_tsm_checkpoint(path, ours))
-    x = torch.randn(2, T, 3, 32, 32)
     with torch.no_grad():
         expected = _scores(source, x)
         _close(f"mmaction2 {stock}", _scores(ours, x), expected)
@@ -279,12 +287,16 @@ def test_stock_config_checkpoint_round_trip(name, tmp_path):
     if "mobileone" in name:
         pytest.importorskip("mmpretrain")
     source_cfg, ours_cfg = _stock_model_cfgs(name)
-    source = randomize_norms(MODELS.build(source_cfg)).eval()
+    x = torch.randn(2, 8, 3, 64, 64)
+    deploy = source_cfg["backbone"].pop("deploy", False)
+    source = calibrate_norms(randomize_norms(MODELS.build(source_cfg)), x)
+    if deploy:  # reparameterised from calibrated norms, as a deploy checkpoint is made; random ones fade the signal
+        source.backbone.switch_to_deploy()
+        assert any(".net.branch_reparam." in k for k in source.state_dict())
     path = _save(tmp_path, source.state_dict())
     layout = detect_layout(path)
     assert layout.name == "mmaction2", layout
     ours = MODELS.build(ours_cfg).eval()
     ours.load_state_dict(import_tsm_checkpoint(path, ours))
-    x = torch.randn(1, 8, 3, 64, 64)
     with torch.no_grad():
         _close(f"mmaction2 {name}", _scores(ours, x), _scores(source, x))
