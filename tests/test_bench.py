@@ -67,7 +67,18 @@ def test_peak_bytes_counts_held_tensors_and_the_largest_live_set():
         del a, b
         torch.ones(5000, dtype=torch.uint8)
 
-    assert bench.peak_bytes(work, [held, held], torch.device("cpu")) == 1000 + 8000
+    assert bench.peak_bytes(work, lambda: [held, held], torch.device("cpu")) == 1000 + 8000
+
+
+def test_peak_bytes_lets_the_call_free_held_tensors():
+    # A training step drops the old gradients first: the count must not keep them alive.
+    box = {"grad": torch.zeros(1000, dtype=torch.uint8)}
+
+    def step():
+        box["grad"] = None
+        box["grad"] = torch.ones(1000, dtype=torch.uint8)
+
+    assert bench.peak_bytes(step, lambda: [box["grad"]], torch.device("cpu")) == 1000
 
 
 # ------------------------------------------------------------------ targets
@@ -126,7 +137,7 @@ def test_result_numbers_are_consistent(tiny_result):
     import torchvision
 
     params = sum(p.numel() for p in torchvision.models.resnet18().parameters())
-    assert 2 * 4 * params < r.memory["2d"] < 4 * 4 * params
+    assert 1.5 * 4 * params < r.memory["2d"] < 3 * 4 * params
     assert r.memory["ours"] <= 1.03 * r.memory["2d"]
     assert r.online["online"]["median_s"] > 0 and r.throughput is None and r.compiled is None
 

@@ -143,28 +143,43 @@ class LiveTensorBytes(TorchDispatchMode):
         return out
 
 
-def peak_bytes(fn: Callable[[], object], held: Iterable[Optional[Tensor]], device: torch.device) -> int:
-    """Peak bytes of the tensors alive during one call of ``fn``, counting ``held`` from the start.
+def peak_bytes(fn: Callable[[], object], held: Callable[[], Iterable[Optional[Tensor]]],
+               device: torch.device) -> int:
+    """Peak bytes of the tensors alive during one call of ``fn``, counting ``held()`` from the start.
 
-    ``held`` are the tensors the call owns before it starts (parameters, gradients, input).
-    On CPU the tensors are counted by :class:`LiveTensorBytes`. On CUDA the figure is
-    ``torch.cuda.max_memory_allocated`` during the call, less what was allocated before it,
-    plus the bytes of ``held``: other models that share the GPU do not count.
+    ``held()`` lists the tensors the call owns before it starts (parameters, gradients, input);
+    it is a function so that the count keeps no reference to them (a gradient the step frees
+    must be freed). On CPU the tensors are counted by :class:`LiveTensorBytes`. On CUDA the
+    figure is ``torch.cuda.max_memory_allocated`` during the call, less what was allocated
+    before it, plus the bytes of ``held()``: other models that share the GPU do not count.
+
+    Example:
+        >>> x = torch.zeros(1000, dtype=torch.uint8)
+        >>> peak_bytes(lambda: x + 1, lambda: [x], torch.device("cpu"))
+        2000
     """
-    held = [t for t in held if isinstance(t, Tensor)]
     if torch.device(device).type != "cuda":
         with LiveTensorBytes() as counter:
-            for tensor in held:
-                counter.track(tensor)
+            _track(counter, held())
             fn()
         return counter.peak
+    own = _storage_bytes(held())
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     fn()
     torch.cuda.synchronize(device)
-    own = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held}.values())
     return torch.cuda.max_memory_allocated(device) - before + own
+
+
+def _track(counter: LiveTensorBytes, tensors: Iterable[Optional[Tensor]]) -> None:
+    for tensor in tensors:
+        counter.track(tensor)
+
+
+def _storage_bytes(tensors: Iterable[Optional[Tensor]]) -> int:
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if isinstance(t, Tensor)}
+    return sum(storages.values())
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, glibc's malloc.h

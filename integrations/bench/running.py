@@ -259,8 +259,8 @@ def _memory(run: _Run, models: Dict[str, nn.Module], x: Tensor) -> Dict[str, Opt
     def peak(model: nn.Module) -> Optional[int]:
         try:
             run.train_call(model, x)  # gradients exist, as in every step after the first
-            held = [x, *model.parameters(), *(p.grad for p in model.parameters())]
-            return peak_bytes(lambda: run.train_call(model, x), held, run.device)
+            return peak_bytes(lambda: run.train_call(model, x),
+                              lambda: [x, *model.parameters(), *(p.grad for p in model.parameters())], run.device)
         except Exception:
             return None
 
