@@ -32,13 +32,13 @@ Example:
 
 import logging
 import os
-import pickle
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from ._checkpoint_layouts import DETECTORS, LAYOUTS, CheckpointLayout, StateDict
+from .checkpoint_io import read_checkpoint
 
 __all__ = ["import_tsm_checkpoint", "convert_state_dict", "layout_adapter", "detect_layout", "read_state_dict",
            "CheckpointLayout", "CheckpointLayoutError", "LAYOUTS"]
@@ -57,15 +57,8 @@ class CheckpointLayoutError(ValueError):
 
 
 def _load(path: str):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist.")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # mmengine checkpoints also pickle their message hub; that loader allows exactly its types.
-        from .mmaction.checkpoint import load_weights
-
-        return load_weights(path)
+    # The one reader: weights_only=True plus mmengine's message hub; clear errors naming the file.
+    return read_checkpoint(path, source="checkpoint")
 
 
 def read_state_dict(path_or_state_dict: Union[str, os.PathLike, dict]) -> Tuple[StateDict, str]:

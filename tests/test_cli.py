@@ -63,6 +63,8 @@ def test_bad_checkpoints_get_one_clear_line(tmp_path, capsys):
     for name, needle in cases.items():
         err = _one_line_error(capsys, ["convert", "timm:resnet18", "--checkpoint", str(tmp_path / name)], name, needle)
         assert "weights_only=False" not in err and "--resume" not in err
+    _one_line_error(capsys, ["import-checkpoint", str(tmp_path / "empty.pth"), str(tmp_path / "out.pth")],
+                    "empty.pth", "is empty")  # the same reader for every verb
     with pytest.raises(Exception, match="is empty"):  # --debug: the exception itself, with its traceback
         main(["convert", "timm:resnet18", "--checkpoint", str(tmp_path / "empty.pth"), "--debug"])
 
