@@ -243,6 +243,15 @@ def test_deepcopy_and_pickle_round_trip():
         torch.testing.assert_close(clone(x), net(x))
         clone.train()
         assert clone.graph is clone.train_graph
+    net.recompute_shifts = False  # a user setting travels with the copies
+    assert copy.deepcopy(net).recompute_shifts is False
+    assert torch.load(io.BytesIO(_saved(net)), weights_only=False).recompute_shifts is False
+
+
+def _saved(module):
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    return buffer.getvalue()
 
 
 def test_errors_have_hints():
