@@ -318,3 +318,12 @@ def test_direction_and_uni_slot_reach_every_shift(type_, kwargs):
     ours = MODELS.build(dict(type=type_, num_segments=2, direction="uni", uni_slot="first", **kwargs))
     shifts = list(ours.net.shift_modules().values())
     assert shifts and all((s.direction, s.uni_slot) == ("uni", "first") for s in shifts)
+
+
+def test_docstring_examples_of_the_stock_module():
+    import doctest
+
+    from tsm_surgery.integrations.mmaction import _temporal, stock
+
+    for module in (stock, _temporal):
+        assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0

@@ -23,7 +23,8 @@ from mmaction.registry import HOOKS
 
 __all__ = ["ClipLengthHook", "sync_clip_length", "frames_per_clip"]
 
-_TAKE_NUM_SEGMENTS = ("TSMSurgeryBackbone", "ResNetTSM", "MobileNetV2TSM", "MobileOneTSM", "TSMHead")
+_TAKE_NUM_SEGMENTS = ("TSMSurgeryBackbone", "ResNetTSM", "MobileNetV2TSM", "MobileOneTSM", "TSMHead",
+                      "TSMSurgeryResNet", "TSMSurgeryMobileNetV2", "TSMSurgeryMobileOne")
 _SAMPLERS = ("SampleFrames", "UntrimmedSampleFrames", "DenseSampleFrames", "SampleAVAFrames")
 
 

@@ -90,8 +90,8 @@ def resolve_pretrained(name: str) -> Tuple[str, Optional[str]]:
     The file is then read with ``weights_only=True``, unlike MMAction2's loader. A path stays as it is.
 
     Example:
-        >>> resolve_pretrained('torchvision://resnet50')[0].endswith('resnet50-0676ba61.pth')
-        True
+        >>> resolve_pretrained('work_dirs/tsm_r50/epoch_50.pth')   # a path stays a path
+        ('work_dirs/tsm_r50/epoch_50.pth', None)
     """
     from mmengine.runner import checkpoint as zoo
 
