@@ -32,7 +32,7 @@ CONFIGS = os.path.join(os.path.dirname(mmaction.__file__), ".mim", "configs", "r
 TSM_CONFIGS = sorted(glob.glob(f"{CONFIGS}/tsm/*.py")) + sorted(glob.glob(f"{CONFIGS}/tpn/tpn-tsm_*.py"))
 TSN_CONFIGS = sorted(glob.glob(f"{CONFIGS}/tsn/*.py")) + sorted(glob.glob(f"{CONFIGS}/tsn/custom_backbones/*.py"))
 # Big networks whose step takes tens of seconds on two shared cores; each family keeps a fast case.
-SLOW_TSN = ("r101_8xb32", "swin-transformer", "dense161", "mobileone-s4_deploy", "rn101-32x4d")
+SLOW_TSN = ("r101_8xb32", "swin-transformer", "dense161")
 SLOW_TSM = ("r101_8xb16",)
 
 PLUGIN = "custom_imports = dict(imports=['tsm_surgery.integrations.mmaction'], allow_failed_imports=False)\n"
