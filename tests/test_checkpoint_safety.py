@@ -129,6 +129,7 @@ def test_stream_export_convert_are_weights_only(evil, config, tmp_path, capsys):
     _fails_naming(capsys, ["export", "--model", "timm:resnet18", "--checkpoint", path, "--output",
                            str(tmp_path / "x.onnx")], "evil.pth", "os.makedirs")
     _fails_naming(capsys, ["convert", "timm:resnet18", "--checkpoint", path], "evil.pth", "os.makedirs")
+    _fails_naming(capsys, ["import-checkpoint", path, str(tmp_path / "imported.pth")], "evil.pth", "os.makedirs")
     assert not marker.exists()
     assert not (tmp_path / "x.onnx").exists()
 
