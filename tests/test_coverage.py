@@ -1,14 +1,22 @@
-"""Coverage: a representative subset of timm/torchvision models.
+"""Coverage: a representative subset of timm/torchvision models, the block count, and the sweeps.
 
 The full sweep (`tsm-surgery coverage`, every family) is marked slow; this subset runs the same
 checks (`check_model`) in-process on small inputs. The discovery and tracing rules each have a
 toy model in test_sites.py and test_tracer.py.
 """
 
-import pytest
+import argparse
+import json
 
-timm_coverage = pytest.importorskip("tsm_surgery.integrations.timm_coverage")
-ModelSpec, check_model = timm_coverage.ModelSpec, timm_coverage.check_model
+import pytest
+import torch
+from torch import nn
+from tsm_surgery.integrations.norms import randomize_norms
+
+import tsm_surgery
+
+coverage = pytest.importorskip("tsm_surgery.integrations.coverage")
+ModelSpec, Result, Blocks, check_model = coverage.ModelSpec, coverage.Result, coverage.Blocks, coverage.check_model
 
 # (source, name, family, expected policy, expected layout): every one passes bi + uni + online
 SUBSET = [
@@ -35,34 +43,167 @@ def test_subset_passes(source, name, family, policy, layout):
     res = check_model(ModelSpec(source, family, (name,)), frames=3)
     assert res.reason == "", res.reason
     assert res.traced and res.sites > 0
-    assert res.bi and res.effective and res.uni and res.online and res.backward and res.passed
+    assert res.bi and res.effective and res.uni and res.online and res.backward
+    assert res.status == "pass" and res.blocks.shifted == res.sites and not res.blocks.partial
     assert (res.policy, res.layout) == (policy, layout)
 
 
 def test_failure_is_reported_not_raised():
     res = check_model(ModelSpec("timm", "resnet", ("no_such_model_xyz",)), frames=3)
-    assert not res.passed and res.stage == "build" and "no_such_model_xyz" in res.reason
+    assert res.status == "fail" and res.failed_at == "build" and "no_such_model_xyz" in res.reason
 
 
-def test_summary_counts_families():
-    rows = [
-        {"source": "timm", "family": "a", "kind": "cnn", "passed": True},
-        {"source": "timm", "family": "b", "kind": "cnn", "passed": False},
-        {"source": "timm", "family": "c", "kind": "transformer", "passed": True},
-    ]
-    summary = timm_coverage.summarize(rows)
-    assert (summary["cnn"]["passed"], summary["cnn"]["families"], summary["cnn"]["rate"]) == (1, 2, 50.0)
-    assert summary["all"]["rate"] == pytest.approx(66.7)
+def _result(family, kind, status):
+    converted = status != "fail"
+    blocks = Blocks(1, {"internal": 2}) if status == "partial" else Blocks(2)
+    return Result(model=family, source="timm", family=family, kind=kind, bi=converted, effective=converted,
+                  uni=converted, online=converted, blocks=blocks)
+
+
+def test_summary_counts_families_by_their_worst_model():
+    results = [_result("a", "cnn", "pass"), _result("b", "cnn", "fail"), _result("b", "cnn", "pass"),
+               _result("c", "transformer", "partial"), _result("d", "transformer", "pass")]
+    assert [r.status for r in results] == ["pass", "fail", "pass", "partial", "pass"]
+    summary = coverage.summarize(results)
+    assert (summary["cnn"]["pass"], summary["cnn"]["fail"], summary["cnn"]["families"]) == (1, 1, 2)
+    assert (summary["transformer"]["pass"], summary["transformer"]["partial"]) == (1, 1)
+    assert summary["all"]["rate"] == 50.0 and summary["all"]["models_pass"] == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks shifted and kept whole
+
+
+def _body(c):
+    return nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1))
+
+
+class Stage(nn.Module):
+    """Three residual blocks in one module's forward (kept whole when it is a leaf)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.bodies = nn.ModuleList([_body(c) for _ in range(3)])
+
+    def forward(self, x):
+        for body in self.bodies:
+            x = x + body(x)
+        return x
+
+
+class SplitSumBlock(nn.Module):
+    """Res2Net-style: sums between split channels inside one residual block."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.inner, self.a, self.b, self.outer = nn.Conv2d(c, c, 1), nn.Conv2d(c // 2, c // 2, 3, padding=1), \
+            nn.Conv2d(c // 2, c // 2, 3, padding=1), nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        y1, y2 = self.inner(x).chunk(2, dim=1)
+        y1 = self.a(y1)
+        y2 = self.b(y2 + y1)
+        return x + self.outer(torch.cat([y1, y2], 1))
+
+
+class Net(nn.Module):
+    def __init__(self, c=8):
+        super().__init__()
+        self.stem, self.block, self.split, self.stage = nn.Conv2d(3, c, 1), _body(c), SplitSumBlock(c), Stage(c)
+        self.head = nn.Linear(c, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.split(x + self.block(x))
+        return self.head(self.stage(x).mean((2, 3)))
+
+
+def _blocks(model, image, **convert_kwargs):
+    sites = tsm_surgery.find_residual_sites(model, image, all_joins=True, **convert_kwargs)
+    net = tsm_surgery.convert(model, 2, example_input=image, **convert_kwargs).eval()
+    return coverage.count_blocks(model, net, sites, "residual", image)
+
+
+def test_blocks_inside_a_leaf_are_counted_and_make_the_conversion_partial():
+    model, image = Net().eval(), torch.randn(1, 3, 8, 8)
+    whole = _blocks(model, image)
+    # block, split block, three stage blocks; the split sum lies inside the shifted split block
+    assert (whole.shifted, whole.kept, whole.partial) == (5, {}, False)
+    leaf = _blocks(model, image, leaf_modules=[Stage])
+    assert (leaf.shifted, leaf.kept, leaf.partial) == (2, {"inside Stage (kept whole)": 3}, True)
+    assert leaf.describe() == "2 of 5 shifted; kept whole: 3 inside Stage (kept whole)"
+
+
+def test_tiny_vit_attention_blocks_are_shifted():
+    timm = pytest.importorskip("timm")
+    from timm.models.tiny_vit import TinyVitBlock
+
+    model = randomize_norms(timm.create_model("tiny_vit_5m_224")).eval()
+    image = torch.randn(1, 3, 64, 64)
+    # kept whole, as timm's feature extractor does: only the two conv blocks of stage 0 shift
+    kept = _blocks(model, image, leaf_modules=[TinyVitBlock])
+    assert (kept.shifted, kept.kept_total, kept.partial) == (2, 20, True)
+    traced = _blocks(model, image)  # traced into: each block's attention and MLP residuals shift
+    assert (traced.shifted, traced.kept, traced.partial) == (22, {}, False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The --all sweep: listing, resuming, the report
+
+
+def _args(tmp_path, **kw):
+    values = dict(models=None, all=False, max_params=40.0, limit=None, out=str(tmp_path / "cov.md"), json=None,
+                  jobs=1, threads=1, timeout=300.0, frames=3)
+    return argparse.Namespace(**{**values, **kw})
+
+
+def test_all_lists_smallest_first_under_the_limit_and_counts_once():
+    names = ["test_convnext2", "test_efficientnet", "test_convnext"]
+    sizes = {}
+    specs = coverage.all_timm_specs(0.46e6, sizes, names)
+    assert [s.candidates[0] for s in specs] == ["test_convnext", "test_efficientnet"]
+    assert sizes["test_convnext"] < sizes["test_efficientnet"] <= 0.46e6 < sizes["test_convnext2"]
+    sizes["test_convnext"] = 10**9  # a cached count is used, not counted again
+    assert [s.candidates[0] for s in coverage.all_timm_specs(0.46e6, sizes, names)] == ["test_efficientnet"]
+
+
+def _table_rows(markdown):
+    rows = [line.split(" | ") for line in markdown.splitlines() if line.startswith("| test_")]
+    return {cells[0][2:]: (cells[-2], cells[-1].rstrip(" |").strip("*")) for cells in rows}
+
+
+def test_all_resumes_from_its_output_and_the_markdown_matches_the_json(tmp_path):
+    args = _args(tmp_path, all=True, models="test_convnext,test_convnext2,test_efficientnet", max_params=0.46)
+    assert coverage.run(argparse.Namespace(**{**vars(args), "limit": 1})) == 0
+    first = coverage.load_report(str(tmp_path / "cov.json"))
+    assert [r.model for r in first.results] == ["test_convnext"]
+    assert (first.meta.names_total, first.meta.names_in_limit, first.meta.max_params_m) == (3, 2, 0.46)
+
+    assert coverage.run(args) == 0  # resumes: runs only the model not done yet
+    report = coverage.load_report(str(tmp_path / "cov.json"))
+    assert [r.model for r in report.results] == ["test_convnext", "test_efficientnet"]
+    assert report.results[0] == first.results[0]  # kept as it was, not run again
+    markdown = (tmp_path / "cov.md").read_text()
+    assert markdown == coverage.render_markdown(report)
+    assert "2 of the 3 names timm lists, checked smallest first. 2 of the 2 are checked." in markdown
+    data = json.loads((tmp_path / "cov.json").read_text())
+    assert _table_rows(markdown) == {
+        row["model"]: (f"{row['blocks']['shifted']}/{row['blocks']['shifted'] + sum(row['blocks']['kept'].values())}",
+                       row["status"]) for row in data["results"]}
+    assert data["summary"]["all"]["models"] == 2
+
+
+def test_cli_reports_a_selection_without_models(tmp_path, capsys):
+    from tsm_surgery.cli import main
+
+    assert main(["coverage", "--models", "no_such_model_*", "--out", str(tmp_path / "cov.md")]) == 1
+    assert "no model matches 'no_such_model_*'" in capsys.readouterr().err
+    assert not (tmp_path / "cov.md").exists()
 
 
 @pytest.mark.slow
 def test_full_sweep_meets_targets(tmp_path):
-    import argparse
-
     out = tmp_path / "COVERAGE.md"
-    args = argparse.Namespace(models=None, limit=None, out=str(out), json=None, jobs=2, timeout=300.0, frames=4)
-    assert timm_coverage.run(args) == 0
-    import json
-
+    assert coverage.run(_args(tmp_path, out=str(out), jobs=2, threads=None, frames=4)) == 0
     summary = json.loads(out.with_suffix(".json").read_text())["summary"]
     assert summary["cnn"]["rate"] >= 95.0 and summary["transformer"]["rate"] >= 80.0

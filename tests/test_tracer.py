@@ -1,6 +1,7 @@
 """Tracing rules: the registries, train/eval graphs, fixed default arguments, graph constants."""
 
 import copy
+import math
 import subprocess
 import sys
 
@@ -109,3 +110,52 @@ def test_timm_registry_is_read_only_when_timm_is_loaded():
             "assert 'timm' not in sys.modules and t.soft_leaf_types == ()")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+class WindowBlock(nn.Module):
+    """TinyViT-style: a fast path when the input is exactly one window, padding otherwise."""
+
+    def __init__(self, c=8, window=4):
+        super().__init__()
+        self.window, self.body = window, nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 1))
+
+    def forward(self, x):
+        _, _, h, w = x.shape
+        if h == self.window and w == self.window:
+            return x + self.body(x)
+        pad = math.ceil(h / self.window) * self.window - h  # MobileViT-style size arithmetic
+        y = self.body(nn.functional.pad(x, (0, pad, 0, pad)))[:, :, :h, :w]
+        return x + y
+
+
+class BranchOnBatch(nn.Module):
+    def forward(self, x):
+        return x * 2 if x.shape[0] > 1 else x
+
+
+def test_branches_on_spatial_sizes_are_decided_on_the_example_and_guarded():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), WindowBlock()).eval()
+    with pytest.raises(TraceError, match="control flow"):
+        trace(model)  # no example: nothing to decide the branch on
+    for size in (4, 6):  # the fast path, and the padded path
+        image = torch.randn(1, 3, size, size)
+        assert [s.name for s in find_residual_sites(model, image)] == ["1"]
+        net = convert(model, 2, example_input=image).eval()
+        clip = torch.randn(4, 3, size, size)
+        assert not torch.allclose(net(clip), model(clip))
+    with pytest.raises(AssertionError, match=r"'1' was traced for inputs of size \(3, 6, 6\).*example_input="):
+        net(torch.randn(2, 3, 4, 4))  # the fast path's size: the padded graph refuses it
+    assert net(torch.randn(2, 3, 10, 10)).shape == (2, 8, 10, 10)  # another size on the same branch runs
+
+
+def test_branches_on_values_or_the_batch_size_still_fail():
+    image = torch.randn(1, 3, 4, 4)
+    with pytest.raises(TraceError, match="BranchOnBatch"):
+        trace(nn.Sequential(nn.Conv2d(3, 8, 1), BranchOnBatch()), example_input=image)
+
+    class BranchOnValue(nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x
+
+    with pytest.raises(TraceError, match="BranchOnValue"):
+        trace(nn.Sequential(nn.Conv2d(3, 8, 1), BranchOnValue()), example_input=image)

@@ -183,8 +183,8 @@ def convert(
     check_shift_args(n_segments, shift_div, direction, uni_slot)
     _check_settings(model, direction, place, online, no_residual)
     root = model if inplace else copy.deepcopy(model)
-    train_graph, eval_graph = trace_train_and_eval(root, leaf_modules)
     example_input = default_example_input(root) if example_input is None else example_input
+    train_graph, eval_graph = trace_train_and_eval(root, leaf_modules, example_input)
     per_mode, indexes = _choose_sites(root, {"train": train_graph, "eval": eval_graph}, example_input, select,
                              no_residual, model)
     shifts = nn.ModuleDict()

@@ -253,8 +253,8 @@ def find_residual_sites(
     """
     model = copy.deepcopy(model)
     model.train(train)
-    graph = trace(model, leaf_modules)
     example_input = default_example_input(model) if example_input is None else example_input
+    graph = trace(model, leaf_modules, example_input)
     _, sites = analyse_graph(model, graph, example_input)
     return sites if all_joins else [s for s in sites if s.kind == "residual"]
 

@@ -7,10 +7,13 @@ registry for its layers; when timm is already imported, the tracer uses it too (
 imports timm itself).
 """
 
+import functools
 import inspect
+import operator
 import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
 
+import torch
 from torch import fx, nn
 
 from ._shift import TemporalShift
@@ -87,10 +90,36 @@ class TraceError(RuntimeError):
     """A module could not be traced symbolically."""
 
 
-class SiteTracer(fx.Tracer):
-    """An FX tracer that honours the registries and remembers which module it was in."""
+def _reads_only_sizes(node: fx.Node, values: Dict[fx.Node, object]) -> bool:
+    """Whether ``node`` is computed from tensor sizes other than the batch (dim 0) and constants,
+    with operators and ``math`` functions only."""
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] in ("shape", "ndim")  # a whole shape: only its non-batch items may be read
+    if node.op == "call_method" and node.target in ("size", "dim"):
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return node.target == "dim" or dim is None or (isinstance(dim, int) and dim % values[node.args[0]].dim() != 0)
+    source = node.args[0] if node.args else None
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(values.get(source), torch.Size):
+        index = node.args[1]
+        return isinstance(index, int) and index % len(values[source]) != 0 and _reads_only_sizes(source, values)
+    if node.op == "call_function" and getattr(node.target, "__module__", None) in ("_operator", "operator", "math"):
+        return all(_reads_only_sizes(arg, values) for arg in node.all_input_nodes)
+    return False
 
-    def __init__(self, extra_leaf_modules: Sequence[LeafSpec] = ()):
+
+class SiteTracer(fx.Tracer):
+    """An FX tracer that honours the registries and remembers which module it was in.
+
+    With an example input, a branch on a tensor's spatial size (timm's TinyViT:
+    ``if H == self.window_size``) is decided on the example and kept as a guard
+    (``torch._assert``), so an input whose size would take the other branch fails loudly
+    instead of computing something else. Branches on values or on the batch size still fail.
+    """
+
+    def __init__(self, extra_leaf_modules: Sequence[LeafSpec] = (), example_input: Optional[torch.Tensor] = None):
+        self.example_input = example_input
+        self._values: Dict[fx.Node, object] = {}
+        self._evaluating = False
         timm_modules, timm_functions = _timm_registries()
         # timm registers whole blocks (NormFreeBlock, TinyVitBlock, MobileVitBlock) for its
         # feature extractor, not only untraceable layers; a leaf block would hide its residual
@@ -112,7 +141,59 @@ class SiteTracer(fx.Tracer):
             return True
         return super().is_leaf_module(module, module_qualified_name)
 
+    def _run_node(self, node: fx.Node) -> object:
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), self._values.__getitem__)
+        if node.op == "placeholder":  # the input, then the arguments fixed to their defaults
+            return self.example_input if not self._values else (args[0] if args else None)
+        if node.op == "get_attr":
+            return functools.reduce(getattr, node.target.split("."), self.root)
+        if node.op == "call_module":
+            return self.root.get_submodule(node.target)(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        return node.target(*args, **kwargs)
+
+    def _value_of(self, target: fx.Node) -> object:
+        """``target``'s value on the example input, running the nodes not run before (modules in eval
+        mode, so no running statistics change, in either graph)."""
+        flags = {m: m.training for m in self.root.modules()}
+        self._evaluating = True  # module calls and attributes run eagerly instead of being recorded
+        try:
+            self.root.eval()
+            with torch.no_grad():
+                for node in self.graph.nodes:
+                    if node not in self._values:
+                        self._values[node] = self._run_node(node)
+                    if node is target:
+                        break
+        finally:
+            self._evaluating = False
+            for module, flag in flags.items():
+                module.training = flag
+        return self._values[target]
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        if self.example_input is None:
+            return super().to_bool(obj)
+        try:
+            taken = bool(self._value_of(obj.node))
+        except Exception:
+            return super().to_bool(obj)
+        if not _reads_only_sizes(obj.node, self._values):
+            return super().to_bool(obj)
+        where = self.module_path_stack[-1] if self.module_path_stack else "forward"
+        message = (f"'{where}' was traced for inputs of size {tuple(self.example_input.shape[1:])}, and this input "
+                   "takes another branch there. Hint: convert again with example_input= of this size.")
+        condition = obj if taken else self.create_proxy("call_function", operator.not_, (obj,), {})
+        self.create_proxy("call_function", torch._assert, (condition, message), {})
+        return taken
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        return attr_val if self._evaluating else super().getattr(attr, attr_val, parameter_proxy_cache)
+
     def call_module(self, module, forward, args, kwargs):
+        if self._evaluating:
+            return forward(*args, **kwargs)
         path = self.path_of_module(module)
         self.module_path_stack.append(path)
         try:
@@ -188,8 +269,11 @@ def check_leaf_modules(model: nn.Module, specs: Sequence[LeafSpec]) -> None:
         )
 
 
-def trace(model: nn.Module, extra_leaf_modules: Sequence[LeafSpec] = ()) -> fx.Graph:
+def trace(model: nn.Module, extra_leaf_modules: Sequence[LeafSpec] = (),
+          example_input: Optional[torch.Tensor] = None) -> fx.Graph:
     """Traces ``model.forward`` in the model's current train/eval mode.
+
+    With ``example_input``, branches on spatial sizes are decided on it (see :class:`SiteTracer`).
 
     Raises:
         ValueError: an entry of ``extra_leaf_modules`` matches no module of ``model``.
@@ -199,7 +283,7 @@ def trace(model: nn.Module, extra_leaf_modules: Sequence[LeafSpec] = ()) -> fx.G
     concrete = _default_arguments(model)
     kept_whole: List[type] = []
     while True:
-        tracer = SiteTracer(list(extra_leaf_modules) + kept_whole)
+        tracer = SiteTracer(list(extra_leaf_modules) + kept_whole, example_input)
         try:
             graph = tracer.trace(model, concrete_args=concrete or None)
             if concrete:
@@ -230,7 +314,8 @@ def trace(model: nn.Module, extra_leaf_modules: Sequence[LeafSpec] = ()) -> fx.G
     ) from err
 
 
-def trace_train_and_eval(model: nn.Module, extra_leaf_modules: Sequence[LeafSpec] = ()) -> Tuple[fx.Graph, fx.Graph]:
+def trace_train_and_eval(model: nn.Module, extra_leaf_modules: Sequence[LeafSpec] = (),
+                         example_input: Optional[torch.Tensor] = None) -> Tuple[fx.Graph, fx.Graph]:
     """Traces the train and the eval graph; the model's mode is restored afterwards.
 
     Code that reads ``self.training`` in Python (drop path, auxiliary heads) is specialised at
@@ -241,7 +326,7 @@ def trace_train_and_eval(model: nn.Module, extra_leaf_modules: Sequence[LeafSpec
         graphs = []
         for mode in (True, False):
             model.train(mode)
-            graphs.append(trace(model, extra_leaf_modules))
+            graphs.append(trace(model, extra_leaf_modules, example_input))
     finally:
         model.train(was_training)
     return graphs[0], graphs[1]

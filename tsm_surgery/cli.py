@@ -29,7 +29,7 @@ VERBS = {
     "stream": ("tsm_surgery.integrations.stream", "run a video frame by frame through an online TSM model"),
     "export": ("tsm_surgery.integrations.export", "export an online or offline TSM model to ONNX"),
     "bench": ("tsm_surgery.integrations.bench", "benchmark the shift against the 2D model and the peers"),
-    "coverage": ("tsm_surgery.integrations.timm_coverage", "convert timm/torchvision models and report coverage"),
+    "coverage": ("tsm_surgery.integrations.coverage", "convert timm/torchvision models and report coverage"),
     "ablate": ("tsm_surgery.integrations.ablate", "shift proportion x placement: latency and accuracy, with a plot"),
     "efficiency": ("tsm_surgery.integrations.efficiency", "FLOPs, params, latency of TSM against TSN and 3D networks"),
 }

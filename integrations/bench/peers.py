@@ -18,9 +18,10 @@ from torch import Tensor, nn
 
 import tsm_surgery
 
+from ..norms import randomize_norms
 from .measure import CONTROL
 
-__all__ = ["ZeroFillShift", "build_2d", "randomize_norms", "build_models", "shift_inputs", "labelled_shifts",
+__all__ = ["ZeroFillShift", "build_2d", "build_models", "shift_inputs", "labelled_shifts",
            "set_mode"]
 
 SHIFT_LABEL = "tsm::temporal_shift"  # the profiler range around every shift module
@@ -63,18 +64,6 @@ def build_2d(spec: str) -> Tuple[nn.Module, Optional[int]]:
     return model, (int(name[len("resnet"):]) if source == "mmaction" else None)
 
 
-def randomize_norms(model: nn.Module) -> nn.Module:
-    """Random affine norms, so that every residual branch carries signal (timm zero-initialises
-    the last norm of each branch) and the equal-output check means something."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._NormBase) and module.weight is not None:
-                module.weight.copy_(torch.rand(module.weight.shape, generator=gen) + 0.5)
-                module.bias.copy_(torch.rand(module.bias.shape, generator=gen) * 0.4 - 0.2)
-    return model
-
-
 def _mmaction_peer(plain: nn.Module, depth: int, frames: int) -> nn.Module:
     from mmaction.models.backbones import ResNetTSM
 
@@ -105,7 +94,7 @@ def build_models(spec: str, frames: int, notes: List[str]) -> Tuple[Dict[str, nn
     A peer that cannot be built is left out with a line in ``notes``; the run goes on.
     """
     plain, depth = build_2d(spec)
-    randomize_norms(plain)
+    randomize_norms(plain, torch.Generator().manual_seed(1))
     set_mode(plain, False)
     models: Dict[str, nn.Module] = {"2d": plain, CONTROL: copy.deepcopy(plain)}
     models["ours"] = tsm_surgery.convert(plain, frames)

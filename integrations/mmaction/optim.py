@@ -8,20 +8,14 @@ the same policy by what a parameter is, so every parameter lands in exactly one 
 
 from typing import List
 
-import torch
+from mmaction.registry import OPTIM_WRAPPER_CONSTRUCTORS
 from mmengine.optim import DefaultOptimWrapperConstructor
 from torch import nn
-from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.conv import _ConvNd
 
-from mmaction.registry import OPTIM_WRAPPER_CONSTRUCTORS
+from ..norms import is_norm
 
 __all__ = ["TSMSurgeryOptimWrapperConstructor"]
-
-
-def _is_norm(module: nn.Module) -> bool:
-    return isinstance(module, (_NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)) or any(
-        "Norm" in cls.__name__ for cls in type(module).__mro__ if cls not in (nn.Module, object))
 
 
 @OPTIM_WRAPPER_CONSTRUCTORS.register_module()
@@ -67,7 +61,7 @@ class TSMSurgeryOptimWrapperConstructor(DefaultOptimWrapperConstructor):
                     groups["fc_b" if is_bias else "fc_w"].append(param)
                 elif sub is first_conv:
                     groups["first_b" if is_bias else "first_w"].append(param)
-                elif _is_norm(sub):
+                elif is_norm(sub):
                     groups["no_decay"].append(param)
                 elif is_bias:
                     groups["bias"].append(param)

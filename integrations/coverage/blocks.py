@@ -1,0 +1,177 @@
+"""How much of a network a conversion reaches: blocks shifted and blocks kept whole, with reasons.
+
+A *block* is a join of two activations of one shape: every addition
+``find_residual_sites(all_joins=True)`` reports except the ``broadcast`` ones (position
+embeddings, biases), plus the same-shape additions that run inside modules kept whole as one
+graph node (leaves), which the site analysis cannot see. A join that lies inside a shifted
+block (Res2Net's split sums between the block's fork and its join, RepVGG's parallel sums after
+a shifted block entry) is part of that block, not a block of its own.
+
+A conversion that keeps more blocks whole than it shifts is *partial*.
+"""
+
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Sequence, Set
+
+import torch
+from torch import fx, nn
+from torch.overrides import TorchFunctionMode
+
+import tsm_surgery
+
+from ..norms import is_norm
+
+__all__ = ["Blocks", "count_blocks"]
+
+_ADD_NAMES = {"add", "add_", "__add__", "__radd__", "__iadd__"}
+
+
+@dataclass
+class Blocks:
+    """Blocks of one network.
+
+    Attributes:
+        shifted: blocks that got a shift (residual joins, or block entries under ``first_conv``).
+        kept: reason -> number of blocks kept whole for that reason, e.g. ``"internal"``,
+            ``"multi_branch"`` or ``"inside TinyVitBlock (kept whole)"``.
+    """
+
+    shifted: int = 0
+    kept: Dict[str, int] = field(default_factory=dict)
+
+    @property
+    def kept_total(self) -> int:
+        return sum(self.kept.values())
+
+    @property
+    def total(self) -> int:
+        return self.shifted + self.kept_total
+
+    @property
+    def partial(self) -> bool:
+        """More blocks kept whole than shifted."""
+        return self.kept_total > self.shifted
+
+    def describe(self) -> str:
+        """``"2 of 12 shifted; kept whole: 10 inside TinyVitBlock (kept whole)"``."""
+        text = f"{self.shifted} of {self.total} shifted"
+        if self.kept:
+            text += "; kept whole: " + ", ".join(f"{n} {why}" for why, n in sorted(self.kept.items()))
+        return text
+
+
+def _ancestors(node: fx.Node) -> Set[fx.Node]:
+    seen, stack = set(), [node]
+    while stack:
+        for arg in stack.pop().all_input_nodes:
+            if arg not in seen:
+                seen.add(arg)
+                stack.append(arg)
+    return seen
+
+
+def _descendants(node: fx.Node) -> Set[fx.Node]:
+    seen, stack = set(), [node]
+    while stack:
+        for user in stack.pop().users:
+            if user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return seen
+
+
+def _covered(graph: fx.Graph, shifted: Sequence[tsm_surgery.ResidualSite]) -> Set[fx.Node]:
+    """Nodes inside a shifted block: between a residual site's fork and its join."""
+    nodes = {n.name: n for n in graph.nodes}
+    covered: Set[fx.Node] = set()
+    for site in shifted:
+        fork, join = nodes.get(site.fork), nodes.get(site.join)
+        if fork is not None and join is not None and site.kind == "residual":
+            covered |= (_descendants(fork) & _ancestors(join)) | {join}
+    return covered
+
+
+def _leaf_nodes(net: fx.GraphModule) -> List[fx.Node]:
+    """``call_module`` nodes that run a whole module tree or a non-torch module as one node."""
+    leaves = []
+    for node in net.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = net.get_submodule(node.target)
+        if isinstance(module, tsm_surgery.TemporalShift) or is_norm(module):
+            continue
+        if any(True for _ in module.children()) or not type(module).__module__.startswith("torch.nn"):
+            leaves.append(node)
+    return leaves
+
+
+class _SameShapeAdds(TorchFunctionMode):
+    """Counts additions of two activations of one shape (parameters and broadcasts excluded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in _ADD_NAMES and len(args) >= 2 and _same_shape_activations(*args[:2]):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _same_shape_activations(a, b) -> bool:
+    tensors = all(isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter) for t in (a, b))
+    return tensors and a.dim() >= 2 and a.shape == b.shape
+
+
+def _joins_inside(model: nn.Module, paths: Iterable[str], image: torch.Tensor) -> Dict[str, int]:
+    """path -> same-shape additions made while the module at ``path`` runs on the model's input."""
+    captured: Dict[str, tuple] = {}
+
+    def capture(path):
+        def hook(_module, args, kwargs):
+            captured.setdefault(path, (args, kwargs))
+        return hook
+
+    hooks = [model.get_submodule(p).register_forward_pre_hook(capture(p), with_kwargs=True) for p in paths]
+    try:
+        with torch.no_grad():
+            model(image)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    counts = {}
+    for path, (args, kwargs) in captured.items():
+        with torch.no_grad(), _SameShapeAdds() as counter:
+            model.get_submodule(path)(*args, **kwargs)
+        counts[path] = counter.count
+    return counts
+
+
+def count_blocks(model: nn.Module, net: fx.GraphModule, sites: Sequence[tsm_surgery.ResidualSite],
+                 shifted_kind: str, image: torch.Tensor) -> Blocks:
+    """Counts the blocks of ``model`` that ``net`` (its eval-mode conversion) shifts and keeps whole.
+
+    Args:
+        model: the 2D model, in eval mode (run once on ``image`` to look inside leaves).
+        net: the converted network, in eval mode.
+        sites: ``find_residual_sites(model, image, all_joins=True)``.
+        shifted_kind: the site kind the conversion shifted (``"residual"`` or ``"first_conv"``).
+        image: one input image batch.
+    """
+    shifted = [s for s in sites if s.kind == shifted_kind]
+    blocks = Blocks(shifted=len(shifted))
+    covered = _covered(net.graph, shifted)
+    shifted_forks = {s.fork for s in shifted}
+    nodes = {n.name: n for n in net.graph.nodes}
+    for site in sites:
+        if site.kind in (shifted_kind, "broadcast", "residual", "first_conv"):
+            continue  # shifted, not an activation join, or a site of the policy not used
+        if nodes.get(site.join) in covered or site.fork in shifted_forks:
+            continue
+        blocks.kept[site.kind] = blocks.kept.get(site.kind, 0) + 1
+    leaves = {n.target: type(net.get_submodule(n.target)).__name__ for n in _leaf_nodes(net) if n not in covered}
+    for path, count in _joins_inside(model, leaves, image).items():
+        if count:
+            why = f"inside {leaves[path]} (kept whole)"
+            blocks.kept[why] = blocks.kept.get(why, 0) + count
+    return blocks
