@@ -190,7 +190,8 @@ def test_train_made_checkpoint_for_a_timm_model_gets_our_message(resumable, tmp_
     video = str(tmp_path / "v.mp4")
     write_video(video, 1)
     for argv in (["stream", video, "--model", "timm:resnet18", "--checkpoint", resumable],
-                 ["export", "--model", "timm:resnet18", "--checkpoint", resumable, "--output", str(tmp_path / "x.onnx")]):
+                 ["export", "--model", "timm:resnet18", "--checkpoint", resumable,
+                  "--output", str(tmp_path / "x.onnx")]):
         line = _fails_naming(capsys, argv, "epoch_0.pth", "does not match the model", "--config")
         assert "weights_only=False" not in line and "Python objects" not in line
 
