@@ -67,6 +67,9 @@ def load_checkpoint_file(path: str, map_location: Optional[Any] = None) -> Any:
     """mmengine's loader for local files: safe first, full unpickling only for the trusted file."""
     try:
         return read_checkpoint(path, map_location=map_location)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err} Check load_from, the CHECKPOINT argument, --resume PATH or the path in the "
+                                "work dir's last_checkpoint file.") from None
     except CheckpointLoadError as err:
         if err.refused_global is None or not is_trusted(path):
             raise
