@@ -56,11 +56,6 @@ class CheckpointLayoutError(ValueError):
     """A checkpoint of no known layout, or one whose weights do not fit the model."""
 
 
-def _load(path: str):
-    # The one reader: weights_only=True plus mmengine's message hub; clear errors naming the file.
-    return read_checkpoint(path, source="checkpoint")
-
-
 def read_state_dict(path_or_state_dict: Union[str, os.PathLike, dict]) -> Tuple[StateDict, str]:
     """Reads a checkpoint file (``weights_only=True``) or takes a dict; returns its tensors and a name.
 
@@ -68,7 +63,7 @@ def read_state_dict(path_or_state_dict: Union[str, os.PathLike, dict]) -> Tuple[
     """
     if isinstance(path_or_state_dict, (str, os.PathLike)):
         source = os.path.expanduser(os.fspath(path_or_state_dict))
-        obj = _load(source)
+        obj = read_checkpoint(source, source="checkpoint")
     elif isinstance(path_or_state_dict, dict):
         source, obj = "<state_dict>", path_or_state_dict
     else:
@@ -168,7 +163,8 @@ def _best_mapping(body: Sequence[str], layout: CheckpointLayout, target) -> Call
 
 
 def _fit(state: StateDict, layout: CheckpointLayout, target: Dict[str, torch.Size], sites, source: str,
-         log: Log) -> StateDict:
+         log: Log, strict: bool = True) -> StateDict:
+    """Maps the default naming onto ``target``'s keys; ``strict=False`` (fine-tuning) lets the head differ."""
     head = {k for k in state if layout.head and k.startswith(layout.head + ".")}
     if layout.name == "mmaction2" and any(k.startswith("backbone.") for k in state):
         body = [k for k in state if k.startswith("backbone.")]
@@ -193,6 +189,10 @@ def _fit(state: StateDict, layout: CheckpointLayout, target: Dict[str, torch.Siz
             keymap.update({k: f"{owner}.{k.rsplit('.', 1)[1]}" for k in rest})
             left, rest = [], []
     shapes = [k for k, t in keymap.items() if t in target and tuple(state[k].shape) != tuple(target[t])]
+    if not strict:  # the model keeps its own classifier / neck where the checkpoint's has another size
+        rest += [k for k in shapes if k not in body]
+        keymap = {k: t for k, t in keymap.items() if k not in rest}
+        shapes, left = [k for k in shapes if k in body], []
     if unplaced or left or shapes:
         raise _mismatch(source, layout, keymap, unplaced, left, shapes, state, target)
     if rest:
@@ -299,12 +299,14 @@ def _log(level: int, message: str) -> None:
 
 
 def convert_state_dict(state: StateDict, model: Optional[nn.Module] = None, source: str = "<state_dict>", *,
-                       model_state: Optional[dict] = None, log: Optional[Log] = None
+                       model_state: Optional[dict] = None, log: Optional[Log] = None, strict: bool = True
                        ) -> Tuple[StateDict, CheckpointLayout]:
     """:func:`import_tsm_checkpoint` for a state dict already read; also returns the detected layout.
 
     ``model_state`` (default ``model.state_dict()``) gives the keys and shapes to fit; ``log``
     (``log(level, message)``, default this module's logger) receives the notes and warnings.
+    ``strict=False`` is for fine-tuning: model keys may stay unfilled and a classifier or neck
+    of another size is left out; the backbone must still fit exactly.
     """
     log = log or _log
     layout, converted = _detect(state, source)
@@ -313,19 +315,20 @@ def convert_state_dict(state: StateDict, model: Optional[nn.Module] = None, sour
         return (converted if target is None else _fit(converted, layout, target, [], source, log)), layout
     model_state = model.state_dict() if model_state is None else model_state
     target = {k: v.shape for k, v in model_state.items()}
-    fitted = _fit(converted, layout, target, _model_sites(model) if model is not None else [], source, log)
+    fitted = _fit(converted, layout, target, _model_sites(model) if model is not None else [], source, log, strict)
     if model is not None:
         _check_direction(layout, model, source, log)
     return fitted, layout
 
 
-def layout_adapter(model: Optional[nn.Module] = None, source: str = "checkpoint",
-                   log: Optional[Log] = None) -> Callable[[StateDict, dict], StateDict]:
+def layout_adapter(model: Optional[nn.Module] = None, source: str = "checkpoint", log: Optional[Log] = None,
+                   strict: bool = True) -> Callable[[StateDict, dict], StateDict]:
     """An ``adapt(state, model_state) -> state`` for the checkpoint loader: imports the anchors' layouts.
 
     A state dict whose keys are already the model's, or of no known layout, is returned as
     it is (the loader's own strict check then reports any mismatch). A known layout is
-    fitted to the model strictly, and the detected source is logged.
+    fitted to the model (see :func:`convert_state_dict` for ``strict``), and the detected
+    source is logged.
     """
     log = log or _log
 
@@ -336,7 +339,7 @@ def layout_adapter(model: Optional[nn.Module] = None, source: str = "checkpoint"
             _detect(state, source)
         except CheckpointLayoutError:
             return state
-        fitted, layout = convert_state_dict(state, model, source, model_state=model_state, log=log)
+        fitted, layout = convert_state_dict(state, model, source, model_state=model_state, log=log, strict=strict)
         log(logging.INFO, f"{source}: detected {layout}; imported into this model's keys")
         return fitted
 

@@ -7,11 +7,10 @@ and ``tsm-surgery test CONFIG OUT`` read it.
 
 import argparse
 import os
-import sys
-
 import torch
 
-from tsm_surgery.integrations.checkpoints import CheckpointLayoutError, convert_state_dict, read_state_dict
+from tsm_surgery.integrations.checkpoints import convert_state_dict, read_state_dict
+from tsm_surgery.integrations.outputs import claim_outputs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,20 +22,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     src, out = os.path.expanduser(args.src), os.path.expanduser(args.out)
-    if os.path.exists(out) and not args.force:
-        print(f"tsm-surgery import-checkpoint: {out} exists; nothing written. Pass --force to replace it.",
-              file=sys.stderr)
-        return 1
-    if os.path.exists(out) and os.path.samefile(src, out):
-        print(f"tsm-surgery import-checkpoint: OUT is SRC ({src}); write the result elsewhere.", file=sys.stderr)
-        return 1
-    try:
-        state, source = read_state_dict(src)
-        converted, layout = convert_state_dict(state, source=source)
-    except (CheckpointLayoutError, FileNotFoundError) as err:
-        print(f"tsm-surgery import-checkpoint: {err}", file=sys.stderr)
-        return 1
+    if os.path.exists(out) and os.path.exists(src) and os.path.samefile(src, out):
+        raise ValueError(f"OUT is SRC ({src}); write the result elsewhere.")
+    if os.path.lexists(out) and not args.force:  # before the (slow) read; claim_outputs checks again
+        claim_outputs([(out, "the imported checkpoint")], force=False)
+    state, source = read_state_dict(src)
+    converted, layout = convert_state_dict(state, source=source)
     meta = {"source": os.path.abspath(src), "layout": layout.name, "description": layout.description}
+    claim_outputs([(out, "the imported checkpoint")], force=args.force)
     tmp = f"{out}.tmp{os.getpid()}"
     torch.save({"state_dict": converted, "meta": meta}, tmp)
     os.replace(tmp, out)  # a reader never sees a half-written OUT

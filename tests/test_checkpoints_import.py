@@ -149,7 +149,7 @@ def test_cli_import_checkpoint_writes_once(tmp_path, capsys):
     # An existing OUT is never written over without --force.
     out.write_bytes(b"keep")
     assert main(["import-checkpoint", str(src), str(out)]) == 1
-    assert "exists" in capsys.readouterr().err and out.read_bytes() == b"keep"
+    assert "already exists; refusing to overwrite" in capsys.readouterr().err and out.read_bytes() == b"keep"
     assert main(["import-checkpoint", str(src), str(out), "--force"]) == 0
     assert set(torch.load(out, weights_only=True)["state_dict"]) == set(expected)
     # An unknown layout: an error naming the file, nothing written.
@@ -300,3 +300,30 @@ def test_stock_config_checkpoint_round_trip(name, tmp_path):
     ours.load_state_dict(import_tsm_checkpoint(path, ours))
     with torch.no_grad():
         _close(f"mmaction2 {name}", _scores(ours, x), _scores(source, x))
+
+
+def test_pretrained_and_fine_tuning_accept_paper_checkpoints(tmp_path):
+    """`pretrained=` takes a paper checkpoint directly; load_from's fine-tuning mode keeps a head of another size."""
+    pytest.importorskip("mmaction")
+    import tsm_surgery.integrations.mmaction  # noqa: F401
+    from mmaction.registry import MODELS
+    from mmengine.registry import init_default_scope
+
+    from tsm_surgery.integrations.checkpoints import convert_state_dict
+
+    init_default_scope("mmaction")
+    paper, path, _ = _paper_pair(tmp_path, 18)
+    backbone = MODELS.build(dict(type="TSMSurgeryBackbone", num_segments=T, pretrained=str(path),
+                                 backbone=dict(type="ResNet", depth=18)))
+    backbone.init_weights()
+    expected = import_tsm_checkpoint(path, backbone)
+    assert set(expected) == set(backbone.state_dict())
+    assert all(torch.equal(v, expected[k]) for k, v in backbone.state_dict().items())
+    # Fine-tuning on 9 classes: the backbone must fit, the 7-class head stays the model's own.
+    nine = _recognizer(dict(type="TSMSurgeryBackbone", num_segments=T, backbone=dict(type="ResNet", depth=18)),
+                       512, num_classes=9)
+    with pytest.raises(CheckpointLayoutError, match=r"cls_head\.fc_cls\.weight: checkpoint \(7, 512\)"):
+        import_tsm_checkpoint(path, nine)
+    state, layout = convert_state_dict(torch.load(path, weights_only=True)["state_dict"], nine, strict=False)
+    assert layout.arch == "resnet18" and not any(k.startswith("cls_head.") for k in state)
+    assert set(state) == {k for k in nine.state_dict() if k.startswith("backbone.")}

@@ -133,15 +133,31 @@ def test_untrusted_checkpoint_resumes_with_opt_in(trained, config, tmp_path):
     assert runner.epoch == 2
 
 
+def test_stock_layout_checkpoint_is_imported(trained, config, tmp_path, capsys):
+    """A checkpoint in MMAction2 ResNetTSM's layout (shifted convs wrapped as '.net') tests directly."""
+    _, work_dir, _ = trained
+    original = os.path.join(work_dir, "epoch_1.pth")
+    state = torch.load(original, map_location="cpu", weights_only=False)["state_dict"]
+    stock = {k.replace("conv1.conv.", "conv1.conv.net.") if k.startswith("backbone.layer") else k: v
+             for k, v in state.items()}
+    path = str(tmp_path / "resnettsm_layout.pth")
+    torch.save({"state_dict": stock}, path)
+    expected = api.test(config, original, work_dir=str(tmp_path / "a"))
+    assert api.test(config, path, work_dir=str(tmp_path / "b")) == expected
+    logged = capsys.readouterr()
+    assert "detected MMAction2 ResNetTSM (depth 18) recognizer, 8 shifted modules" in logged.out + logged.err
+
+
 def test_checkpoint_keys_mismatch(trained, config, tmp_path):
     _, work_dir, _ = trained
     state = torch.load(os.path.join(work_dir, "epoch_1.pth"), map_location="cpu", weights_only=False)
-    # A ResNetTSM-style checkpoint: its shifted convs carry '.net.' in the keys.
+    # ResNetTSM's layout, but without the last stage: another depth, refused with the file named.
     state["state_dict"] = {k.replace("conv1.conv.", "conv1.conv.net.") if k.startswith("backbone.layer") else k: v
-                           for k, v in state["state_dict"].items()}
+                           for k, v in state["state_dict"].items() if not k.startswith("backbone.layer4.")}
     path = str(tmp_path / "other_keys.pth")
     torch.save({"state_dict": state["state_dict"]}, path)
-    with pytest.raises(KeyError, match=r"CHECKPOINT=.*other_keys.pth.*'.net.'"):
+    with pytest.raises(ValueError, match=r"CHECKPOINT=.*other_keys.pth.*detected MMAction2 ResNetTSM.*"
+                                         r"get no weights \(first: \['backbone\.layer4\.0\."):
         api.test(config, path, work_dir=str(tmp_path / "w"))
 
 

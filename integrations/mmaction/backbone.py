@@ -23,9 +23,15 @@ import tsm_surgery
 from mmaction.registry import MODELS
 
 from ..checkpoint_io import match_state_dict, read_checkpoint, state_dict_of
+from ..checkpoints import layout_adapter
 from . import _temporal
 
 __all__ = ["TSMSurgeryBackbone", "SHIFT_PLACES"]
+
+
+def print_log_level(level: int, message: str) -> None:
+    """``log(level, message)`` into mmengine's current logger (the checkpoint importer's notes)."""
+    print_log(message, logger="current", level=level)
 
 # ResNetTSM's vocabulary -> tsm_surgery.convert's `place`.
 SHIFT_PLACES = {"blockres": "residual", "block": "block", "residual": "residual"}
@@ -315,7 +321,8 @@ class TSMSurgeryBackbone(BaseModule):
         hint = ""
         if any(k.startswith("backbone.") for k in state) and not prefix:
             hint = "The checkpoint's keys start with 'backbone.': set model.backbone.pretrained_prefix='backbone.'."
-        state = match_state_dict(state, own, path=path, source=source, allow_unexpected=True, hint=hint)
+        adapt = layout_adapter(self, f"{source}={path!r}", log=print_log_level)  # MMAction2/paper TSM checkpoints
+        state = match_state_dict(state, own, path=path, source=source, allow_unexpected=True, hint=hint, adapt=adapt)
         self.load_state_dict({k: state[k] for k in own}, strict=True)
         unexpected = [k for k in state if k not in own]
         if unexpected:

@@ -48,6 +48,8 @@ import tsm_surgery.integrations.mmaction  # noqa: E402,F401  (registers the plug
 from mmaction.registry import HOOKS, MODELS  # noqa: E402
 
 from ..checkpoint_io import Adapter, match_state_dict, state_dict_of  # noqa: E402
+from ..checkpoints import layout_adapter  # noqa: E402
+from .backbone import print_log_level  # noqa: E402
 from .clip_length import sync_clip_length  # noqa: E402
 
 __all__ = ["load_config", "build_runner", "train", "test", "CheckpointKeysHook", "add_arguments", "run"]
@@ -70,7 +72,9 @@ class CheckpointKeysHook(Hook):
             must all be there (fine-tuning may replace the head).
         source: how the user named the file, for the message (e.g. ``'load_from'``).
         adapt: a key-layout adapter, ``adapt(state, model_state) -> state``; the adapted
-            state_dict is what mmengine then loads.
+            state_dict is what mmengine then loads. By default MMAction2 ``ResNetTSM``/
+            ``MobileNetV2TSM``/``MobileOneTSM``/TPN and paper-repo TSM checkpoints are imported
+            (:func:`~tsm_surgery.integrations.checkpoints.layout_adapter`), the source logged.
     """
 
     priority = "VERY_HIGH"
@@ -88,14 +92,16 @@ class CheckpointKeysHook(Hook):
         required = None
         if not self.strict and any(k.startswith("backbone.") for k in own):
             required = lambda key: key.startswith("backbone.")  # noqa: E731
-        state = match_state_dict(state, own, path=path, source=self.source, required=required,
-                                 allow_unexpected=not self.strict, adapt=self.adapt)
-        if self.adapt is not None:
+        adapt = self.adapt or layout_adapter(model, f"{self.source}={path!r}", log=print_log_level,
+                                             strict=self.strict)
+        adapted = match_state_dict(state, own, path=path, source=self.source, required=required,
+                                   allow_unexpected=not self.strict, adapt=adapt)
+        if adapted is not state:  # another layout, imported: mmengine loads the adapted keys
             if isinstance(checkpoint.get("state_dict"), dict):
-                checkpoint["state_dict"] = state
+                checkpoint["state_dict"] = adapted
             else:
                 checkpoint.clear()
-                checkpoint.update(state)
+                checkpoint.update(adapted)
 
 
 def _set_options(cfg: Config, cfg_options: Optional[Dict[str, Any]]) -> None:
