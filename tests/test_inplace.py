@@ -290,3 +290,38 @@ def test_a_saved_tensor_changed_in_place_still_raises_under_recompute():
     net = _convert(model).train()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         net(x).sum().backward()
+
+
+class BiasFromInput(nn.Module):
+    """``x = relu_(y)``; the branch's first layer takes its bias from ``y``, another name of ``x``'s memory."""
+
+    def __init__(self, bias_from_input: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(C, C, 3, 3) / 9)
+        self.bias = nn.Parameter(torch.randn(C))
+        self.conv = nn.Conv2d(C, C, 3, padding=1)
+        self.bias_from_input = bias_from_input
+
+    def forward(self, y):
+        x = torch.relu_(y)
+        bias = y[0, :, 0, 0] if self.bias_from_input else self.bias
+        return x + self.conv(F.conv2d(x, self.weight, bias, padding=1))
+
+
+@pytest.mark.parametrize("bias_from_input, swapped", [(False, 1), (True, 0)])
+def test_online_slot_swap_only_when_the_layer_reads_no_other_activation(bias_from_input, swapped):
+    """The online step writes the cache into the site's input around its first layer; a layer that
+    also reads another name of that memory (here a bias sliced from it) would see the cache."""
+    from tsm_surgery import _online_graph
+
+    online = _convert(Net(BiasFromInput(bias_from_input)).double(), direction="uni", online=True)
+    restores = [n for n in online.graph.nodes if n.op == "call_function" and n.target is _online_graph._restore_slot]
+    assert len(restores) == swapped
+    frames = torch.randn(T, 1, 3, SIZE, SIZE, dtype=torch.double)
+    state = online.init_state(1, frame_shape=(3, SIZE, SIZE))
+    for frame in frames:  # without autograd (the swap where allowed) equals with it (always a copy)
+        with torch.no_grad():
+            fast, _ = online.step(frame.clone(), state)
+        with torch.enable_grad():
+            copied, state = online.step(frame.clone(), state)
+        torch.testing.assert_close(fast, copied.detach(), **TOL)

@@ -172,6 +172,20 @@ def rewrite(graph: fx.Graph, keys: Sequence[str], root: nn.Module) -> fx.Graph:
     return graph
 
 
+def _from_data(node: fx.Node) -> bool:
+    """True when ``node`` depends on a graph input (an activation), not only on parameters."""
+    stack, seen = [node], set()
+    while stack:
+        current = stack.pop()
+        if current.op == "placeholder":
+            return True
+        for i in current.all_input_nodes:
+            if i not in seen:
+                seen.add(i)
+                stack.append(i)
+    return False
+
+
 def _swap_consumer(node: fx.Node, root: nn.Module) -> Optional[fx.Node]:
     """The single consumer of a shift node, if it may read a swapped-in-place input."""
     if len(node.users) != 1:
@@ -180,8 +194,8 @@ def _swap_consumer(node: fx.Node, root: nn.Module) -> Optional[fx.Node]:
     # The shifted tensor must be the layer's input and only that; the unshifted one not at all.
     if not user.args or user.args[0] is not node or node in user.args[1:] or node in user.kwargs.values():
         return None
-    if node.args[0] in user.all_input_nodes:
-        return None
+    if any(i is not node and _from_data(i) for i in user.all_input_nodes):
+        return None  # another activation read during the swap may be a name of the swapped memory
     if user.op == "call_function":
         return user if user.target in _SWAP_SAFE_FUNCTIONS else None
     if user.op != "call_module":
