@@ -134,6 +134,27 @@ def test_blocks_inside_a_leaf_are_counted_and_make_the_conversion_partial():
     assert leaf.describe() == "2 of 5 shifted; kept whole: 3 inside Stage (kept whole)"
 
 
+class DownBlock(nn.Module):
+    """RepGhost-style: a two-layer shortcut (not shifted: `internal`) around a re-parameterisable sum."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.k1, self.k3, self.c1 = nn.Conv2d(c, c, 1), nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 1)
+        self.s1, self.s2 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return self.c1(self.k1(x) + self.k3(x)) + self.s2(self.s1(x))
+
+
+def test_joins_inside_a_block_kept_whole_count_as_that_block():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), Stage(), DownBlock(), nn.AdaptiveAvgPool2d(1)).eval()
+    image = torch.randn(1, 3, 8, 8)
+    kinds = sorted(s.kind for s in tsm_surgery.find_residual_sites(model, image, all_joins=True))
+    assert kinds == ["internal", "multi_branch", "residual", "residual", "residual"]
+    blocks = _blocks(model, image)
+    assert (blocks.shifted, blocks.kept, blocks.partial) == (3, {"internal": 1}, False)
+
+
 def test_tiny_vit_attention_blocks_are_shifted():
     timm = pytest.importorskip("timm")
     from timm.models.tiny_vit import TinyVitBlock

@@ -3,9 +3,10 @@
 A *block* is a join of two activations of one shape: every addition
 ``find_residual_sites(all_joins=True)`` reports except the ``broadcast`` ones (position
 embeddings, biases), plus the same-shape additions that run inside modules kept whole as one
-graph node (leaves), which the site analysis cannot see. A join that lies inside a shifted
-block (Res2Net's split sums between the block's fork and its join, RepVGG's parallel sums after
-a shifted block entry) is part of that block, not a block of its own.
+graph node (leaves), which the site analysis cannot see. A join that lies inside another block
+(Res2Net's split sums between the block's fork and its join, RepGhost's parallel sums inside a
+downsampling block) is part of that block, not a block of its own; so are the parallel sums
+that start where a shifted block entry starts (RepVGG).
 
 A conversion that keeps more blocks whole than it shifts is *partial*.
 """
@@ -80,15 +81,15 @@ def _descendants(node: fx.Node) -> Set[fx.Node]:
     return seen
 
 
-def _covered(graph: fx.Graph, shifted: Sequence[tsm_surgery.ResidualSite]) -> Set[fx.Node]:
-    """Nodes inside a shifted block: between a residual site's fork and its join."""
+def _spans(graph: fx.Graph, sites: Sequence[tsm_surgery.ResidualSite]) -> Dict[str, Set[fx.Node]]:
+    """join name -> the nodes strictly between the join's fork and the join: the block's inside."""
     nodes = {n.name: n for n in graph.nodes}
-    covered: Set[fx.Node] = set()
-    for site in shifted:
+    spans = {}
+    for site in sites:
         fork, join = nodes.get(site.fork), nodes.get(site.join)
-        if fork is not None and join is not None and site.kind == "residual":
-            covered |= (_descendants(fork) & _ancestors(join)) | {join}
-    return covered
+        if fork is not None and join is not None and site.kind != "first_conv":
+            spans[site.join] = _descendants(fork) & _ancestors(join)
+    return spans
 
 
 def _leaf_nodes(net: fx.GraphModule) -> List[fx.Node]:
@@ -160,16 +161,17 @@ def count_blocks(model: nn.Module, net: fx.GraphModule, sites: Sequence[tsm_surg
     """
     shifted = [s for s in sites if s.kind == shifted_kind]
     blocks = Blocks(shifted=len(shifted))
-    covered = _covered(net.graph, shifted)
+    candidates = [s for s in sites if s.kind != "broadcast"]
+    inside = set().union(*_spans(net.graph, candidates).values())  # joins inside another block belong to it
     shifted_forks = {s.fork for s in shifted}
     nodes = {n.name: n for n in net.graph.nodes}
-    for site in sites:
-        if site.kind in (shifted_kind, "broadcast", "residual", "first_conv"):
-            continue  # shifted, not an activation join, or a site of the policy not used
-        if nodes.get(site.join) in covered or site.fork in shifted_forks:
+    for site in candidates:
+        if site.kind in (shifted_kind, "residual", "first_conv"):
+            continue  # shifted, or a site of the policy not used
+        if nodes.get(site.join) in inside or site.fork in shifted_forks:
             continue
         blocks.kept[site.kind] = blocks.kept.get(site.kind, 0) + 1
-    leaves = {n.target: type(net.get_submodule(n.target)).__name__ for n in _leaf_nodes(net) if n not in covered}
+    leaves = {n.target: type(net.get_submodule(n.target)).__name__ for n in _leaf_nodes(net) if n not in inside}
     for path, count in _joins_inside(model, leaves, image).items():
         if count:
             why = f"inside {leaves[path]} (kept whole)"
