@@ -20,7 +20,8 @@ one section per device. ``--quick`` is a small, fast configuration for tests and
 Example:
     >>> from tsm_surgery.integrations.bench import Settings, run_bench, render
     >>> result = run_bench(Settings(model="torchvision:resnet18", frames=4, eval_size=32, train_size=32,
-    ...                             online_size=32, rounds=2, op_repeats=2, compile=False, profile=False))
+    ...                             online_size=32, rounds=2, op_repeats=2, compile=False, profile=False,
+    ...                             convert_model="torchvision:resnet18", convert_repeats=1))
     >>> "## Headline" in render(result)
     True
 """

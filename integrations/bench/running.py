@@ -6,7 +6,8 @@ memory counter (``torch.cuda.max_memory_allocated``) and the extra throughput st
 
 Example:
     >>> result = run_bench(Settings(model="torchvision:resnet18", frames=4, eval_size=32, train_size=32,
-    ...                             online_size=32, rounds=2, op_repeats=2, compile=False, profile=False))
+    ...                             online_size=32, rounds=2, op_repeats=2, compile=False, profile=False,
+    ...                             convert_model="torchvision:resnet18", convert_repeats=1))
     >>> result.eval["ours"]["ratio"] > 0
     True
 """
