@@ -327,3 +327,33 @@ def test_docstring_examples_of_the_stock_module():
 
     for module in (stock, _temporal):
         assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_wrapped_tsn_url_checkpoint_is_read_from_the_cache_weights_only(tmp_path, monkeypatch):
+    """The stock TSN-R50 config names an https:// checkpoint: read from torch hub's cache, never unpickled in full."""
+    import torchvision
+
+    from tsm_surgery.integrations.checkpoint_io import CheckpointLoadError
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    stock = [p for p in TSN_CONFIGS if p.endswith("tsn_imagenet-pretrained-r50_8xb32-1x1x8-100e_kinetics400-rgb.py")]
+    cfg = _wrapped_tsn(stock[0], frames=2)
+    url = cfg["backbone"]["backbone"]["pretrained"]
+    assert url.startswith("https://")
+    cached = tmp_path / "hub" / "checkpoints" / os.path.basename(url)
+    cached.parent.mkdir(parents=True)
+    reference = randomize_norms(torchvision.models.resnet50())
+    torch.save(reference.state_dict(), cached)  # torchvision's layout, which MMAction2's ResNet maps
+    model = MODELS.build(cfg)
+    model.init_weights()
+    assert torch.equal(model.backbone.state_dict()["conv1.bn.running_var"], reference.bn1.running_var)
+    assert torch.equal(model.backbone.state_dict()["layer2.0.conv1.conv.weight"], reference.layer2[0].conv1.weight)
+    assert model.backbone.model2d.pretrained == url  # the config's value is kept
+    torch.save({"conv1.weight": _Evil()}, cached)
+    with pytest.raises(CheckpointLoadError, match="system"):
+        MODELS.build(cfg).init_weights()

@@ -25,6 +25,7 @@ from mmaction.registry import MODELS
 from ..checkpoint_io import match_state_dict, read_checkpoint, state_dict_of
 from ..checkpoints import layout_adapter
 from . import _temporal
+from ._zoo import local_pretrained
 
 __all__ = ["TSMSurgeryBackbone", "SHIFT_PLACES"]
 
@@ -287,8 +288,10 @@ class TSMSurgeryBackbone(BaseModule):
 
         mmengine's ``BaseModule.init_weights`` would walk into the children and re-initialise
         pretrained timm weights; this method never does. An MMAction2 backbone's own
-        ``init_weights`` runs (its ``pretrained`` or its default init); timm and torchvision
-        models keep the weights they were built with.
+        ``init_weights`` runs (its ``pretrained`` or its default init); a ``torchvision://``,
+        ``open-mmlab://`` or URL name there, or in a ``Pretrained`` ``init_cfg``, is read from
+        torch hub's cache with ``weights_only=True`` (fetched there first when missing); timm
+        and torchvision models keep the weights they were built with.
         """
         if getattr(self, "_is_init", False):
             return
@@ -300,7 +303,8 @@ class TSMSurgeryBackbone(BaseModule):
             if shared is not None:
                 self._model2d._params_init_info = shared
             try:
-                inner_init()
+                with local_pretrained(self._model2d):  # remote names: read from the cache, weights only
+                    inner_init()
             finally:
                 if shared is not None:
                     self._model2d.__dict__.pop("_params_init_info", None)

@@ -21,18 +21,16 @@ The stock rules are rules of the surgery here, not copies of the stock classes:
 """
 
 import inspect
-import os
 import re
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
-from urllib.parse import urlparse
 
-import torch
 from torch import nn
 from torch.nn.modules.utils import _ntuple
 
 from mmaction.registry import MODELS
 
 from . import _temporal
+from ._zoo import resolve_pretrained
 from .backbone import TSMSurgeryBackbone
 
 __all__ = ["STOCK_EQUIVALENTS", "EVERY_OTHER_BLOCK_FROM", "resolve_pretrained", "TSMSurgeryResNet",
@@ -79,42 +77,6 @@ def _every_other_block(stage_sizes: Sequence[int]) -> Optional[Callable]:
         return index is not None and int(index.group(1)) % 2 == 0
 
     return even_blocks
-
-
-def resolve_pretrained(name: str) -> Tuple[str, Optional[str]]:
-    """A local file for a stock ``pretrained`` name, and the key prefix its weights sit under.
-
-    ``torchvision://``, ``mmcls://`` and ``open-mmlab://`` names go through mmengine's model-zoo
-    tables to a URL, as MMAction2 resolves them; a URL is fetched into torch hub's checkpoint
-    cache (``$TORCH_HOME/hub/checkpoints``) only when that file is missing, as MMAction2 does.
-    The file is then read with ``weights_only=True``, unlike MMAction2's loader. A path stays as it is.
-
-    Example:
-        >>> resolve_pretrained('work_dirs/tsm_r50/epoch_50.pth')   # a path stays a path
-        ('work_dirs/tsm_r50/epoch_50.pth', None)
-    """
-    from mmengine.runner import checkpoint as zoo
-
-    scheme, _, model = name.partition("://")
-    tables = {"torchvision": zoo.get_torchvision_models, "mmcls": zoo.get_mmcls_models,
-              "open-mmlab": zoo.get_external_models, "openmmlab": zoo.get_external_models}
-    if scheme in tables:
-        urls = tables[scheme]()
-        if model not in urls:
-            raise KeyError(f"pretrained={name!r}: mmengine knows no {scheme} model {model!r}.")
-        url = urls[model]
-    elif scheme in ("http", "https"):
-        url = name
-    else:
-        return os.path.expanduser(name), None
-    if not url.startswith(("http://", "https://")):  # open-mmlab entries may name another scheme or a path
-        return resolve_pretrained(url)
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
-    if not os.path.isfile(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.hub.download_url_to_file(url, path)
-    # mmcls checkpoints are classifiers; MMAction2 keeps their 'backbone.' weights.
-    return path, "backbone." if scheme == "mmcls" else None
 
 
 class _StockBackbone(TSMSurgeryBackbone):
