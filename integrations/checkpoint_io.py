@@ -212,8 +212,8 @@ def state_dict_of(checkpoint: Any, path: str = "", source: str = "checkpoint",
 
 def _mismatch_hint(missing: List[str], unexpected: List[str], shapes: List[str]) -> str:
     if unexpected and any(".net." in k for k in unexpected):
-        return (" Keys with '.net.' come from MMAction2's ResNetTSM; this backbone keeps plain 2D keys: "
-                "drop '.net' from them (revise_keys) or convert the checkpoint once.")
+        return (" Keys with '.net.' come from a TSM backbone's shift wrappers (MMAction2 or the paper's code), in "
+                "a layout not recognised here: `tsm-surgery import-checkpoint SRC OUT` names what it detects.")
     if unexpected and all(k.startswith(("backbone.", "cls_head.", "data_preprocessor.")) for k in unexpected):
         return (" It is an MMAction2 recognizer checkpoint (keys 'backbone.'/'cls_head.'): pass it with the "
                 "config it was trained with (--config CONFIG --checkpoint FILE).")

@@ -340,7 +340,8 @@ def layout_adapter(model: Optional[nn.Module] = None, source: str = "checkpoint"
         except CheckpointLayoutError:
             return state
         fitted, layout = convert_state_dict(state, model, source, model_state=model_state, log=log, strict=strict)
-        log(logging.INFO, f"{source}: detected {layout}; imported into this model's keys")
+        hint = f" ({layout.hint})" if layout.hint else ""
+        log(logging.INFO, f"{source}: detected {layout}; imported into this model's keys{hint}")
         return fitted
 
     return adapt

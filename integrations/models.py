@@ -5,11 +5,13 @@ local file, which is loaded strictly with ``weights_only=True``
 (:func:`~tsm_surgery.integrations.checkpoint_io.load_state_dict_file`).
 """
 
+import sys
 from typing import Any, Optional
 
 from torch import nn
 
 from .checkpoint_io import load_state_dict_file
+from .checkpoints import layout_adapter
 
 __all__ = ["build_model", "default_frame_size", "SOURCES"]
 
@@ -49,6 +51,10 @@ def _mmaction(name: str, kwargs: dict) -> nn.Module:
     return ResNet(depth=int(name[len("resnet"):]), **{"pretrained": None, "norm_eval": False, **kwargs})
 
 
+def _note(level: int, message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)
+
+
 def build_model(spec: str, *, checkpoint: Optional[str] = None, **kwargs: Any) -> nn.Module:
     """Creates a model from ``timm:resnet18``, ``torchvision:mobilenet_v2``, ``mmaction:resnet50`` or ``resnet18``.
 
@@ -70,7 +76,9 @@ def build_model(spec: str, *, checkpoint: Optional[str] = None, **kwargs: Any) -
                          "mmaction:resnetNN.")
     model = builders[source](name, kwargs)
     if checkpoint:
-        load_state_dict_file(checkpoint, model, source="--checkpoint")
+        # MMAction2 stock and paper-repo TSM checkpoints (the paper's online MobileNetV2 too) are imported.
+        adapt = layout_adapter(model, "--checkpoint", log=_note)
+        load_state_dict_file(checkpoint, model, source="--checkpoint", adapt=adapt)
     return model
 
 

@@ -30,6 +30,7 @@ import tsm_surgery
 from tsm_surgery.cli import non_negative_int, positive_int
 
 from .checkpoint_io import load_state_dict_file
+from .checkpoints import layout_adapter
 from .models import build_model, default_frame_size
 
 __all__ = ["decode", "Preprocess", "add_arguments", "run"]
@@ -125,7 +126,7 @@ def _from_timm(args: argparse.Namespace) -> Tuple[nn.Module, Callable, Preproces
     # inplace: the converted and online networks reuse the 2D model's modules, so the
     # benchmark compares the same weights in the same memory.
     net = tsm_surgery.convert(model, n_segments=8, shift_div=args.shift_div, direction="uni",
-                              example_input=torch.zeros(1, 3, size, size), inplace=True)
+                              uni_slot=args.uni_slot, example_input=torch.zeros(1, 3, size, size), inplace=True)
     online = tsm_surgery.to_online(net, frame_shape=(3, size, size), inplace=True)
     return model, online, pre
 
@@ -146,7 +147,8 @@ def _from_mmaction(args: argparse.Namespace) -> Tuple[nn.Module, Callable, Prepr
         raise FileNotFoundError(f"--config {args.config!r} does not exist.")
     recognizer = init_recognizer(args.config, None, device="cpu")
     if args.checkpoint:  # mmengine's load_checkpoint is not strict: it would stream random weights
-        load_state_dict_file(args.checkpoint, recognizer, source="--checkpoint")
+        load_state_dict_file(args.checkpoint, recognizer, source="--checkpoint",
+                             adapt=layout_adapter(recognizer, "--checkpoint"))
     recognizer.eval()
     backbone, head = recognizer.backbone, recognizer.cls_head
     net = getattr(backbone, "net", None)
@@ -210,6 +212,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="classifier size for --model (default: the model's own)")
     parser.add_argument("--shift-div", type=positive_int, default=8,
                         help="1/shift_div of the channels move (default 8)")
+    parser.add_argument("--uni-slot", choices=("past", "first"), default="past",
+                        help="for --model: channels read from the previous frame: 'past' = [fold, 2*fold) "
+                             "(default), 'first' = [0, fold) as the paper's online demo (its checkpoint needs it)")
     parser.add_argument("--size", type=positive_int,
                         help="frame side after resize and centre crop (default: model's input size)")
     parser.add_argument("--topk", type=positive_int, default=5, help="classes printed per frame (default 5)")

@@ -86,3 +86,26 @@ def test_our_uni_slot_is_another_layout(paper_checkpoint, caplog):
     with torch.no_grad():
         got = torch.stack([online(frame) for frame in frames])
     assert (got - expected).abs().max() > 1e-2 * expected.abs().max()
+
+
+def test_stream_verb_runs_the_paper_online_checkpoint(paper_checkpoint, tmp_path, capsys):
+    """`tsm-surgery stream --model torchvision:mobilenet_v2 --checkpoint <paper online> --uni-slot first`."""
+    pytest.importorskip("av")
+    from test_mmaction_data import write_video
+
+    from tsm_surgery.cli import main
+
+    paper, _ = paper_checkpoint
+    state = {k: v.clone() for k, v in paper.state_dict().items()}
+    state["classifier.bias"][13] = 60.0  # one class wins whatever the frame: the weights were loaded
+    path = tmp_path / "mobilenetv2_jester_online.pth.tar"
+    torch.save(state, path)
+    video = str(tmp_path / "v.mp4")
+    write_video(video, 1)
+    argv = ["stream", video, "--model", "torchvision:mobilenet_v2", "--checkpoint", str(path), "--num-classes", "27",
+            "--uni-slot", "first", "--size", "32", "--topk", "1"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    frames = [line for line in captured.out.splitlines() if line.startswith("frame")]
+    assert len(frames) == 8 and all("top-1: 13:1.000" in line for line in frames), frames
+    assert "detected paper online-demo mobilenet_v2" in captured.err and "uni_slot='first'" in captured.err
