@@ -20,7 +20,11 @@ are fitted to ``model.state_dict()``: placed under ``backbone.``, the classifier
 model's (``cls_head.fc_cls``), torchvision and MMAction2 ResNet naming translated, and then
 checked strictly: every model key filled, every checkpoint tensor placed (a classifier or neck
 the model does not have is left out and logged), equal shapes, and the model shifting the same
-blocks as the checkpoint's model did.
+blocks as the checkpoint's model did. Weights trained with another shift direction or uni slot
+than the model's load with a warning: a bi-directional model cannot stream until fine-tuned as uni.
+
+The checkpoint loader (``load_from``, ``tsm-surgery test``, ``pretrained=``, ``--checkpoint``)
+imports these layouts through :func:`layout_adapter`.
 
 Example:
     >>> import torchvision, tsm_surgery

@@ -10,12 +10,10 @@ from tsm_surgery.integrations.checkpoints import CheckpointLayoutError, detect_l
 from utils import randomize_norms
 
 T = 4  # frames per clip
-DIFFS = {}  # layout -> max abs difference, printed with -s
 
 
 def _close(name, got, expected):
     diff = (got - expected).abs().max().item()
-    DIFFS[name] = diff
     print(f"{name}: max abs diff {diff:.3g} (scale {expected.abs().max().item():.3g})")
     assert got.shape == expected.shape
     assert diff <= 1e-5 * max(1.0, expected.abs().max().item()), diff
