@@ -121,7 +121,7 @@ def plot(summary: Dict, path: Path) -> None:
         mine = [r for r in rows if r["place"] == place]
         lat = [(xpos[r["proportion"]], r["latency"]) for r in mine if r["latency"] and "error" not in r["latency"]]
         if lat:
-            x = [p for p, _ in lat]
+            x = [p + 0.06 * (k - 0.5) for p, _ in lat]  # side by side, not on top of each other
             y = [100 * (v["ratio"] - 1) for _, v in lat]
             err = [[100 * (v["ratio"] - v["p25"]) for _, v in lat], [100 * (v["p75"] - v["ratio"]) for _, v in lat]]
             ax_lat.errorbar(x, y, yerr=err, marker="o", capsize=3, label=place)
@@ -142,6 +142,8 @@ def plot(summary: Dict, path: Path) -> None:
                     ax.annotate("x  cannot convert" if "convert" in entry["error"] else "x  failed",
                                 (xpos[r["proportion"]], 0.04 + 0.08 * k), xycoords=("data", "axes fraction"),
                                 color="C3", fontsize=8, ha="center")
+    if not control:
+        ax_lat.text(0.5, 0.5, "not measured in this run", ha="center", transform=ax_lat.transAxes, color="grey")
     ax_lat.axhline(0, color="black", lw=0.8)
     ax_lat.set(xlabel="shifted channels (total)", ylabel="eval latency overhead vs 2D (%)",
                title="latency", xticks=range(len(labels)), xticklabels=labels, xlim=(-0.5, len(labels) - 0.5))

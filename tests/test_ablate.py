@@ -119,3 +119,29 @@ def test_a_spec_backbone_goes_into_the_training_config_with_its_width(spec, tmp_
     assert tsm.model.backbone.backbone == ablate.backbone_dict(spec)
     assert tsm.model.backbone.shift_div == 8 and tsm.model.backbone.shift_place == "block"
     assert tsn.model.cls_head.in_channels == tsm.model.cls_head.in_channels == 512  # ResNet-18's last stage
+
+
+@pytest.mark.parametrize("pair", [0, 1, 2])
+def test_the_harder_data_scales_motion_and_noise_and_keeps_the_default_data(pair):
+    import numpy as np
+
+    from tsm_surgery.integrations.mmaction.synth_data import sample_params
+
+    def draw(**kwargs):
+        return sample_params(pair, np.random.default_rng([0, pair, 3]), 64, 16, **kwargs)
+
+    default, hard = draw(), draw(motion_scale=0.5, noise_scale=2.0)
+    assert draw(motion_scale=1.0, noise_scale=1.0) == default  # the demo's data does not move
+    assert hard["noise_sigma"] == pytest.approx(2 * default["noise_sigma"])
+    motion = {0: lambda p: p["x1"] - p["x0"], 1: lambda p: p["r1"] - p["r0"], 2: lambda p: p["turn"]}[pair]
+    assert motion(hard) == pytest.approx(0.5 * motion(default))
+    assert hard["color"] == default["color"] and hard["background"] == default["background"]
+
+
+@pytest.mark.parametrize("kwargs", [{"motion_scale": 0}, {"motion_scale": 1.5}, {"noise_scale": -1}])
+def test_the_harder_data_refuses_out_of_range_scales(tmp_path, kwargs):
+    from tsm_surgery.integrations.mmaction.synth_data import generate
+
+    with pytest.raises(ValueError, match="motion_scale"):
+        generate(tmp_path / "d", videos_per_class=3, **kwargs)
+    assert not (tmp_path / "d").exists()
