@@ -86,18 +86,19 @@ def table(summary: Dict) -> str:
         cells = [row["proportion"], str(row["shift_div"] or "-"), row["place"]]
         cells += ["1 (the 2D network)" if row["place"] == "tsn" else _lat_cell(row["latency"])]
         lines.append("| " + " | ".join(cells + _acc_cells(row["accuracy"])) + " |")
-    control, setup = summary["latency_control"], summary["latency_setup"]
+    control, setup, data = summary["latency_control"], summary["latency_setup"], summary["data"]
+    notes = []
     if control:
-        lines.append(f"\nA/A control (a copy of the 2D network timed like the others): {control['ratio']:.3f}x "
+        notes.append(f"A/A control (a copy of the 2D network timed like the others): {control['ratio']:.3f}x "
                      f"({control['p25']:.3f}-{control['p75']:.3f}); 2D clip forward {summary['latency_2d_ms']:.1f} ms "
                      f"({setup['frames']} frames of {setup['size']} px, {setup['threads']} thread(s), "
                      f"median of {setup['rounds']} paired rounds).")
-    data = summary["data"]
     if data:
-        lines.append(f"Accuracy: {summary['settings']['epochs']} epochs from scratch, {summary['settings']['seeds']} "
+        notes.append(f"Accuracy: {summary['settings']['epochs']} epochs from scratch, {summary['settings']['seeds']} "
                      f"seeds, scored on the {data['counts']['val'] + data['counts']['test']} held-out val + test "
                      f"videos of the harder data (motion x{data['motion_scale']}, noise x{data['noise_scale']}); "
                      "within pair: choosing between a pair's two time-reversed classes, chance = 50%.")
+    lines += [""] + notes if notes else []
     return "\n".join(lines)
 
 
