@@ -257,8 +257,9 @@ def report(result: Dict) -> str:
     lines += ["", f"A/A control (a copy of TSN timed like the others): {_ratio(result['control'])}."
               + ("" if gpu else " On CPU only ratios are given: absolute times and throughput (clips/s) belong to "
                  "a GPU run; at equal batch a model's throughput relative to TSN is the inverse of its latency ratio."),
-              "The 3D networks downsample time in their stem (I3D by 4, trained on 32-frame clips), so on the "
-              "same 8 frames they can cost less than TSN; the last column counts each at its stock clip length.",
+              "Some 3D networks reduce time early (I3D by 4 in its stem, being trained on 32-frame clips; C2D by 2 "
+              "after its first stage), so on the same 8 frames they can cost less than TSN; the last column counts "
+              "each at its stock clip length.",
               "ResNetTSM's stock config uses TSMHead, which applies its linear layer to every frame before "
               "averaging (TSNHead averages first): that head, not the shift, is its FLOP difference to TSN."]
     online = result.get("online")
