@@ -25,7 +25,7 @@ The report replaces its own section of ``--output`` (``BENCHMARKS.md``, next to 
 ``--plot`` (``efficiency.png``).
 
 Example:
-    tsm-surgery efficiency                     # about 5 minutes on 2 CPU cores
+    tsm-surgery efficiency                     # 76 s with one thread on a quiet CPU
     tsm-surgery efficiency --size 64 --rounds 3 --output /tmp/eff.md --plot /tmp/eff.png
 """
 
