@@ -3,7 +3,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 # The registry's CUDA builds of this pair import on CPU-only machines; the CPU-only torch
-# wheel some machines offer has no matching torchvision (see DESIGN.md).
+# wheel some machines offer has no matching torchvision (README, Installation notes).
 TORCH := torch==2.13.0 torchvision==0.28.0
 
 .PHONY: demo test test-all test-gpu bench setup
@@ -12,6 +12,7 @@ demo: $(STAMP)
 	$(VENV)/bin/tsm-surgery demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -n 2
 
 test-all: $(STAMP)

@@ -110,6 +110,7 @@ def measure_latency(spec: str, divs: Sequence[int], places: Sequence[str], frame
         ``{'2d_ms', 'control': {ratio, p25, p75}, 'points': {'<place>/<div>': {ratio, p25, p75} or {error}}}``.
     """
     import tsm_surgery
+
     from .bench import CONTROL, paired_ratios
 
     plain = build_2d(spec)

@@ -106,10 +106,10 @@ def build_recognizer(name: str) -> nn.Module:
     from .mmaction import compat
 
     compat.apply()
+    from mmaction.registry import MODELS
     from mmengine.registry import init_default_scope
 
     import tsm_surgery.integrations.mmaction  # noqa: F401  (registers TSMSurgeryBackbone)
-    from mmaction.registry import MODELS
 
     model_cfg = _no_downloads(_stock_config(name).model.to_dict())
     if name == "TSM (ours)":
@@ -202,6 +202,7 @@ def online_claim(frames: int, size: int, rounds: int, device: str = "cpu") -> Di
     network on one frame.
     """
     import tsm_surgery
+
     from .bench import paired_ratios
 
     plain = build_recognizer(BASE).backbone.to(device)  # eval mode already; mmaction's train() returns None

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import time
+import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -53,7 +54,11 @@ def _export_onnx(module: nn.Module, args: Tuple, path: str, input_names: List[st
             axes = {name: {dim: dim_name for dim, (dim_name, _) in dims.items()} for name, dims in dynamic.items()}
             axes.update({name: {0: "batch"} for name in output_names})
             kwargs["dynamic_axes"] = axes
-        torch.onnx.export(module, args, path, dynamo=False, **kwargs)
+        with warnings.catch_warnings():
+            # Chosen explicitly with --exporter legacy; torch's advice to use the default is moot here.
+            warnings.filterwarnings("ignore", "You are using the legacy TorchScript-based ONNX export",
+                                    DeprecationWarning)
+            torch.onnx.export(module, args, path, dynamo=False, **kwargs)
     else:
         raise ValueError(f"exporter={exporter!r}: use 'dynamo' (torch.export based) or 'legacy' (TorchScript based).")
 

@@ -7,6 +7,7 @@ and ``tsm-surgery test CONFIG OUT`` read it.
 
 import argparse
 import os
+
 import torch
 
 from tsm_surgery.integrations.checkpoints import convert_state_dict, read_state_dict

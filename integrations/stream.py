@@ -138,8 +138,9 @@ def _from_mmaction(args: argparse.Namespace) -> Tuple[nn.Module, Callable, Prepr
     online backbone's features go through the config's head with ``num_segs=1``.
     """
     try:
-        import tsm_surgery.integrations.mmaction  # noqa: F401  registers the plugin, applies compat patches
         from mmaction.apis import init_recognizer
+
+        import tsm_surgery.integrations.mmaction  # noqa: F401  registers the plugin, applies compat patches
     except ImportError as err:
         raise ImportError(f"--config needs MMAction2 ({err}). "
                           "Install the extras: pip install 'tsm_surgery[mmaction]'.") from None

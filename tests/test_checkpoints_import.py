@@ -3,11 +3,11 @@
 import pytest
 import torch
 import torchvision
+from paper_tsm import PaperMobileNetV2, calibrate_norms, paper_mobilenet_v2_tsn, paper_resnet_tsn
+from utils import randomize_norms
 
 import tsm_surgery
-from paper_tsm import PaperMobileNetV2, calibrate_norms, paper_mobilenet_v2_tsn, paper_resnet_tsn
 from tsm_surgery.integrations.checkpoints import CheckpointLayoutError, detect_layout, import_tsm_checkpoint
-from utils import randomize_norms
 
 T = 4  # frames per clip
 
@@ -184,8 +184,9 @@ STOCK = {
 @pytest.mark.parametrize("stock", sorted(STOCK))
 def test_mmaction_stock_round_trip(stock, tmp_path):
     pytest.importorskip("mmaction")
-    import tsm_surgery.integrations.mmaction  # noqa: F401
     from mmengine.registry import init_default_scope
+
+    import tsm_surgery.integrations.mmaction  # noqa: F401
 
     init_default_scope("mmaction")
     source_cfg, ours_cfg, channels = STOCK[stock]
@@ -210,8 +211,9 @@ def test_mmaction_stock_round_trip(stock, tmp_path):
 def test_paper_resnet_into_mmaction_recognizer_and_back(tmp_path):
     """A paper checkpoint loads into an MMAction2 config's model (ResNet naming and head translated)."""
     pytest.importorskip("mmaction")
-    import tsm_surgery.integrations.mmaction  # noqa: F401
     from mmengine.registry import init_default_scope
+
+    import tsm_surgery.integrations.mmaction  # noqa: F401
 
     init_default_scope("mmaction")
     paper, path, _ = _paper_pair(tmp_path, 18)
@@ -277,9 +279,10 @@ def _stock_model_cfgs(name):
                                   for n in sorted(STOCK_CONFIGS)])
 def test_stock_config_checkpoint_round_trip(name, tmp_path):
     pytest.importorskip("mmaction")
-    import tsm_surgery.integrations.mmaction  # noqa: F401
     from mmaction.registry import MODELS
     from mmengine.registry import init_default_scope
+
+    import tsm_surgery.integrations.mmaction  # noqa: F401
 
     init_default_scope("mmaction")
     if "mobileone" in name:
@@ -303,10 +306,10 @@ def test_stock_config_checkpoint_round_trip(name, tmp_path):
 def test_pretrained_and_fine_tuning_accept_paper_checkpoints(tmp_path):
     """`pretrained=` takes a paper checkpoint directly; load_from's fine-tuning mode keeps a head of another size."""
     pytest.importorskip("mmaction")
-    import tsm_surgery.integrations.mmaction  # noqa: F401
     from mmaction.registry import MODELS
     from mmengine.registry import init_default_scope
 
+    import tsm_surgery.integrations.mmaction  # noqa: F401
     from tsm_surgery.integrations.checkpoints import convert_state_dict
 
     init_default_scope("mmaction")

@@ -130,8 +130,9 @@ def test_synth_data_bad_seed_writes_nothing(tmp_path, capsys):
 
 def test_broken_videos_are_named(tmp_path, capsys):
     pytest.importorskip("av")
-    from tsm_surgery.integrations.mmaction.synth_data import render_video, sample_params, write_video
     import numpy as np
+
+    from tsm_surgery.integrations.mmaction.synth_data import render_video, sample_params, write_video
 
     video = tmp_path / "good.mp4"
     write_video(video, render_video(sample_params(0, np.random.default_rng(0), 32, 16)))

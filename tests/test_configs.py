@@ -10,9 +10,9 @@ import torch
 pytest.importorskip("mmaction")
 pytest.importorskip("mmengine")
 
-import tsm_surgery.integrations.mmaction  # noqa: E402,F401  (compat + registration)
 from mmengine.config import Config  # noqa: E402
 
+import tsm_surgery.integrations.mmaction  # noqa: E402,F401  (compat + registration)
 from tsm_surgery.integrations.mmaction.clip_length import frames_per_clip, sync_clip_length  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

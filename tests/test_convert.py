@@ -6,10 +6,10 @@ import timm
 import torch
 import torchvision
 from torch import nn
+from utils import randomize_norms
 
 import tsm_surgery
 from tsm_surgery import TraceError, convert, find_residual_sites
-from utils import randomize_norms
 
 SEGMENTS = 4
 

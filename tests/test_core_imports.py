@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Dict, Set
 
-
 CORE = Path(__file__).resolve().parents[1] / "tsm_surgery"
 MODULES = sorted(p.stem for p in CORE.glob("*.py") if p.stem != "__init__")
 

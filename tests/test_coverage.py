@@ -11,9 +11,9 @@ import json
 import pytest
 import torch
 from torch import nn
-from tsm_surgery.integrations.norms import randomize_norms
 
 import tsm_surgery
+from tsm_surgery.integrations.norms import randomize_norms
 
 coverage = pytest.importorskip("tsm_surgery.integrations.coverage")
 ModelSpec, Result, Blocks, check_model = coverage.ModelSpec, coverage.Result, coverage.Blocks, coverage.check_model

@@ -15,10 +15,9 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from utils import randomize_norms
 
 import tsm_surgery
-
-from utils import randomize_norms
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make test-gpu)")]

@@ -53,9 +53,8 @@ def test_unknown_model_name_is_an_error(tmp_path):
 
 @pytest.mark.parametrize("name", list(demo.MODELS_TRAINED))
 def test_demo_configs_build_the_intended_models(name, tmp_path):
-    from mmengine.registry import init_default_scope
-
     from mmaction.registry import MODELS
+    from mmengine.registry import init_default_scope
 
     init_default_scope("mmaction")
     cfg = demo.build_cfg(name, tmp_path / "data", tmp_path / "work", epochs=3, seed=0)
@@ -75,9 +74,8 @@ def test_demo_configs_build_the_intended_models(name, tmp_path):
 
 
 def test_stream_video_matches_the_offline_uni_network(tmp_path):
-    from mmengine.registry import init_default_scope
-
     from mmaction.registry import MODELS
+    from mmengine.registry import init_default_scope
 
     init_default_scope("mmaction")
     cfg = demo.build_cfg("tsm-uni", tmp_path / "data", tmp_path / "work", epochs=1, seed=0)
@@ -106,7 +104,7 @@ def test_tiny_end_to_end_demo(tmp_path, capsys):
     assert (run_dir / "curves.png").stat().st_size > 1000
     on_disk = json.loads((run_dir / "summary.json").read_text())
     assert on_disk["models"].keys() == set(demo.MODELS_TRAINED)
-    for name, res in on_disk["models"].items():
+    for _name, res in on_disk["models"].items():
         assert 0.0 <= res["test"]["pair/top1"] <= 1.0
         assert res["test"]["acc/top1"] == pytest.approx(res["test"]["pair/top1"])
         assert len(res["val_top1_per_epoch"]) == 1

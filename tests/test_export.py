@@ -6,12 +6,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from utils import randomize_norms
 
 import tsm_surgery
 from tsm_surgery.integrations.export import export_offline, export_online
 from tsm_surgery.integrations.models import build_model
-
-from utils import randomize_norms
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")

@@ -207,7 +207,7 @@ def test_gradients_equal_the_hand_written_reference(style, train, recompute):
     torch.testing.assert_close(got_x, want_x, **TOL)
     assert set(got) == set(want)
     for name in want:
-        torch.testing.assert_close(got[name], want[name], **TOL, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got[name], want[name], **TOL, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("style", sorted(set(STYLES) - RANDOM_IN_TRAINING))

@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from utils import randomize_norms
 
 import tsm_surgery
 from tsm_surgery import temporal_shift, to_online
-
-from utils import randomize_norms
 
 SEGMENTS = 4
 LOW = [torch.bfloat16, torch.float16]
@@ -188,9 +187,10 @@ def test_amp_config_builds_and_names_mmengines_amp_wrapper():
     pytest.importorskip("mmaction")
     import os
 
-    import tsm_surgery.integrations.mmaction  # noqa: F401  (compat + registration)
     from mmengine.config import Config
     from mmengine.optim import build_optim_wrapper
+
+    import tsm_surgery.integrations.mmaction  # noqa: F401  (compat + registration)
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = Config.fromfile(os.path.join(root, "configs", "tsm_surgery_r50_1x1x8_50e_kinetics400_amp.py"))

@@ -7,14 +7,14 @@ import torch
 
 pytest.importorskip("mmaction")
 
-import tsm_surgery  # noqa: E402
-import tsm_surgery.integrations.mmaction  # noqa: E402,F401
 from mmaction.models.backbones import ResNet, ResNetTSM  # noqa: E402
 from mmaction.registry import MODELS  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
-
-from tsm_surgery.integrations.mmaction import TSMSurgeryBackbone  # noqa: E402
 from utils import randomize_norms  # noqa: E402
+
+import tsm_surgery  # noqa: E402
+import tsm_surgery.integrations.mmaction  # noqa: E402,F401
+from tsm_surgery.integrations.mmaction import TSMSurgeryBackbone  # noqa: E402
 
 init_default_scope("mmaction")
 

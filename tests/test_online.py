@@ -7,13 +7,11 @@ import re
 import numpy as np
 import pytest
 import torch
+from utils import randomize_norms
 
 import tsm_surgery
-from tsm_surgery import OnlineTSM, to_online
-from tsm_surgery import _online, _online_graph
+from tsm_surgery import OnlineTSM, _online, _online_graph, to_online
 from tsm_surgery.integrations.models import build_model
-
-from utils import randomize_norms
 
 # torchvision RegNetY: in-place ReLU, squeeze-excitation and grouped convolutions in the branch.
 MODELS = ["timm:resnet18", "timm:mobilenetv2_100", "timm:efficientnet_b0", "timm:convnext_atto",
@@ -317,6 +315,7 @@ def test_docstring_examples():
 
 from tsm_surgery.integrations.mmaction.synth_data import write_video  # noqa: E402
 
+
 @torch.no_grad()
 def test_stream_verb_prints_the_offline_networks_topk(tmp_path, capsys):
     from tsm_surgery.cli import main
@@ -377,11 +376,11 @@ model = dict(
 @torch.no_grad()
 def test_stream_verb_with_an_mmaction_config(tmp_path, capsys):
     pytest.importorskip("mmaction")
-    from tsm_surgery.cli import main
-    from tsm_surgery.integrations.stream import Preprocess, decode
+    from mmaction.apis import init_recognizer
 
     import tsm_surgery.integrations.mmaction  # noqa: F401
-    from mmaction.apis import init_recognizer
+    from tsm_surgery.cli import main
+    from tsm_surgery.integrations.stream import Preprocess, decode
 
     config = tmp_path / "tsm_uni.py"
     config.write_text(MMACTION_CONFIG)

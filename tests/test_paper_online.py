@@ -9,11 +9,11 @@ this frame's first ``c // 8`` on. ``uni_slot='first'`` is that layout; the defau
 import pytest
 import torch
 import torchvision
+from paper_tsm import PaperMobileNetV2, calibrate_norms, online_buffers
+from utils import randomize_norms
 
 import tsm_surgery
-from paper_tsm import PaperMobileNetV2, calibrate_norms, online_buffers
 from tsm_surgery.integrations.checkpoints import detect_layout, import_tsm_checkpoint
-from utils import randomize_norms
 
 FRAMES, STREAMS, SIZE = 6, 2, 32
 

@@ -4,7 +4,6 @@ from torch import fx
 
 from tsm_surgery import TemporalShift, temporal_shift
 
-
 # (direction, uni_slot) by test id: "uni_first" is the paper's online-demo layout
 LAYOUTS = {"bi": ("bi", "past"), "uni": ("uni", "past"), "uni_first": ("uni", "first")}
 

@@ -36,7 +36,7 @@ def test_layout_labels_and_splits(small_data):
             seen[rel] = split
     assert len(seen) == 30
     # Both videos of one parameter set (forward and reversed) are in the same split.
-    for pair, fwd, rev in PAIRS:
+    for _pair, fwd, rev in PAIRS:
         for i in range(5):
             assert seen[f"{fwd}/{fwd}_{i:04d}.mp4"] == seen[f"{rev}/{rev}_{i:04d}.mp4"]
 
@@ -46,10 +46,9 @@ def test_videos_decode_through_mmaction_pipeline(small_data):
     from tsm_surgery.integrations.mmaction import compat
 
     compat.apply()
+    from mmaction.datasets import VideoDataset
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
-
-    from mmaction.datasets import VideoDataset
 
     init_default_scope("mmaction")
     out, _ = small_data
@@ -75,7 +74,7 @@ def test_decoded_reversed_class_is_the_forward_video_backwards(small_data):
     import decord
 
     out, _ = small_data
-    for pair, fwd, rev in PAIRS:
+    for _pair, fwd, rev in PAIRS:
         for i in (0, 4):
             a = decord.VideoReader(str(out / "videos" / fwd / f"{fwd}_{i:04d}.mp4"))
             b = decord.VideoReader(str(out / "videos" / rev / f"{rev}_{i:04d}.mp4"))

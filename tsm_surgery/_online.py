@@ -20,8 +20,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, fx, nn
 
-from ._graph import ONLINE_SHIFTS, SHIFTS, adopt_module_tree, deepcopy_graph_module, module_key, module_tree
-from ._graph import reduce_graph_module
+from ._graph import (
+    ONLINE_SHIFTS,
+    SHIFTS,
+    adopt_module_tree,
+    deepcopy_graph_module,
+    module_key,
+    module_tree,
+    reduce_graph_module,
+)
 from ._net import TSMNet
 from ._online_graph import OnlineShift, describe, rewrite
 

@@ -246,7 +246,7 @@ def _op_level(run: _Run, models: Dict[str, nn.Module], sites: List[Tensor],
     with torch.no_grad():
         for name, fn in op_fns.items():
             try:
-                op_eager[name] = sum(min_time(lambda t=t: fn(t), repeats, run.clock) for t in sites)
+                op_eager[name] = sum(min_time(lambda t=t, fn=fn: fn(t), repeats, run.clock) for t in sites)
             except Exception as err:
                 notes.append(f"op level, {name}: {type(err).__name__}: {err}")
         floor = sum(min_time(lambda t=t: t.clone(memory_format=torch.preserve_format), repeats, run.clock)
@@ -333,7 +333,7 @@ def _throughput(run: _Run, models: Dict[str, nn.Module]) -> Throughput:
         try:
             x = run.input(clips * s.frames, s.eval_size)
             torch.cuda.reset_peak_memory_stats(run.device)
-            seconds = min_time(lambda: run.eval_call(models["2d"], x), 3, run.clock)
+            seconds = min_time(lambda x=x: run.eval_call(models["2d"], x), 3, run.clock)
         except torch.cuda.OutOfMemoryError:
             break
         finally:

@@ -148,7 +148,10 @@ def insert_at(graphs: Iterable[fx.Graph], path: str, target: str, where: str) ->
         with graph.inserting_after(anchor):
             new = graph.create_node("call_module", target, (anchor,))
         inside = where == "before"
-        anchor.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new and (u in members) == inside)
+        def moves(user, new=new, members=members, inside=inside):
+            return user is not new and (user in members) == inside
+
+        anchor.replace_all_uses_with(new, delete_user_cb=moves)
 
 
 def downstream_targets(graph: fx.Graph, target: str) -> List[str]:

@@ -15,12 +15,12 @@ import logging
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
+from mmaction.registry import MODELS
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from torch import nn
 
 import tsm_surgery
-from mmaction.registry import MODELS
 
 from ..checkpoint_io import match_state_dict, read_checkpoint, state_dict_of
 from ..checkpoints import layout_adapter

@@ -15,11 +15,10 @@ Frames per clip ``T = num_clips * clip_len`` of the first ``SampleFrames``-like 
 
 from typing import Any, Iterable, Optional
 
+from mmaction.registry import HOOKS
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
-
-from mmaction.registry import HOOKS
 
 __all__ = ["ClipLengthHook", "sync_clip_length", "frames_per_clip"]
 

@@ -64,9 +64,9 @@ def _get_installed_path(package: str) -> str:
 def _no_pkg_resources() -> None:
     # mmengine resolves `mmaction::` config paths with pkg_resources, which setuptools >= 82
     # removed (and which re-imports itself on every call, slowly): use importlib instead.
+    import mmengine.utils as utils
     from mmengine.config import config as config_module
     from mmengine.utils import package_utils
-    import mmengine.utils as utils
 
     for module in (package_utils, config_module, utils):
         if hasattr(module, "is_installed"):

@@ -33,18 +33,16 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from . import compat
-from . import synth_data
+from . import compat, synth_data
 
 __all__ = ["MODELS_TRAINED", "TimeReversalPairMetric", "DemoProgressHook", "config_path", "run_demo",
            "stream_video", "add_arguments", "run"]
 
 compat.apply()
 
+from mmaction.registry import HOOKS, METRICS  # noqa: E402
 from mmengine.evaluator import BaseMetric  # noqa: E402
 from mmengine.hooks import Hook  # noqa: E402
-
-from mmaction.registry import HOOKS, METRICS  # noqa: E402
 
 # name -> (config file in configs/demo, what it is)
 MODELS_TRAINED = {
@@ -380,7 +378,8 @@ def run_demo(out_dir: Optional[str] = None, epochs: int = DEFAULT_EPOCHS, videos
         cfg = build_cfg(name, data_root, run_dir / name, epochs, seed, config_dir, batch_size)
         results[name] = train_and_test(name, cfg)
         m = results[name]["test"]
-        print(f"      {name}: test top-1 {100 * m['pair/top1']:.1f}%  (train {results[name]['train_s']:.0f} s)", flush=True)
+        train_s = results[name]["train_s"]
+        print(f"      {name}: test top-1 {100 * m['pair/top1']:.1f}%  (train {train_s:.0f} s)", flush=True)
 
     print("[3/4] test split results", flush=True)
     print(format_table(results), flush=True)
@@ -440,7 +439,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", default=None,
                         help="run directory (default: a fresh work_dirs/demo/<timestamp>); refused if not empty "
                              "unless --force")
-    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help=f"epochs per model (default {DEFAULT_EPOCHS})")
+    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS,
+                        help=f"epochs per model (default {DEFAULT_EPOCHS})")
     parser.add_argument("--videos-per-class", type=int, default=80, help="videos per class (default 80)")
     parser.add_argument("--frames", type=int, default=16, help="frames per video (default 16)")
     parser.add_argument("--size", type=int, default=64, help="frame size in px (default 64)")

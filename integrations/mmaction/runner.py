@@ -36,16 +36,16 @@ from . import compat
 
 compat.apply()
 
+from mmaction.registry import HOOKS, MODELS  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.hooks import Hook  # noqa: E402
+from mmengine.logging import print_log  # noqa: E402
 from mmengine.model import is_model_wrapper  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
-from mmengine.logging import print_log  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 from mmengine.runner.checkpoint import find_latest_checkpoint  # noqa: E402
 
 import tsm_surgery.integrations.mmaction  # noqa: E402,F401  (registers the plugin)
-from mmaction.registry import HOOKS, MODELS  # noqa: E402
 
 from ..checkpoint_io import Adapter, match_state_dict, state_dict_of  # noqa: E402
 from ..checkpoints import layout_adapter  # noqa: E402

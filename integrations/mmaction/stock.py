@@ -24,10 +24,9 @@ import inspect
 import re
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
+from mmaction.registry import MODELS
 from torch import nn
 from torch.nn.modules.utils import _ntuple
-
-from mmaction.registry import MODELS
 
 from . import _temporal
 from ._zoo import resolve_pretrained
