@@ -2,8 +2,8 @@
 VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-# The registry's CUDA builds of this pair import on CPU-only machines; the CPU-only torch
-# wheel some machines offer has no matching torchvision (README, Installation notes).
+# The registry's CUDA builds of this pair import on CPU-only machines; a CPU-only torch wheel
+# has no matching torchvision on PyPI (torchvision then fails with 'torchvision::nms does not exist').
 TORCH := torch==2.13.0 torchvision==0.28.0
 
 .PHONY: demo test test-all test-gpu bench setup
