@@ -4,6 +4,7 @@ Each check is one step function; a model's result records which flags its steps 
 failure, the name of the step that raised and why. :func:`check_model` never raises.
 """
 
+import copy
 import os
 import time
 import traceback
@@ -231,11 +232,24 @@ def _step_online(run: _Run) -> None:
         online = tsm_surgery.to_online(uni)
         online.reset()
         streamed = [_main_output(online(run.clip[t:t + 1])) for t in range(run.frames)]
-    bad = [t for t in range(run.frames) if not _close(streamed[t], offline[t:t + 1])]
+    bad = _mismatched_frames(streamed, offline)
+    if bad:
+        # Random deep networks amplify float32 rounding (a one-frame conv and a clip conv round
+        # differently) far past any tolerance; the equality is exact math, so judge it in float64.
+        with torch.no_grad():
+            uni64, clip64 = copy.deepcopy(uni).double(), run.clip.double()
+            offline = _main_output(uni64(clip64))
+            online = tsm_surgery.to_online(uni64)
+            streamed = [_main_output(online(clip64[t:t + 1])) for t in range(run.frames)]
+        bad = _mismatched_frames(streamed, offline)
     if bad:
         diff = max(float((streamed[t] - offline[t:t + 1]).abs().max()) for t in bad)
         raise RuntimeError(f"online output differs from offline at frames {bad} (max abs diff {diff:.3g})")
     res.online = True
+
+
+def _mismatched_frames(streamed: List[torch.Tensor], offline: torch.Tensor) -> List[int]:
+    return [t for t in range(len(streamed)) if not _close(streamed[t], offline[t:t + 1])]
 
 
 def _step_blocks(run: _Run) -> None:
