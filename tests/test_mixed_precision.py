@@ -8,32 +8,13 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from utils import randomize_norms
+from utils import TinyNet, randomize_norms
 
 import tsm_surgery
 from tsm_surgery import temporal_shift, to_online
 
 SEGMENTS = 4
 LOW = [torch.bfloat16, torch.float16]
-
-
-class TinyNet(nn.Module):
-    """A stem and two residual blocks: small enough for many dtypes and frames."""
-
-    def __init__(self, width=16, classes=5):
-        super().__init__()
-        self.stem = nn.Conv2d(3, width, 3, padding=1)
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-                          nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width))
-            for _ in range(2))
-        self.head = nn.Linear(width, classes)
-
-    def forward(self, x):
-        x = self.stem(x)
-        for block in self.blocks:
-            x = torch.relu(x + block(x))
-        return self.head(x.mean((2, 3)))
 
 
 def _uni(segments=SEGMENTS):
