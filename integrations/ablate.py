@@ -90,7 +90,7 @@ def build_2d(spec: str) -> nn.Module:
     """The 2D feature network of a spec in eval mode, built the way ``TSMSurgeryBackbone`` builds it."""
     from .mmaction import backbone as surgery_backbone
 
-    net, _ = surgery_backbone._build_2d(backbone_dict(spec))  # (network, its feature layout)
+    net, _ = surgery_backbone.build_2d_backbone(backbone_dict(spec))  # (network, its feature layout)
     net.eval()  # not chained: mmaction's ResNet.train() returns None
     return net
 

@@ -12,7 +12,7 @@ A conversion that keeps more blocks whole than it shifts is *partial*.
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Sequence, Set
+from typing import Callable, Dict, Iterable, List, Sequence, Set
 
 import torch
 from torch import fx, nn
@@ -61,24 +61,22 @@ class Blocks:
         return text
 
 
-def _ancestors(node: fx.Node) -> Set[fx.Node]:
+def _reachable(node: fx.Node, neighbours: Callable[[fx.Node], Iterable[fx.Node]]) -> Set[fx.Node]:
     seen, stack = set(), [node]
     while stack:
-        for arg in stack.pop().all_input_nodes:
-            if arg not in seen:
-                seen.add(arg)
-                stack.append(arg)
+        for other in neighbours(stack.pop()):
+            if other not in seen:
+                seen.add(other)
+                stack.append(other)
     return seen
+
+
+def _ancestors(node: fx.Node) -> Set[fx.Node]:
+    return _reachable(node, lambda n: n.all_input_nodes)
 
 
 def _descendants(node: fx.Node) -> Set[fx.Node]:
-    seen, stack = set(), [node]
-    while stack:
-        for user in stack.pop().users:
-            if user not in seen:
-                seen.add(user)
-                stack.append(user)
-    return seen
+    return _reachable(node, lambda n: n.users)
 
 
 def _spans(graph: fx.Graph, sites: Sequence[tsm_surgery.ResidualSite]) -> Dict[str, Set[fx.Node]]:

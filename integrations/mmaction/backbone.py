@@ -27,7 +27,7 @@ from ..checkpoints import layout_adapter
 from . import _temporal
 from ._zoo import local_pretrained
 
-__all__ = ["TSMSurgeryBackbone", "SHIFT_PLACES"]
+__all__ = ["TSMSurgeryBackbone", "SHIFT_PLACES", "build_2d_backbone"]
 
 
 def print_log_level(level: int, message: str) -> None:
@@ -90,7 +90,7 @@ def _build_openmmlab(prefix: str, name: str, cfg: Dict[str, Any]) -> nn.Module:
                       "Hint: pip install 'tsm_surgery[mmaction]' or pip install mmpretrain==1.2.0.")
 
 
-def _build_2d(cfg: Union[dict, nn.Module]) -> Tuple[nn.Module, Optional[str]]:
+def build_2d_backbone(cfg: Union[dict, nn.Module]) -> Tuple[nn.Module, Optional[str]]:
     """The 2D network and the layout its features come in (``None``: NCHW or a tuple of NCHW maps)."""
     if isinstance(cfg, nn.Module):
         return cfg, None
@@ -214,7 +214,7 @@ class TSMSurgeryBackbone(BaseModule):
         self.backbone_cfg = copy.deepcopy(backbone) if isinstance(backbone, dict) else type(backbone).__name__
         self.pretrained = pretrained
         self.pretrained_prefix = pretrained_prefix
-        model2d, self.feature_shape = _build_2d(backbone)
+        model2d, self.feature_shape = build_2d_backbone(backbone)
         example = _example_input(model2d, example_input_size)
         if shift_inputs is None:
             shift_inputs = SHIFT_INPUT_RULES.get(type(model2d).__name__)
