@@ -6,8 +6,8 @@ import re
 import pytest
 
 from tsm_surgery.cli import main
-from tsm_surgery.integrations import ablate
-from tsm_surgery.integrations.ablate_report import proportion
+from tsm_surgery.integrations.studies import ablate
+from tsm_surgery.integrations.studies.ablate_report import proportion
 
 # 64 > the demo network's 32 channels in layer1: a grid point that cannot convert.
 ARGS = ["ablate", "--quick", "--shift-divs", "8,64"]
@@ -125,7 +125,7 @@ def test_a_spec_backbone_goes_into_the_training_config_with_its_width(spec, tmp_
 def test_the_harder_data_scales_motion_and_noise_and_keeps_the_default_data(pair):
     import numpy as np
 
-    from tsm_surgery.integrations.mmaction.synth_data import sample_params
+    from tsm_surgery.integrations.demo.synth_data import sample_params
 
     def draw(**kwargs):
         return sample_params(pair, np.random.default_rng([0, pair, 3]), 64, 16, **kwargs)
@@ -140,7 +140,7 @@ def test_the_harder_data_scales_motion_and_noise_and_keeps_the_default_data(pair
 
 @pytest.mark.parametrize("kwargs", [{"motion_scale": 0}, {"motion_scale": 1.5}, {"noise_scale": -1}])
 def test_the_harder_data_refuses_out_of_range_scales(tmp_path, kwargs):
-    from tsm_surgery.integrations.mmaction.synth_data import generate
+    from tsm_surgery.integrations.demo.synth_data import generate
 
     with pytest.raises(ValueError, match="motion_scale"):
         generate(tmp_path / "d", videos_per_class=3, **kwargs)

@@ -12,10 +12,11 @@ import re
 import pytest
 import torch
 
-from tsm_surgery.integrations import bench
-from tsm_surgery.integrations.bench import TARGETS, Figure, Settings, Target, merge_sections, render, run_bench
-from tsm_surgery.integrations.bench.command import QUICK, add_arguments, settings_from_args
-from tsm_surgery.integrations.bench.headline import figures, judge, targets_for, verdict
+from tsm_surgery.integrations.cli import bench as bench_verb
+from tsm_surgery.integrations.cli.bench import QUICK, add_arguments, settings_from_args
+from tsm_surgery.integrations.studies import bench
+from tsm_surgery.integrations.studies.bench import TARGETS, Figure, Settings, Target, merge_sections, render, run_bench
+from tsm_surgery.integrations.studies.bench.headline import figures, judge, targets_for, verdict
 
 TINY = Settings(model="torchvision:resnet18", frames=4, eval_size=32, train_size=32, online_size=32, rounds=2,
                 repeats=1, op_repeats=2, compile=False, profile=False, convert_model="torchvision:resnet18",
@@ -158,7 +159,7 @@ def test_cuda_bench_refuses_clearly_without_cuda(tmp_path, capsys):
 
     out = tmp_path / "BENCH.md"
     with pytest.raises(ValueError, match=r"--device cuda: no CUDA device is available .*Hint"):
-        bench.run(_args("--device", "cuda", "--quick", "--output", str(out)))
+        bench_verb.run(_args("--device", "cuda", "--quick", "--output", str(out)))
     assert main(["bench", "--device", "cuda", "--quick", "--output", str(out)]) == 1
     assert "tsm-surgery bench: --device cuda: no CUDA device is available" in capsys.readouterr().err
     assert not out.exists()
@@ -206,5 +207,5 @@ def test_docstring_examples(name):
     import doctest
     import importlib
 
-    module = importlib.import_module(f"tsm_surgery.integrations.bench.{name}")
+    module = importlib.import_module(f"tsm_surgery.integrations.studies.bench.{name}")
     assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0

@@ -16,9 +16,13 @@ pytest.importorskip("mmaction")
 from test_mmaction_data import make_dataset, write_config, write_video  # noqa: E402
 
 from tsm_surgery.cli import main  # noqa: E402
-from tsm_surgery.integrations.checkpoint_io import CheckpointLoadError, CheckpointMismatchError, load_state_dict_file  # noqa: E402
-from tsm_surgery.integrations.mmaction import runner as api  # noqa: E402
+from tsm_surgery.integrations.checkpoints.loading import (  # noqa: E402
+    CheckpointLoadError,
+    CheckpointMismatchError,
+    load_state_dict_file,
+)
 from tsm_surgery.integrations.mmaction.checkpoint import TRUST_ENV, trusted_resume  # noqa: E402
+from tsm_surgery.integrations.training import runner as api  # noqa: E402
 
 
 class Marker:

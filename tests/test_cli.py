@@ -71,7 +71,7 @@ def test_bad_checkpoints_get_one_clear_line(tmp_path, capsys):
 
 def test_a_video_given_as_checkpoint(tmp_path, capsys):
     pytest.importorskip("av")
-    from tsm_surgery.integrations.mmaction.synth_data import write_video
+    from tsm_surgery.integrations.demo.synth_data import write_video
 
     video = tmp_path / "clip.mp4"
     write_video(video, torch.zeros(8, 32, 32, 3, dtype=torch.uint8).numpy())
@@ -132,7 +132,7 @@ def test_broken_videos_are_named(tmp_path, capsys):
     pytest.importorskip("av")
     import numpy as np
 
-    from tsm_surgery.integrations.mmaction.synth_data import render_video, sample_params, write_video
+    from tsm_surgery.integrations.demo.synth_data import render_video, sample_params, write_video
 
     video = tmp_path / "good.mp4"
     write_video(video, render_video(sample_params(0, np.random.default_rng(0), 32, 16)))
@@ -149,7 +149,7 @@ def test_broken_videos_are_named(tmp_path, capsys):
         _one_line_error(capsys, ["stream", str(tmp_path / name)] + argv[1:], name, "cannot decode")
 
 
-@pytest.mark.parametrize("module", ["checkpoint_io", "outputs"])
+@pytest.mark.parametrize("module", ["checkpoints.loading", "outputs"])
 def test_docstring_examples(module):
     import doctest
     import importlib

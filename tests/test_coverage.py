@@ -13,9 +13,10 @@ import torch
 from torch import nn
 
 import tsm_surgery
-from tsm_surgery.integrations.norms import randomize_norms
+from tsm_surgery.integrations.models.norms import randomize_norms
 
-coverage = pytest.importorskip("tsm_surgery.integrations.coverage")
+coverage = pytest.importorskip("tsm_surgery.integrations.studies.coverage")
+coverage_verb = pytest.importorskip("tsm_surgery.integrations.cli.coverage")
 ModelSpec, Result, Blocks, check_model = coverage.ModelSpec, coverage.Result, coverage.Blocks, coverage.check_model
 
 # (source, name, family, expected policy, expected layout): every one passes bi + uni + online
@@ -195,12 +196,12 @@ def _table_rows(markdown):
 
 def test_all_resumes_from_its_output_and_the_markdown_matches_the_json(tmp_path):
     args = _args(tmp_path, all=True, models="test_convnext,test_convnext2,test_efficientnet", max_params=0.46)
-    assert coverage.run(argparse.Namespace(**{**vars(args), "limit": 1})) == 0
+    assert coverage_verb.run(argparse.Namespace(**{**vars(args), "limit": 1})) == 0
     first = coverage.load_report(str(tmp_path / "cov.json"))
     assert [r.model for r in first.results] == ["test_convnext"]
     assert (first.meta.names_total, first.meta.names_in_limit, first.meta.max_params_m) == (3, 2, 0.46)
 
-    assert coverage.run(args) == 0  # resumes: runs only the model not done yet
+    assert coverage_verb.run(args) == 0  # resumes: runs only the model not done yet
     report = coverage.load_report(str(tmp_path / "cov.json"))
     assert [r.model for r in report.results] == ["test_convnext", "test_efficientnet"]
     assert report.results[0] == first.results[0]  # kept as it was, not run again
@@ -225,6 +226,6 @@ def test_cli_reports_a_selection_without_models(tmp_path, capsys):
 @pytest.mark.slow
 def test_full_sweep_meets_targets(tmp_path):
     out = tmp_path / "COVERAGE.md"
-    assert coverage.run(_args(tmp_path, out=str(out), jobs=2, threads=None, frames=4)) == 0
+    assert coverage_verb.run(_args(tmp_path, out=str(out), jobs=2, threads=None, frames=4)) == 0
     summary = json.loads(out.with_suffix(".json").read_text())["summary"]
     assert summary["cnn"]["rate"] >= 95.0 and summary["transformer"]["rate"] >= 80.0

@@ -288,7 +288,7 @@ def test_runner_trains_and_evaluates_on_cuda(tmp_path, amp):
     from mmengine.config import Config
     from test_mmaction_data import make_dataset, write_config
 
-    from tsm_surgery.integrations.mmaction import runner as api
+    from tsm_surgery.integrations.training import runner as api
 
     data = make_dataset(str(tmp_path / "videos"), per_class=2, frames=8)
     extra = ""

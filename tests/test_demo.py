@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from tsm_surgery.integrations.mmaction import demo, synth_data
+from tsm_surgery.integrations.demo import pipeline as demo
+from tsm_surgery.integrations.demo import synth_data
 
 REPO = Path(__file__).resolve().parents[1]
 

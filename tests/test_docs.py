@@ -7,7 +7,7 @@ import pytest
 
 CORE_MODULES = ["tsm_surgery", "tsm_surgery._shift", "tsm_surgery._recompute", "tsm_surgery._sites",
                 "tsm_surgery._convert", "tsm_surgery._tracer", "tsm_surgery.integrations.models",
-                "tsm_surgery.integrations.norms"]
+                "tsm_surgery.integrations.models.norms"]
 
 
 @pytest.mark.parametrize("name", CORE_MODULES)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tsm_surgery.cli import main
-from tsm_surgery.integrations import efficiency
+from tsm_surgery.integrations.studies import efficiency
 
 FRAMES, SIZE = 8, 32  # the table's 8 frames, at a tiny size
 

@@ -15,7 +15,7 @@ pytest.importorskip("mmaction")
 av = pytest.importorskip("av")
 
 import tsm_surgery.integrations.mmaction  # noqa: E402,F401
-from tsm_surgery.integrations.mmaction import synth_data  # noqa: E402
+from tsm_surgery.integrations.demo import synth_data  # noqa: E402
 
 
 def write_video(path: str, direction: int, frames: int = 8, size: int = 32, seed: int = 0) -> None:

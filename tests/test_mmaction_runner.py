@@ -13,8 +13,8 @@ pytest.importorskip("mmaction")
 
 from test_mmaction_data import make_dataset, write_config  # noqa: E402
 
-from tsm_surgery.integrations.mmaction import runner as api  # noqa: E402
 from tsm_surgery.integrations.mmaction.checkpoint import CheckpointLoadError  # noqa: E402
+from tsm_surgery.integrations.training import runner as api  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -313,13 +313,13 @@ def test_docstring_examples():
 
 # ---------------------------------------------------------------------------------- stream verb
 
-from tsm_surgery.integrations.mmaction.synth_data import write_video  # noqa: E402
+from tsm_surgery.integrations.demo.synth_data import write_video  # noqa: E402
 
 
 @torch.no_grad()
 def test_stream_verb_prints_the_offline_networks_topk(tmp_path, capsys):
     from tsm_surgery.cli import main
-    from tsm_surgery.integrations.stream import Preprocess, decode
+    from tsm_surgery.integrations.streaming.stream import Preprocess, decode
 
     rng = np.random.default_rng(0)
     video = tmp_path / "clip.mp4"
@@ -380,7 +380,7 @@ def test_stream_verb_with_an_mmaction_config(tmp_path, capsys):
 
     import tsm_surgery.integrations.mmaction  # noqa: F401
     from tsm_surgery.cli import main
-    from tsm_surgery.integrations.stream import Preprocess, decode
+    from tsm_surgery.integrations.streaming.stream import Preprocess, decode
 
     config = tmp_path / "tsm_uni.py"
     config.write_text(MMACTION_CONFIG)

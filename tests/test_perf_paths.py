@@ -146,7 +146,7 @@ def test_traced_path_is_functional():
 
 
 def _peak_training_bytes(net, x):
-    from tsm_surgery.integrations.bench import LiveTensorBytes
+    from tsm_surgery.integrations.studies.bench import LiveTensorBytes
 
     net.train()
     net(x).sum().backward()

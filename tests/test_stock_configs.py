@@ -338,7 +338,7 @@ def test_wrapped_tsn_url_checkpoint_is_read_from_the_cache_weights_only(tmp_path
     """The stock TSN-R50 config names an https:// checkpoint: read from torch hub's cache, never unpickled in full."""
     import torchvision
 
-    from tsm_surgery.integrations.checkpoint_io import CheckpointLoadError
+    from tsm_surgery.integrations.checkpoints.loading import CheckpointLoadError
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     stock = [p for p in TSN_CONFIGS if p.endswith("tsn_imagenet-pretrained-r50_8xb32-1x1x8-100e_kinetics400-rgb.py")]

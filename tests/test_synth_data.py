@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tsm_surgery.integrations.mmaction import synth_data
-from tsm_surgery.integrations.mmaction.synth_data import CLASSES, PAIRS, generate, render_video, sample_params
+from tsm_surgery.integrations.demo import synth_data
+from tsm_surgery.integrations.demo.synth_data import CLASSES, PAIRS, generate, render_video, sample_params
 
 REPO = Path(__file__).resolve().parents[1]
 

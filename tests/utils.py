@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from tsm_surgery.integrations.norms import randomize_norms
+from tsm_surgery.integrations.models.norms import randomize_norms
 
 __all__ = ["randomize_norms", "TinyNet"]
 

@@ -18,20 +18,22 @@ __all__ = ["main", "build_parser", "positive_int", "non_negative_int", "VERBS"]
 
 # verb -> (module defining add_arguments/run, one-line help)
 VERBS = {
-    "demo": ("tsm_surgery.integrations.mmaction.demo",
+    "demo": ("tsm_surgery.integrations.demo.pipeline",
              "train TSN vs TSM on the embedded synthetic videos, then stream"),
-    "synth-data": ("tsm_surgery.integrations.mmaction.synth_data", "generate the temporal-reasoning video dataset"),
-    "train": ("tsm_surgery.integrations.mmaction.runner", "train an MMAction2 config with mmengine's Runner"),
-    "test": ("tsm_surgery.integrations.mmaction.runner_test", "evaluate an MMAction2 config and checkpoint"),
-    "convert": ("tsm_surgery.integrations.convert_cli", "convert a model and print its shift-site table"),
-    "import-checkpoint": ("tsm_surgery.integrations.import_checkpoint_cli",
+    "synth-data": ("tsm_surgery.integrations.demo.synth_data", "generate the temporal-reasoning video dataset"),
+    "train": ("tsm_surgery.integrations.training.runner", "train an MMAction2 config with mmengine's Runner"),
+    "test": ("tsm_surgery.integrations.cli.test", "evaluate an MMAction2 config and checkpoint"),
+    "convert": ("tsm_surgery.integrations.cli.convert", "convert a model and print its shift-site table"),
+    "import-checkpoint": ("tsm_surgery.integrations.cli.import_checkpoint",
                           "convert an MMAction2 or paper-repo TSM checkpoint to this project's keys"),
-    "stream": ("tsm_surgery.integrations.stream", "run a video frame by frame through an online TSM model"),
-    "export": ("tsm_surgery.integrations.export", "export an online or offline TSM model to ONNX"),
-    "bench": ("tsm_surgery.integrations.bench", "benchmark the shift against the 2D model and the peers"),
-    "coverage": ("tsm_surgery.integrations.coverage", "convert timm/torchvision models and report coverage"),
-    "ablate": ("tsm_surgery.integrations.ablate", "shift proportion x placement: latency and accuracy, with a plot"),
-    "efficiency": ("tsm_surgery.integrations.efficiency", "FLOPs, params, latency of TSM against TSN and 3D networks"),
+    "stream": ("tsm_surgery.integrations.streaming.stream", "run a video frame by frame through an online TSM model"),
+    "export": ("tsm_surgery.integrations.export.onnx", "export an online or offline TSM model to ONNX"),
+    "bench": ("tsm_surgery.integrations.cli.bench", "benchmark the shift against the 2D model and the peers"),
+    "coverage": ("tsm_surgery.integrations.cli.coverage", "convert timm/torchvision models and report coverage"),
+    "ablate": ("tsm_surgery.integrations.studies.ablate",
+               "shift proportion x placement: latency and accuracy, with a plot"),
+    "efficiency": ("tsm_surgery.integrations.studies.efficiency",
+                   "FLOPs, params, latency of TSM against TSN and 3D networks"),
 }
 
 # Exceptions whose message is meant for the user as it is; others also get their type named.

@@ -21,9 +21,9 @@ from mmengine.model import BaseModule
 from torch import nn
 
 import tsm_surgery
+from tsm_surgery.integrations.checkpoints import layout_adapter
+from tsm_surgery.integrations.checkpoints.loading import match_state_dict, read_checkpoint, state_dict_of
 
-from ..checkpoint_io import match_state_dict, read_checkpoint, state_dict_of
-from ..checkpoints import layout_adapter
 from . import _temporal
 from ._zoo import local_pretrained
 

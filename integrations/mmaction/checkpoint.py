@@ -1,10 +1,10 @@
-"""mmengine's checkpoint loading, routed through :mod:`tsm_surgery.integrations.checkpoint_io`.
+"""mmengine's checkpoint loading, routed through :mod:`tsm_surgery.integrations.checkpoints.loading`.
 
 torch >= 2.6 loads with ``weights_only=True`` by default, and mmengine's checkpoints hold its
 message hub, so ``load_from`` fails on them. Turning the check off lets a checkpoint run any
 code while it loads. Instead every local file mmengine loads (``load_from``, ``test``'s
 CHECKPOINT, ``resume``) goes through :func:`load_checkpoint_file`, which reads it with
-:func:`~tsm_surgery.integrations.checkpoint_io.read_checkpoint`: ``weights_only=True`` plus
+:func:`~tsm_surgery.integrations.checkpoints.loading.read_checkpoint`: ``weights_only=True`` plus
 exactly the globals an mmengine checkpoint needs.
 
 Full unpickling is an opt-in for exactly one file, the checkpoint being resumed: inside
@@ -22,7 +22,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from ..checkpoint_io import CheckpointLoadError, read_checkpoint
+from tsm_surgery.integrations.checkpoints.loading import CheckpointLoadError, read_checkpoint
 
 __all__ = ["load_weights", "load_checkpoint_file", "trusted_resume", "is_trusted", "TRUST_ENV",
            "CheckpointLoadError"]
@@ -34,7 +34,7 @@ _state = threading.local()
 def load_weights(path: str, map_location: Any = "cpu") -> Any:
     """Reads a checkpoint with ``weights_only=True`` plus mmengine's own checkpoint types.
 
-    Same as :func:`~tsm_surgery.integrations.checkpoint_io.read_checkpoint`.
+    Same as :func:`~tsm_surgery.integrations.checkpoints.loading.read_checkpoint`.
     """
     return read_checkpoint(path, map_location=map_location)
 

@@ -13,7 +13,7 @@ from mmengine.optim import DefaultOptimWrapperConstructor
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from ..norms import is_norm
+from tsm_surgery.integrations.models.norms import is_norm
 
 __all__ = ["TSMSurgeryOptimWrapperConstructor"]
 

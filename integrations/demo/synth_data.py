@@ -31,7 +31,7 @@ The output directory holds::
     meta.json                        # the generation settings and counts
 
 Example:
-    >>> from tsm_surgery.integrations.mmaction.synth_data import generate
+    >>> from tsm_surgery.integrations.demo.synth_data import generate
     >>> info = generate("/tmp/tsm_synth", videos_per_class=4, force=True)  # doctest: +SKIP
     >>> info["counts"]  # doctest: +SKIP
     {'train': 12, 'val': 6, 'test': 6}
@@ -357,7 +357,7 @@ def generate(out_dir: os.PathLike, videos_per_class: int = 80, size: int = 64, f
         (out / f"{split}.txt").write_text("".join(lines[i] + "\n" for i in order))
     (out / "classes.txt").write_text("".join(name + "\n" for name in CLASSES))
     meta = {
-        "generator": "tsm_surgery.integrations.mmaction.synth_data",
+        "generator": "tsm_surgery.integrations.demo.synth_data",
         "seed": seed, "videos_per_class": videos_per_class, "size": size, "frames": frames,
         "motion_scale": motion_scale, "noise_scale": noise_scale,
         "classes": list(CLASSES), "pairs": [list(p) for p in PAIRS],

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 import tsm_surgery
+from tsm_surgery.integrations.models import build_model
+from tsm_surgery.integrations.models.norms import randomize_norms
 
-from ..models import build_model
-from ..norms import randomize_norms
 from .blocks import Blocks, count_blocks
 from .specs import ModelSpec, count_params, smallest
 

@@ -19,8 +19,7 @@ from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 
 import tsm_surgery
-
-from ..norms import is_norm
+from tsm_surgery.integrations.models.norms import is_norm
 
 __all__ = ["Blocks", "count_blocks"]
 

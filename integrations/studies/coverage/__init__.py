@@ -28,12 +28,18 @@ Example:
 
 from .blocks import Blocks, count_blocks
 from .check import Result, check_model
-from .cli import add_arguments, run
-from .report import Meta, Report, load_report, render_markdown, save_report, summarize
+from .report import (
+    Meta,
+    Report,
+    load_report,
+    render_markdown,
+    save_report,
+    summarize,
+)
 from .specs import FAMILY_KINDS, ModelSpec, all_timm_specs, sweep_specs
 
 __all__ = [
-    "add_arguments", "run", "check_model", "count_blocks", "sweep_specs", "all_timm_specs", "summarize",
+    "check_model", "count_blocks", "sweep_specs", "all_timm_specs", "summarize",
     "render_markdown", "load_report", "save_report", "ModelSpec", "Result", "Blocks", "Meta", "Report",
     "FAMILY_KINDS",
 ]

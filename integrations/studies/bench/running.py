@@ -25,7 +25,15 @@ import tsm_surgery
 
 from . import machine as machine_info
 from .breakdown import ConvertTimes, convert_times, profile_forward
-from .measure import CONTROL, clock_for, faulted_mib, keep_freed_memory, min_time, paired_ratios, peak_bytes
+from .measure import (
+    CONTROL,
+    clock_for,
+    faulted_mib,
+    keep_freed_memory,
+    min_time,
+    paired_ratios,
+    peak_bytes,
+)
 from .peers import ZeroFillShift, build_models, set_mode, shift_inputs
 
 __all__ = ["Settings", "BenchResult", "Compiled", "Throughput", "run_bench", "DTYPES"]

@@ -4,7 +4,7 @@ The metrics are the only thing on stdout (JSON), so ``tsm-surgery test ... > met
 works; mmengine's log lines go to stderr (and to the work dir's log file). ``--out FILE``
 also writes them to a file.
 
-The Python form is :func:`tsm_surgery.integrations.mmaction.runner.test`.
+The Python form is :func:`tsm_surgery.integrations.training.runner.test`.
 """
 
 import argparse
@@ -14,8 +14,8 @@ import sys
 
 from mmengine.config import DictAction
 
-from ..outputs import claim_outputs
-from .runner import LAUNCHERS, test
+from tsm_surgery.integrations.outputs import claim_outputs
+from tsm_surgery.integrations.training.runner import LAUNCHERS, test
 
 __all__ = ["add_arguments", "run"]
 

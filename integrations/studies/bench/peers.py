@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 
 import tsm_surgery
+from tsm_surgery.integrations.models.norms import randomize_norms
 
-from ..norms import randomize_norms
 from .measure import CONTROL
 
 __all__ = ["ZeroFillShift", "build_2d", "build_models", "shift_inputs", "labelled_shifts",

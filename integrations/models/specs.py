@@ -2,7 +2,7 @@
 
 Weights are never downloaded: models are randomly initialised unless ``checkpoint=`` names a
 local file, which is loaded strictly with ``weights_only=True``
-(:func:`~tsm_surgery.integrations.checkpoint_io.load_state_dict_file`).
+(:func:`~tsm_surgery.integrations.checkpoints.loading.load_state_dict_file`).
 """
 
 import sys
@@ -10,8 +10,8 @@ from typing import Any, Optional
 
 from torch import nn
 
-from .checkpoint_io import load_state_dict_file
-from .checkpoints import layout_adapter
+from tsm_surgery.integrations.checkpoints import layout_adapter
+from tsm_surgery.integrations.checkpoints.loading import load_state_dict_file
 
 __all__ = ["build_model", "default_frame_size", "SOURCES"]
 

@@ -72,7 +72,7 @@ def backbone_dict(spec: str) -> dict:
     if spec == "demo":
         from mmengine.config import Config
 
-        from .mmaction.demo import config_path
+        from tsm_surgery.integrations.demo.pipeline import config_path
 
         return dict(Config.fromfile(str(config_path("tsn"))).model.backbone)
     source, _, name = spec.partition(":")
@@ -88,7 +88,7 @@ def backbone_dict(spec: str) -> dict:
 
 def build_2d(spec: str) -> nn.Module:
     """The 2D feature network of a spec in eval mode, built the way ``TSMSurgeryBackbone`` builds it."""
-    from .mmaction import backbone as surgery_backbone
+    from tsm_surgery.integrations.mmaction import backbone as surgery_backbone
 
     net, _ = surgery_backbone.build_2d_backbone(backbone_dict(spec))  # (network, its feature layout)
     net.eval()  # not chained: mmaction's ResNet.train() returns None
@@ -139,7 +139,7 @@ def measure_latency(spec: str, divs: Sequence[int], places: Sequence[str], frame
 # --------------------------------------------------------------------------- accuracy
 def make_data(root: Path, settings: AblationSettings) -> Path:
     """The harder embedded data (generated once per output folder), plus ``eval.txt`` = val + test."""
-    from .mmaction import synth_data
+    from tsm_surgery.integrations.demo import synth_data
 
     if not (root / "eval.txt").is_file():
         synth_data.generate(root, videos_per_class=settings["videos_per_class"], size=settings["size"], frames=16,
@@ -149,7 +149,7 @@ def make_data(root: Path, settings: AblationSettings) -> Path:
 
 
 def _train_cfg(spec: str, div: int, place: str, data: Path, work_dir: Path, settings: AblationSettings, seed: int):
-    from .mmaction.demo import build_cfg
+    from tsm_surgery.integrations.demo.pipeline import build_cfg
 
     cfg = build_cfg("tsn" if div == 0 else "tsm", data, work_dir, settings["epochs"], seed,
                     batch_size=settings["batch_size"])
@@ -180,7 +180,7 @@ def _train_cfg(spec: str, div: int, place: str, data: Path, work_dir: Path, sett
 def train_point(spec: str, div: int, place: str, seed: int, data: Path, work_dir: Path,
                 settings: AblationSettings) -> Dict:
     """Trains and scores one grid point; a point that cannot be built returns ``{'error': ...}``."""
-    from .mmaction.demo import train_and_test
+    from tsm_surgery.integrations.demo.pipeline import train_and_test
 
     start = time.time()
     try:

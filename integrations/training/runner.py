@@ -2,7 +2,7 @@
 
 Python API::
 
-    from tsm_surgery.integrations.mmaction.runner import train, test
+    from .runner import train, test
     runner = train('configs/demo/tsm_r18w32_1x1x8_demo.py', work_dir='work_dirs/tsm')
     top1 = runner.message_hub.get_scalar('val/acc/top1').current()
     metrics = test('configs/demo/tsm_r18w32_1x1x8_demo.py', 'work_dirs/tsm/epoch_12.pth')
@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from . import compat
+from tsm_surgery.integrations.mmaction import compat
 
 compat.apply()
 
@@ -46,11 +46,10 @@ from mmengine.runner import Runner  # noqa: E402
 from mmengine.runner.checkpoint import find_latest_checkpoint  # noqa: E402
 
 import tsm_surgery.integrations.mmaction  # noqa: E402,F401  (registers the plugin)
-
-from ..checkpoint_io import Adapter, match_state_dict, state_dict_of  # noqa: E402
-from ..checkpoints import layout_adapter  # noqa: E402
-from .backbone import print_log_level  # noqa: E402
-from .clip_length import sync_clip_length  # noqa: E402
+from tsm_surgery.integrations.checkpoints import layout_adapter  # noqa: E402
+from tsm_surgery.integrations.checkpoints.loading import Adapter, match_state_dict, state_dict_of  # noqa: E402
+from tsm_surgery.integrations.mmaction.backbone import print_log_level  # noqa: E402
+from tsm_surgery.integrations.mmaction.clip_length import sync_clip_length  # noqa: E402
 
 __all__ = ["load_config", "build_runner", "train", "test", "CheckpointKeysHook", "add_arguments", "run"]
 
@@ -64,7 +63,7 @@ class CheckpointKeysHook(Hook):
 
     mmengine loads ``load_from`` with ``strict=False`` and only logs missing keys, so a
     checkpoint of another model "loads" and evaluates at chance. The check is
-    :func:`~tsm_surgery.integrations.checkpoint_io.match_state_dict`, the one every loader uses.
+    :func:`~tsm_surgery.integrations.checkpoints.loading.match_state_dict`, the one every loader uses.
 
     Args:
         strict: every model key must be in the checkpoint with the same shape, and the

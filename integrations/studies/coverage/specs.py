@@ -70,7 +70,7 @@ def count_params(source: str, name: str) -> int:
     """Parameter count of a model, built on the meta device (no memory, no weights)."""
     import torch
 
-    from ..models import build_model
+    from tsm_surgery.integrations.models import build_model
 
     try:
         with torch.device("meta"):

@@ -5,8 +5,8 @@ import dataclasses
 
 import torch
 
-from .report import write
-from .running import DTYPES, Settings, run_bench
+from tsm_surgery.integrations.studies.bench.report import write
+from tsm_surgery.integrations.studies.bench.running import DTYPES, Settings, run_bench
 
 __all__ = ["add_arguments", "run", "settings_from_args", "QUICK"]
 
@@ -56,8 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep glibc's default malloc settings, under which freed large buffers go back "
                              "to the OS and every new one page-faults (default: keep freed memory, see BENCHMARKS.md)")
     parser.add_argument("--quick", action="store_true", help="a small configuration for tests/CI (seconds)")
-    parser.add_argument("--output", default="BENCHMARKS.md",
-                        help="Markdown report path; a run replaces its device's section (default BENCHMARKS.md)")
+    parser.add_argument("--output", default="docs/BENCHMARKS.md",
+                        help="Markdown report path; a run replaces its device's section (default docs/BENCHMARKS.md)")
     parser.add_argument("--seed", type=int, default=d.seed)
 
 

@@ -7,10 +7,10 @@ import sys
 import time
 from typing import Callable, List, Optional
 
-from .check import Result
-from .pool import run_checks
-from .report import Meta, Report, load_report, save_report, summarize
-from .specs import all_timm_specs, sweep_specs
+from tsm_surgery.integrations.studies.coverage.check import Result
+from tsm_surgery.integrations.studies.coverage.pool import run_checks
+from tsm_surgery.integrations.studies.coverage.report import Meta, Report, load_report, save_report, summarize
+from tsm_surgery.integrations.studies.coverage.specs import all_timm_specs, sweep_specs
 
 __all__ = ["add_arguments", "run"]
 
@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-params", type=float, default=40.0,
                         help="--all: parameter limit in millions (default 40)")
     parser.add_argument("--limit", type=int, help="run only the first N models (with --all: N more models)")
-    parser.add_argument("--out", help="markdown report (default COVERAGE.md, COVERAGE_ALL.md with --all); "
+    parser.add_argument("--out", help="markdown report (default docs/COVERAGE.md, docs/COVERAGE_ALL.md with --all); "
                                       "the JSON goes next to it with a .json suffix")
     parser.add_argument("--json", help="JSON results path (default: --out with .json)")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
@@ -57,7 +57,7 @@ def _print(line: str) -> None:
 
 
 def _paths(args: argparse.Namespace) -> tuple:
-    out = args.out or ("COVERAGE_ALL.md" if args.all else "COVERAGE.md")
+    out = args.out or ("docs/COVERAGE_ALL.md" if args.all else "docs/COVERAGE.md")
     return out, args.json or os.path.splitext(out)[0] + ".json"
 
 

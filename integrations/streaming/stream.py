@@ -28,10 +28,9 @@ from torch import nn
 
 import tsm_surgery
 from tsm_surgery.cli import non_negative_int, positive_int
-
-from .checkpoint_io import load_state_dict_file
-from .checkpoints import layout_adapter
-from .models import build_model, default_frame_size
+from tsm_surgery.integrations.checkpoints import layout_adapter
+from tsm_surgery.integrations.checkpoints.loading import load_state_dict_file
+from tsm_surgery.integrations.models import build_model, default_frame_size
 
 __all__ = ["decode", "Preprocess", "add_arguments", "run"]
 

@@ -41,8 +41,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ._checkpoint_layouts import DETECTORS, LAYOUTS, CheckpointLayout, StateDict
-from .checkpoint_io import read_checkpoint
+from .layouts import DETECTORS, LAYOUTS, CheckpointLayout, StateDict
+from .loading import read_checkpoint
 
 __all__ = ["import_tsm_checkpoint", "convert_state_dict", "layout_adapter", "detect_layout", "read_state_dict",
            "CheckpointLayout", "CheckpointLayoutError", "LAYOUTS"]

@@ -33,8 +33,10 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from . import compat, synth_data
-from .demo_outputs import format_table, plot_curves, stream_video
+from tsm_surgery.integrations.mmaction import compat
+
+from . import synth_data
+from .report import format_table, plot_curves, stream_video
 
 __all__ = ["MODELS_TRAINED", "TimeReversalPairMetric", "DemoProgressHook", "config_path", "run_demo",
            "stream_video", "add_arguments", "run"]
@@ -173,7 +175,7 @@ def build_cfg(name: str, data_root: Path, work_dir: Path, epochs: int, seed: int
     Returns:
         The mmengine ``Config``, with the per-pair metric added to the test evaluator.
     """
-    from .runner import load_config
+    from tsm_surgery.integrations.training.runner import load_config
 
     # The project's runner API: clip length synced from the pipeline, gloo without CUDA.
     cfg = load_config(str(config_path(name, config_dir)), work_dir=str(work_dir))
@@ -205,7 +207,7 @@ def train_and_test(name: str, cfg) -> Dict:
     Returns:
         ``{'runner', 'curves', 'test' (metrics), 'train_s', 'test_s'}``.
     """
-    from .runner import build_runner
+    from tsm_surgery.integrations.training.runner import build_runner
 
     hook = DemoProgressHook(tag=name, every=0)
     runner = build_runner(cfg)  # mmengine's Runner.from_cfg plus the checkpoint-key check

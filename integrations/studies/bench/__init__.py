@@ -18,7 +18,7 @@ verdicts read; :mod:`.report` writes the Markdown (``--output``, ``BENCHMARKS.md
 one section per device. ``--quick`` is a small, fast configuration for tests and CI.
 
 Example:
-    >>> from tsm_surgery.integrations.bench import Settings, run_bench, render
+    >>> from tsm_surgery.integrations.studies.bench import Settings, run_bench, render
     >>> result = run_bench(Settings(model="torchvision:resnet18", frames=4, eval_size=32, train_size=32,
     ...                             online_size=32, rounds=2, op_repeats=2, compile=False, profile=False,
     ...                             convert_model="torchvision:resnet18", convert_repeats=1))
@@ -26,7 +26,6 @@ Example:
     True
 """
 
-from .command import add_arguments, run
 from .headline import TARGETS, Figure, Target, figures, verdict
 from .measure import (
     CONTROL,
@@ -45,7 +44,7 @@ from .report import merge_sections, render
 from .running import BenchResult, Settings, run_bench
 
 __all__ = [
-    "add_arguments", "run", "Settings", "run_bench", "BenchResult", "render", "merge_sections",
+    "Settings", "run_bench", "BenchResult", "render", "merge_sections",
     "TARGETS", "Target", "Figure", "figures", "verdict",
     "CONTROL", "paired_ratios", "min_time", "wall_time", "cuda_time", "clock_for", "peak_bytes",
     "LiveTensorBytes", "keep_freed_memory", "faulted_mib", "ZeroFillShift",

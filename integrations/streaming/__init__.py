@@ -1,0 +1,4 @@
+"""Running a TSM network online: sources, the frame loop, what is done with its outputs.
+
+* :mod:`.stream`: decode a video, preprocess each frame, run the online step, print top-k.
+"""

@@ -1,0 +1,1 @@
+"""Training and evaluating MMAction2 configs with mmengine's Runner (``train``, ``test``)."""

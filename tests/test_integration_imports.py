@@ -1,0 +1,81 @@
+"""The integrations keep the map of docs/architecture.md.
+
+The table there names, for each package of ``integrations/``, the other packages it may
+import; this test reads the table and every module's imports, so the map and the code cannot
+drift apart. No integration imports a private (``_``-prefixed) core module.
+"""
+
+import ast
+import re
+from pathlib import Path
+from typing import Dict, Set
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+INTEGRATIONS = REPO / "integrations"
+PREFIX = "tsm_surgery.integrations"
+
+
+def _allowed() -> Dict[str, Set[str]]:
+    """package -> packages it may import, read from the architecture map's table."""
+    rows = {}
+    for line in (REPO / "docs" / "architecture.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`") and cells[0] != "package":
+            name = cells[0].strip("`").rstrip("/").removesuffix(".py")
+            if (INTEGRATIONS / name).is_dir() or (INTEGRATIONS / f"{name}.py").is_file():
+                allowed = cells[2]
+                rows[name] = {"*"} if allowed == "anything" else set(re.findall(r"`(\w+)`", allowed))
+    return rows
+
+
+def _package(path: Path) -> str:
+    rel = path.relative_to(INTEGRATIONS)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+
+
+def _imports(path: Path) -> Set[str]:
+    """Dotted names (relative to the integrations package, or absolute) that a module imports."""
+    rel = path.relative_to(INTEGRATIONS)
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = list(rel.parts[:-1])[: len(rel.parts) - node.level]
+            found.add(PREFIX + "." + ".".join(base + ([node.module] if node.module else [])))
+            found.update(f"{PREFIX}.{'.'.join(base)}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return found
+
+
+MODULES = sorted(INTEGRATIONS.rglob("*.py"))
+
+
+def test_every_package_is_on_the_map():
+    packages = {_package(p) for p in MODULES if p.name != "__init__.py" or p.parent != INTEGRATIONS}
+    assert packages - {"__init__"} == set(_allowed())
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(INTEGRATIONS)))
+def test_imports_follow_the_map(path):
+    allowed = _allowed()
+    package = _package(path)
+    if package == "__init__" or "*" in allowed[package]:
+        return
+    used = {name[len(PREFIX) + 1:].split(".")[0] for name in _imports(path) if name.startswith(PREFIX + ".")}
+    stray = used - allowed[package] - {package} - {"*"}
+    # `from tsm_surgery.integrations.x import y` also names `y` as a module; count packages only
+    stray = {name for name in stray if name in allowed}
+    assert not stray, f"{path.relative_to(REPO)} imports {sorted(stray)}; docs/architecture.md allows {package} " \
+                      f"only {sorted(allowed[package]) or 'nothing'}"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(INTEGRATIONS)))
+def test_no_private_core_module_is_imported(path):
+    private = sorted(n for n in _imports(path) if re.match(r"tsm_surgery\._", n) or re.match(r"tsm_surgery\.\w+\._", n)
+                     and not n.startswith(PREFIX))
+    assert not private, f"{path.relative_to(REPO)} imports private core names {private}: use `import tsm_surgery`"
