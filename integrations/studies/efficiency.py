@@ -334,7 +334,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
     parser.add_argument("--no-online", action="store_true", help="skip the online-versus-offline measurement")
-    parser.add_argument("--output", default="docs/BENCHMARKS.md", help="Markdown file whose efficiency section is replaced")
+    parser.add_argument("--output", default="docs/BENCHMARKS.md",
+                        help="Markdown file whose efficiency section is replaced")
     parser.add_argument("--plot", default="docs/efficiency.png", help="bar chart PNG (default docs/efficiency.png)")
     parser.add_argument("--json", default=None, help="also write every number as JSON here")
 
