@@ -24,9 +24,11 @@ A work dir that already holds checkpoints is never trained over unless asked: pa
 """
 
 import argparse
+import contextlib
 import copy
 import glob
 import logging
+import os
 import os.path as osp
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -50,6 +52,10 @@ from tsm_surgery.integrations.checkpoints import layout_adapter  # noqa: E402
 from tsm_surgery.integrations.checkpoints.loading import Adapter, match_state_dict, state_dict_of  # noqa: E402
 from tsm_surgery.integrations.mmaction.backbone import print_log_level  # noqa: E402
 from tsm_surgery.integrations.mmaction.clip_length import sync_clip_length  # noqa: E402
+from tsm_surgery.integrations.outputs import atomic_file  # noqa: E402
+
+from .lock import work_dir_lock  # noqa: E402
+from .random_state import RandomStateHook  # noqa: E402
 
 __all__ = ["load_config", "build_runner", "train", "test", "CheckpointKeysHook", "add_arguments", "run"]
 
@@ -226,10 +232,29 @@ def _resume_target(cfg: Config, resume: Union[bool, str]) -> Optional[str]:
                             "pass the checkpoint path (--resume PATH) or train without --resume.")
 
 
+def _save_atomically(runner: Runner) -> None:
+    """Makes ``runner.save_checkpoint`` write a temporary file and rename it over ``epoch_N.pth`` when complete.
+
+    mmengine writes checkpoints in place, so a kill or a full disk mid-write leaves a truncated
+    ``epoch_N.pth`` that ``--resume`` or ``test`` later trips over. Remote back ends keep mmengine's own write.
+    """
+    save = runner.save_checkpoint
+
+    def save_checkpoint(out_dir: str, filename: str, *args, **kwargs) -> None:
+        if "://" in str(out_dir):
+            return save(out_dir, filename, *args, **kwargs)
+        with atomic_file(osp.join(out_dir, filename)) as tmp:
+            save(osp.dirname(tmp), osp.basename(tmp), *args, **kwargs)
+
+    runner.save_checkpoint = save_checkpoint
+
+
 def build_runner(cfg: Config, checkpoint_keys: Optional[CheckpointKeysHook] = None) -> Runner:
-    """``Runner.from_cfg`` plus the checkpoint key check."""
+    """``Runner.from_cfg`` plus the checkpoint key check; checkpoints are written atomically."""
     runner = Runner.from_cfg(cfg)
     runner.register_hook(checkpoint_keys or CheckpointKeysHook(strict=False))
+    runner.register_hook(RandomStateHook())
+    _save_atomically(runner)
     return runner
 
 
@@ -257,6 +282,8 @@ def train(config: ConfigLike, work_dir: Optional[str] = None, cfg_options: Optio
 
     Raises:
         FileExistsError: the work dir holds checkpoints and neither ``resume`` nor ``overwrite``.
+        WorkDirLockedError: another run holds the work dir (its PID is named); the lock is held
+            for the whole run and released however the process ends.
         FileNotFoundError: the config, an annotation file, a video folder or a checkpoint is missing.
         KeyError: an unknown model type or a checkpoint whose keys do not match.
     """
@@ -264,6 +291,12 @@ def train(config: ConfigLike, work_dir: Optional[str] = None, cfg_options: Optio
         raise ValueError(f"--resume {resume} and --load-from {load_from} both name a checkpoint: resume one file "
                          "(--resume PATH) or start from weights (--load-from PATH).")
     cfg = load_config(config, work_dir, cfg_options, launcher)
+    # One run per work dir, for the whole run (rank 0 holds it under DDP; the ranks share the dir).
+    with work_dir_lock(cfg.work_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
+        return _train(cfg, resume, load_from, overwrite)
+
+
+def _train(cfg: Config, resume: Union[bool, str], load_from: Optional[str], overwrite: bool) -> Runner:
     if load_from is not None:
         cfg.load_from = load_from
     resume_from = _resume_target(cfg, resume)
