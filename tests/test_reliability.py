@@ -269,16 +269,16 @@ def test_a_second_run_into_a_held_work_dir_stops_naming_the_holder(config, tmp_p
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
-        while not (work / "last_checkpoint").exists() and time.time() < deadline:
+        while time.time() < deadline:
             lock = work / LOCK_NAME
-            if lock.exists() and lock.read_text().strip() == str(first.pid) and list(work.glob("*/vis_data")):
-                break  # the first run holds the lock and its Runner is up
+            if lock.exists() and lock.read_text().strip() == str(first.pid):
+                break  # the first run holds the lock
             time.sleep(0.2)
         start = time.time()
         second = subprocess.run(CLI + ["train", config, "--work-dir", str(work), "--cfg-options", "randomness.seed=1"],
                                 env=_env(), capture_output=True, text=True, timeout=120)
-        lines = second.stderr.strip().splitlines()
-        assert second.returncode == 1 and len(lines) == 1, second.stderr
+        lines = [line for line in second.stderr.splitlines() if line.startswith("tsm-surgery train:")]
+        assert second.returncode == 1 and len(lines) == 1, second.stderr  # (mmcv-lite warns on import)
         assert lines[0].startswith("tsm-surgery train: work dir") and f"PID {first.pid}" in lines[0]
         assert first.poll() is None  # the first run goes on
         print(f"\nsecond run refused in {time.time() - start:.1f} s (process start included)")
