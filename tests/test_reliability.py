@@ -16,6 +16,7 @@ import time
 import pytest
 import torch
 from paper_tsm import PaperMobileNetV2
+from utils import TinyNet
 
 from tsm_surgery.cli import main
 from tsm_surgery.integrations.outputs import STAGING_PREFIX, OutputWriteError, atomic_outputs
@@ -220,6 +221,145 @@ def test_demo_failing_with_force_restores_the_previous_run(tmp_path, monkeypatch
     assert sorted(os.listdir(run)) == ["notes.txt", "summary.json", "tsm"]
 
 
+# -- import-checkpoint without a model; the num_batches_tracked message ---------------------------------------------
+
+def _mmaction_resnet18_state() -> dict:
+    """An MMAction2 ResNetTSM-18 recognizer's state_dict (shift wrappers as '.net'), from torchvision's weights."""
+    import re
+
+    import torchvision
+
+    from tsm_surgery.integrations.checkpoints.layouts import tv_to_mm_resnet
+
+    state = {}
+    for key, value in torchvision.models.resnet18().state_dict().items():
+        if key.startswith("fc."):
+            continue
+        key = "backbone." + tv_to_mm_resnet(key)
+        state[re.sub(r"(layer\d+\.\d+\.conv1\.conv\.)weight$", r"\1net.weight", key)] = value
+    state["cls_head.fc_cls.weight"], state["cls_head.fc_cls.bias"] = torch.randn(4, 512), torch.zeros(4)
+    return state
+
+
+def _damaged(state: dict, how: str) -> dict:
+    state = dict(state)
+    key = "backbone.layer2.0.conv2.conv.weight"
+    if how == "nan":
+        state[key] = state[key].clone()
+        state[key][0, 0, 0, 0] = float("nan")
+    elif how == "int32":
+        state[key] = state[key].to(torch.int32)
+    elif how == "meta":
+        state[key] = torch.empty_like(state[key], device="meta")
+    elif how == "sparse":
+        state[key] = state[key].to_sparse()
+    elif how == "complex":
+        state[key] = state[key].to(torch.complex64)
+    elif how == "extra key":
+        state["backbone.layer2.0.extra.weight"] = torch.zeros(3)
+    elif how == "missing block":
+        state = {k: v for k, v in state.items() if not k.startswith("backbone.layer3.0.")}
+    elif how == "missing last block":
+        state = {k: v for k, v in state.items() if not k.startswith("backbone.layer3.1.")}
+    elif how == "wrong shape":
+        state[key] = torch.zeros(128, 128, 1, 1)
+    elif how == "norm shapes":
+        state["backbone.layer2.0.conv2.bn.running_var"] = torch.ones(64)
+    return state
+
+
+@pytest.mark.parametrize("how, message", [
+    ("nan", r"layer2\.0\.conv2\.conv\.weight' holds NaN"), ("int32", r"conv2\.conv\.weight' has dtype int32"),
+    ("meta", r"conv2\.conv\.weight' is on the meta device"), ("sparse", r"conv2\.conv\.weight' is a sparse_coo"),
+    ("complex", r"conv2\.conv\.weight' is complex"),
+    ("extra key", r"1 tensors belong to no ResNet-18 module \(first: \['backbone\.layer2\.0\.extra\.weight"),
+    ("missing block", r"tensors of a ResNet-18 are missing \(first: \['backbone\.layer3\.0\."),
+    ("missing last block", r"blocks per stage \(2, 2, 1, 2\) are no ResNet depth's"),
+    ("wrong shape", r"conv2\.conv\.weight: \(128, 128, 1, 1\) vs \(128, 128, 3, 3\)"),
+    ("norm shapes", r"norm layer 'backbone\.layer2\.0\.conv2\.bn' has inconsistent shapes"),
+])
+def test_import_checkpoint_without_a_model_checks_what_it_can(tmp_path, capsys, how, message):
+    import re
+
+    from tsm_surgery.integrations.checkpoints import import_tsm_checkpoint
+
+    good = _mmaction_resnet18_state()
+    assert set(import_tsm_checkpoint(good)) == {k.replace(".net.", ".") for k in good}  # the intact one imports
+    src, out = tmp_path / "src.pth", tmp_path / "out.pth"
+    torch.save({"state_dict": _damaged(good, how)}, src)
+    assert main(["import-checkpoint", str(src), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert err.startswith(f"tsm-surgery import-checkpoint: {src}") and not out.exists()
+
+
+def test_missing_num_batches_tracked_imports(tmp_path):
+    import torchvision
+
+    import tsm_surgery
+    from tsm_surgery.integrations.checkpoints import import_tsm_checkpoint
+
+    paper = PaperMobileNetV2(n_class=27)
+    state = {k: v for k, v in paper.state_dict().items() if not k.endswith("num_batches_tracked")}
+    net = tsm_surgery.convert(torchvision.models.mobilenet_v2(num_classes=27), direction="uni", uni_slot="first")
+    imported = import_tsm_checkpoint(state, net)  # once: "another depth, width or number of classes"
+    net.load_state_dict(imported)
+    assert all(torch.equal(v, imported[k]) for k, v in net.state_dict().items())
+
+
+# -- one OnlineTSM from two threads ----------------------------------------------------------------------------------
+
+class _Gate(torch.nn.Module):
+    """Holds the first frame inside the network until released (a leaf: kept whole by the tracer)."""
+
+    def __init__(self):
+        super().__init__()
+        import threading
+
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def forward(self, x):
+        self.entered.set()
+        self.release.wait(timeout=10)
+        return x
+
+
+class _GatedNet(TinyNet):
+    def __init__(self):
+        super().__init__()
+        self.gate = _Gate()
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = torch.relu(x + block(x))
+        return self.head(self.gate(x).mean((2, 3)))
+
+
+def test_one_online_tsm_from_two_threads_is_refused():
+    import threading
+
+    import tsm_surgery
+
+    model = _GatedNet().eval()
+    gate = model.gate
+    online = tsm_surgery.convert(model, n_segments=4, direction="uni", online=True, leaf_modules=[_Gate])
+    frame = torch.randn(1, 3, 8, 8)
+    worker = threading.Thread(target=online, args=(frame,))
+    worker.start()
+    assert gate.entered.wait(timeout=30)
+    try:
+        with pytest.raises(RuntimeError, match="one OnlineTSM is being fed from two threads at once"):
+            online(frame)
+        with pytest.raises(RuntimeError, match=r"reset\(\) was called while another call runs"):
+            online.reset()
+    finally:
+        gate.release.set()
+        worker.join()
+    online(frame)  # released: the object works again, on its one stream
+    assert online.state is not None
+
+
 # -- training: the MMAction2 runner ----------------------------------------------------------------------------------
 
 pytest.importorskip("mmaction")
@@ -245,7 +385,9 @@ def config(tmp_path_factory):
 
 
 def _env(**extra) -> dict:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]), **extra)
+    # One torch thread, as in this process (conftest): float sums must run in the same order in every run.
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]),
+                OMP_NUM_THREADS=str(torch.get_num_threads()), **extra)
 
 
 def test_training_checkpoint_on_a_full_disk_leaves_no_truncated_file(config, tmp_path, monkeypatch):
@@ -265,8 +407,9 @@ def test_training_checkpoint_on_a_full_disk_leaves_no_truncated_file(config, tmp
 
 def test_a_second_run_into_a_held_work_dir_stops_naming_the_holder(config, tmp_path):
     work = tmp_path / "w"
-    first = subprocess.Popen(CLI + ["train", config, "--work-dir", str(work)], env=_env(TSM_TEST_SLEEP_BEFORE_TRAIN="120"),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(CLI + ["train", config, "--work-dir", str(work)],
+                             env=_env(TSM_TEST_SLEEP_BEFORE_TRAIN="120"), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
         while time.time() < deadline:

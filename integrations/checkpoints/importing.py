@@ -182,6 +182,12 @@ def _check_norm_groups(state: StateDict, source: str) -> None:
 
 def _check_resnet_keys(layout: CheckpointLayout, state: StateDict, source: str) -> None:
     """An MMAction2 ResNetTSM checkpoint has exactly the keys of a ResNet of its depth (no model needed)."""
+    if layout.arch == "ResNetTSM":  # the block counts gave no depth: a stage lost (or gained) blocks
+        counts = tuple(len({m.group(1) for k in state if (m := re.search(rf"(?:^|\.)layer{i}\.(\d+)\.", k))})
+                       for i in range(1, 5))
+        raise CheckpointLayoutError(f"{source}: detected {layout}; its blocks per stage {counts} are no ResNet "
+                                    "depth's (18: 2, 2, 2, 2; 34 and 50: 3, 4, 6, 3; 101: 3, 4, 23, 3; 152: 3, 8, "
+                                    "36, 3). Hint: the file was edited or damaged; use the checkpoint as trained.")
     match = re.match(r"ResNetTSM \(depth (\d+)\)", layout.arch)
     try:
         import torchvision

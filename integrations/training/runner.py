@@ -30,6 +30,7 @@ import glob
 import logging
 import os
 import os.path as osp
+import zipfile
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -49,7 +50,12 @@ from mmengine.runner.checkpoint import find_latest_checkpoint  # noqa: E402
 
 import tsm_surgery.integrations.mmaction  # noqa: E402,F401  (registers the plugin)
 from tsm_surgery.integrations.checkpoints import layout_adapter  # noqa: E402
-from tsm_surgery.integrations.checkpoints.loading import Adapter, match_state_dict, state_dict_of  # noqa: E402
+from tsm_surgery.integrations.checkpoints.loading import (  # noqa: E402
+    Adapter,
+    CheckpointLoadError,
+    match_state_dict,
+    state_dict_of,
+)
 from tsm_surgery.integrations.mmaction.backbone import print_log_level  # noqa: E402
 from tsm_surgery.integrations.mmaction.clip_length import sync_clip_length  # noqa: E402
 from tsm_surgery.integrations.outputs import atomic_file  # noqa: E402
@@ -228,8 +234,28 @@ def _resume_target(cfg: Config, resume: Union[bool, str]) -> Optional[str]:
         print_log(f"--resume: work dir {cfg.work_dir!r} has no last_checkpoint; starting from the weights of "
                   f"load_from={load_from!r} (weights_only=True).", logger="current", level=logging.WARNING)
         return None
+    found = sorted(glob.glob(osp.join(cfg.work_dir, "*.pth")))
+    if found:  # a run stopped before its first complete checkpoint, or files copied in: no bare --resume
+        raise FileNotFoundError(f"--resume: work dir {cfg.work_dir!r} has no last_checkpoint (it holds "
+                                f"{', '.join(osp.basename(f) for f in found[:3])}); resume one of them with "
+                                f"--resume {found[-1]}, or start again with --overwrite.")
     raise FileNotFoundError(f"--resume: work dir {cfg.work_dir!r} has no last_checkpoint to resume from; "
                             "pass the checkpoint path (--resume PATH) or train without --resume.")
+
+
+def _check_resumable(path: str, work_dir: str) -> None:
+    """A truncated checkpoint (an interrupted save before saves were atomic) stops with the way out named."""
+    if "://" in path or not osp.isfile(path) or not _is_zip_start(path) or zipfile.is_zipfile(path):
+        return  # torch.save's zip archives end with their directory: a cut one has none
+    others = [f for f in sorted(glob.glob(osp.join(work_dir, "*.pth"))) if osp.abspath(f) != osp.abspath(path)]
+    earlier = f"resume an earlier one (--resume {others[-1]}), or " if others else ""
+    raise CheckpointLoadError(f"--resume {path}: the checkpoint is truncated or damaged (an interrupted save); "
+                              f"{earlier}start again with --overwrite.", path)
+
+
+def _is_zip_start(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"PK"
 
 
 def _save_atomically(runner: Runner) -> None:
@@ -302,14 +328,17 @@ def _train(cfg: Config, resume: Union[bool, str], load_from: Optional[str], over
     resume_from = _resume_target(cfg, resume)
     cfg.resume = resume_from is not None
     if cfg.resume:
+        _check_resumable(resume_from, cfg.work_dir)
         cfg.load_from = resume_from
         # The explicit opt-in covers this one file: Runner.resume is only ever given it.
         cfg.trusted_resume = bool(resume) or bool(cfg.get("trusted_resume", False))
     existing = _existing_checkpoints(cfg.work_dir)
     if existing and not cfg.resume and not overwrite:
+        resumable = osp.isfile(osp.join(cfg.work_dir, "last_checkpoint"))
+        how = "--resume" if resumable else f"--resume {existing[-1]} (there is no last_checkpoint)"
         raise FileExistsError(
             f"work dir {cfg.work_dir!r} already holds a training run ({osp.basename(existing[0])}, ...). "
-            "Pass --resume to continue it, --overwrite to train over it, or choose another --work-dir.")
+            f"Pass {how} to continue it, --overwrite to train over it, or choose another --work-dir.")
     if cfg.get("load_from") and not osp.isfile(cfg.load_from) and "://" not in cfg.load_from:
         raise FileNotFoundError(f"{'--resume' if cfg.resume else 'load_from'}={cfg.load_from!r} does not exist.")
     _required_files(cfg, ("train", "val") if cfg.get("val_cfg") else ("train",))
