@@ -434,6 +434,34 @@ def test_a_second_run_into_a_held_work_dir_stops_naming_the_holder(config, tmp_p
                 pass
 
 
+def test_no_resume_advice_loop_when_the_only_checkpoint_is_truncated(config, tmp_path):
+    work = tmp_path / "w"
+    work.mkdir()
+    torch.save({"state_dict": {"x": torch.zeros(1000)}}, work / "epoch_1.pth")
+    (work / "epoch_1.pth").write_bytes((work / "epoch_1.pth").read_bytes()[:300])  # cut mid-write, no last_checkpoint
+    with pytest.raises(FileExistsError, match=r"Pass --resume .*epoch_1\.pth \(there is no last_checkpoint\)"):
+        api.train(config, work_dir=str(work))
+    with pytest.raises(FileNotFoundError, match=r"no last_checkpoint .*--resume .*epoch_1\.pth, or start again "
+                                                r"with --overwrite") as bare:
+        api.train(config, work_dir=str(work), resume=True)
+    assert "without --resume" not in str(bare.value)  # which would send the user back to the first message
+    (work / "last_checkpoint").write_text(str(work / "epoch_1.pth"))
+    for resume in (True, str(work / "epoch_1.pth")):
+        with pytest.raises(ValueError, match=r"epoch_1\.pth: the checkpoint is truncated .*start again with "
+                                             r"--overwrite"):
+            api.train(config, work_dir=str(work), resume=resume)
+
+
+def test_refused_pickle_hint_does_not_suggest_resuming_it(tmp_path):
+    from tsm_surgery.integrations.checkpoints.loading import CheckpointLoadError, read_checkpoint
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "x": os.stat_result((0,) * 10)}, evil)
+    with pytest.raises(CheckpointLoadError, match="evil.pth.*not loaded") as err:
+        read_checkpoint(str(evil))
+    assert "--resume" not in str(err.value) and "Never unpickle a file you did not write" in str(err.value)
+
+
 @pytest.mark.slow
 def test_killed_and_resumed_run_ends_with_the_uninterrupted_weights(config, tmp_path):
     uninterrupted = tmp_path / "a"
