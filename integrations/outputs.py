@@ -142,15 +142,18 @@ class _Staging:
                    if os.path.lexists(tmp)]
         return max(written)[1] if written else ", ".join(self.targets)
 
-    def commit(self) -> None:
+    def commit(self, keep_unwritten: bool = False) -> None:
         """Moves the old targets aside, the new files in, then drops the old ones; undoes all on a failure.
 
-        A target the body did not write is removed too, so no stale member of the set survives.
+        A target the body did not write is removed too, so no stale member of the set survives
+        (unless ``keep_unwritten``).
         """
         moved: list[tuple[str, str]] = []  # (backup, target): old files set aside
         placed: list[str] = []
         try:
             for tmp, target in zip(self.temps, self.targets):
+                if keep_unwritten and not os.path.lexists(tmp):
+                    continue
                 if os.path.lexists(target):
                     backup = os.path.join(os.path.dirname(tmp), ".old-" + os.path.basename(target))
                     os.replace(target, backup)
@@ -171,8 +174,8 @@ class _Staging:
 
 
 @contextlib.contextmanager
-def atomic_outputs(outputs: Sequence[tuple[str, str]], force: bool, *,
-                   hint: str = "choose another output path", folders: bool = False) -> Iterator[list[str]]:
+def atomic_outputs(outputs: Sequence[tuple[str, str]], force: bool, *, hint: str = "choose another output path",
+                   folders: bool = False, keep_unwritten: bool = False) -> Iterator[list[str]]:
     """Yields temporary paths for ``outputs``; renames them over the targets when the body completes.
 
     The checks are :func:`claim_outputs`'s. The temporary paths lie in hidden folders in the
@@ -188,13 +191,17 @@ def atomic_outputs(outputs: Sequence[tuple[str, str]], force: bool, *,
         force: existing targets may be replaced.
         hint: the alternative to ``--force``, for the message.
         folders: outputs may be folders.
+        keep_unwritten: leave a target alone when the body wrote nothing at its temporary path.
 
     Raises:
         FileExistsError, ValueError, IsADirectoryError: see :func:`claim_outputs`.
         OutputWriteError: a write failed (disk full, permissions...); nothing was replaced.
     """
     claim_outputs(outputs, force, hint=hint, folders=folders)
-    staging = _Staging([path for path, _ in outputs])
+    try:
+        staging = _Staging([path for path, _ in outputs])
+    except OSError as err:  # e.g. a read-only directory: name the output, not the temporary folder
+        raise (write_error(", ".join(p for p, _ in outputs), err) or err) from err
     try:
         yield list(staging.temps)
     except BaseException as err:
@@ -204,7 +211,7 @@ def atomic_outputs(outputs: Sequence[tuple[str, str]], force: bool, *,
             raise failed from err
         raise
     try:
-        staging.commit()
+        staging.commit(keep_unwritten)
     except OSError as err:
         raise (write_error(", ".join(p for p, _ in outputs), err) or err) from err
 
@@ -214,9 +221,9 @@ def atomic_file(path: str) -> Iterator[str]:
     """A temporary path beside ``path`` renamed over it when the body completes (no ``--force`` check).
 
     For files a library writes repeatedly, such as training checkpoints: a reader sees the old
-    file or the complete new one, never a truncated one.
+    file or the complete new one, never a truncated one. A body that writes nothing leaves ``path`` alone.
     """
-    with atomic_outputs([(path, "the file")], force=True) as (tmp,):
+    with atomic_outputs([(path, "the file")], force=True, keep_unwritten=True) as (tmp,):
         yield tmp
 
 

@@ -41,6 +41,7 @@ compat.apply()
 
 from mmaction.registry import HOOKS, MODELS  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.dist import is_main_process  # noqa: E402
 from mmengine.hooks import Hook  # noqa: E402
 from mmengine.logging import print_log  # noqa: E402
 from mmengine.model import is_model_wrapper  # noqa: E402
@@ -267,7 +268,7 @@ def _save_atomically(runner: Runner) -> None:
     save = runner.save_checkpoint
 
     def save_checkpoint(out_dir: str, filename: str, *args, **kwargs) -> None:
-        if "://" in str(out_dir):
+        if "://" in str(out_dir) or not is_main_process():  # other ranks save nothing (master_only)
             return save(out_dir, filename, *args, **kwargs)
         with atomic_file(osp.join(out_dir, filename)) as tmp:
             save(osp.dirname(tmp), osp.basename(tmp), *args, **kwargs)
