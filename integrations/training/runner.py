@@ -318,6 +318,7 @@ def train(config: ConfigLike, work_dir: Optional[str] = None, cfg_options: Optio
         raise ValueError(f"--resume {resume} and --load-from {load_from} both name a checkpoint: resume one file "
                          "(--resume PATH) or start from weights (--load-from PATH).")
     cfg = load_config(config, work_dir, cfg_options, launcher)
+    _required_files(cfg, ("train", "val") if cfg.get("val_cfg") else ("train",))  # before the work dir is made
     # One run per work dir, for the whole run (rank 0 holds it under DDP; the ranks share the dir).
     with work_dir_lock(cfg.work_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
         return _train(cfg, resume, load_from, overwrite)
@@ -342,7 +343,6 @@ def _train(cfg: Config, resume: Union[bool, str], load_from: Optional[str], over
             f"Pass {how} to continue it, --overwrite to train over it, or choose another --work-dir.")
     if cfg.get("load_from") and not osp.isfile(cfg.load_from) and "://" not in cfg.load_from:
         raise FileNotFoundError(f"{'--resume' if cfg.resume else 'load_from'}={cfg.load_from!r} does not exist.")
-    _required_files(cfg, ("train", "val") if cfg.get("val_cfg") else ("train",))
     runner = build_runner(cfg, CheckpointKeysHook(strict=False, source="load_from"))
     runner.train()
     return runner
