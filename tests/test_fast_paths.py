@@ -13,8 +13,7 @@ import torchvision
 from torch import fx, nn
 from utils import randomize_norms
 
-from tsm_surgery import convert, temporal_shift, to_online
-from tsm_surgery import _recompute
+from tsm_surgery import _recompute, convert, temporal_shift, to_online
 from tsm_surgery._fast_paths import swapped_sites, without_fast_paths
 
 SEGMENTS = 4

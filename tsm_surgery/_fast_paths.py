@@ -51,7 +51,8 @@ def _swap_site(shift: fx.Node, root: nn.Module):
     source = shift.args[0]
     if shift.kwargs or len(shift.args) != 1 or not isinstance(source, fx.Node):
         return None
-    if source.op in ("placeholder", "get_attr") or not getattr(root.get_submodule(str(shift.target)), "recompute", True):
+    written_after = not getattr(root.get_submodule(str(shift.target)), "recompute", True)
+    if source.op in ("placeholder", "get_attr") or written_after:
         return None  # the caller's tensor, a parameter, or a block input written in place after the shift
     consumer = swap_consumer(shift, root)
     if consumer is None:

@@ -415,6 +415,21 @@ class TemporalShift(nn.Module):
         return _temporal_shift(x, self.n_segments, self.shift_div, self.direction, self.channel_dim, self.uni_slot,
                                self.recompute, swap)
 
+    @staticmethod
+    def restore(x: Tensor) -> None:
+        """Undoes ``forward(x, swap=True)`` once the one reader of its result has run (see :func:`restore_slots`).
+
+        Example:
+            >>> shift, x = TemporalShift(n_segments=2, shift_div=4), torch.arange(8.).reshape(2, 4, 1, 1)
+            >>> with torch.no_grad():
+            ...     shifted = shift(x, swap=True)          # x itself, its slots moved
+            ...     total = shifted.sum()                  # the one reader: 4+0+2+3 + 0+1+6+7
+            ...     TemporalShift.restore(x)               # x is as it was
+            >>> total.item(), x.flatten().tolist()
+            (23.0, [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
+        """
+        restore_slots(x)
+
     def extra_repr(self) -> str:
         slot = f", uni_slot={self.uni_slot!r}" if self.direction == "uni" else ""
         return (f"n_segments={self.n_segments}, shift_div={self.shift_div}, "
