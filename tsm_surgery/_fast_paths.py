@@ -38,6 +38,8 @@ def _shift_nodes(graph: fx.Graph):
 def _add_site_hooks(graph: fx.Graph) -> None:
     for shift in _shift_nodes(graph):
         for user in list(shift.users):
+            if user.op == "output":
+                continue  # returned as it is: nothing saves it
             if user.prev.op == "call_function" and user.prev.target is open_site_hooks:
                 continue  # already there (a copied or unpickled network)
             with graph.inserting_before(user):
