@@ -209,10 +209,11 @@ def _sources(args: argparse.Namespace, say) -> list[Source]:
             say(f"tsm-surgery stream: {redact(str(err), spec)}")
             continue
         sources.append(source)
-    names = [s.name for s in sources]
-    duplicates = {n for n in names if names.count(n) > 1}
-    if duplicates:
-        raise ValueError(f"sources {sorted(duplicates)} are given more than once; each source is one stream.")
+    seen: dict[str, int] = {}
+    for source in sources:  # a source given twice is two streams: name them apart
+        seen[source.name] = seen.get(source.name, 0) + 1
+        if seen[source.name] > 1:
+            source.name = f"{source.name}#{seen[source.name]}"
     return sources
 
 
