@@ -1,10 +1,10 @@
-"""A live MPEG-TS source for the streaming tests: PyAV writes frames to TCP or UDP on 127.0.0.1 at real-time rate.
+"""A live MPEG-TS source for the streaming tests: PyAV writes frames to TCP or UDP on 127.0.0.1 in real time.
 
 Run as a subprocess: ``python live_server.py tcp PORT --frames 16 --fps 16 --seed 0``. TCP listens and
 serves each of ``--connections`` clients in turn (``--pause`` seconds between them, port closed
-meanwhile: a server that goes away and comes back); UDP sends to the port after ``--delay`` seconds, the frames over and over until killed, as a camera would.
-``--silent`` accepts a TCP client and sends nothing (a stalled source). The frames are
-:func:`frames` of the seed, so a test can compute what the reader must see.
+meanwhile: a server that goes away and comes back). UDP sends to the port after ``--delay``
+seconds, the frames over and over until killed, as a camera would. ``--silent`` accepts a TCP
+client and sends nothing (a stalled source). The frames are :func:`frames` of the seed.
 """
 
 import argparse
@@ -28,7 +28,7 @@ def frames(count: int, seed: int, size: int = 48) -> np.ndarray:
 
 def serve(url: str, video: np.ndarray, fps: float, repeat: int = 1) -> None:
     print("ready", flush=True)  # the test waits for this line (a probing connection would take the listen)
-    with av.open(url, "w", format="mpegts", options={"muxdelay": "0", "muxpreload": "0"}) as container:
+    with av.open(url, "w", format="mpegts") as container:
         stream = container.add_stream("mpeg2video", rate=int(fps))
         stream.width, stream.height, stream.pix_fmt = video.shape[2], video.shape[1], "yuv420p"
         stream.gop_size, stream.max_b_frames = 1, 0

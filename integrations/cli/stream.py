@@ -257,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
         stats = loop.run()
         wall = _now() - started
     _summary(args, loop, stats, wall)
-    return 1 if any(s.failed for s in stats.values()) else 0
+    return 1 if len(sources) < len(args.sources) or any(s.failed for s in stats.values()) else 0
 
 
 def _blank():

@@ -143,7 +143,7 @@ class Source:
                                     "(or v4l2-ctl --list-devices) shows the cameras this machine has.")
 
     def start(self) -> "Source":
-        self._thread = threading.Thread(target=self._read, name=f"source {self.name}", daemon=True)
+        self._thread = threading.Thread(target=self._read_or_fail, name=f"source {self.name}", daemon=True)
         self._thread.start()
         return self
 
@@ -198,6 +198,12 @@ class Source:
         fmt = "v4l2" if self.kind == "device" else None
         return av.open(self.spec, format=fmt, options=options, timeout=(self.timeout_s, self.timeout_s))
 
+    def _read_or_fail(self) -> None:
+        try:
+            self._read()
+        except Exception as err:  # never leave the loop waiting for a reader that died
+            self._say("error", f"the reader failed ({_reason(err)})")
+
     def _read(self) -> None:
         attempts, connections, decoded = 0, 0, 0
         while not self._stop.is_set():
@@ -214,12 +220,13 @@ class Source:
             if connections > 1:
                 self._say("reset", "reconnected; the stream's state is reset")
             try:
+                has_end = container.duration is not None  # a file served over a URL ends; a live stream does not
                 decoded, error, finished = self._decode(container, decoded)
             finally:
                 container.close()
             if finished or self._stop.is_set():
                 break
-            if self.kind == "network" and (error is not None or container.duration is None):
+            if self.kind == "network" and (error is not None or not has_end):
                 attempts = 0 if error is None else attempts
                 if attempts < self.reconnect:
                     attempts += 1
