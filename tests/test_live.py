@@ -18,7 +18,7 @@ from tsm_surgery.cli import main
 av = pytest.importorskip("av")
 
 from live_server import frames as server_frames  # noqa: E402
-from utils import TinyNet  # noqa: E402
+from utils import TinyNet, randomize_norms  # noqa: E402
 
 from tsm_surgery.integrations.demo.synth_data import write_video  # noqa: E402
 from tsm_surgery.integrations.streaming.batch import StreamBatch  # noqa: E402
@@ -98,7 +98,7 @@ def test_tcp_and_udp_live_streams_run_beside_a_file(tmp_path, servers, capsys):
     udp = servers.start("udp", "--frames", 16, "--fps", 16, "--delay", 0)
     clip = _video(tmp_path / "clip.mp4", server_frames(8, 5))
     out = tmp_path / "frames.jsonl"
-    code = main(["stream", clip, tcp, udp, *MODEL, "--max-frames", "8", "--timeout", "10", "--quiet",
+    code = main(["stream", clip, tcp, udp, *MODEL, "--max-frames", "8", "--timeout", "10", "--quiet", "--warmup", "0",
                  "--json", str(out)])
     printed = capsys.readouterr()
     assert code == 0, printed.err
@@ -133,9 +133,16 @@ def test_a_server_that_disconnects_and_comes_back_resets_the_stream(tmp_path, se
 
 
 def test_two_live_streams_in_one_batch_equal_separate_runs(tmp_path, servers, capsys):
+    from tsm_surgery.integrations.models import build_model
+
+    torch.manual_seed(0)
+    weights = tmp_path / "weights.pth"  # every run streams the same weights
+    torch.save(randomize_norms(build_model("timm:test_resnet", num_classes=4)).state_dict(), weights)
+
     def run(urls, name):
         out = tmp_path / name
-        assert main(["stream", *urls, *MODEL, "--no-realtime", "--max-frames", "8", "--reconnect", "0",
+        assert main(["stream", *urls, *MODEL, "--checkpoint", str(weights), "--no-realtime", "--max-frames", "8",
+                     "--reconnect", "0",
                      "--quiet", "--topk", "4", "--json", str(out)]) == 0
         return _by_stream(_records(out))
 
@@ -306,7 +313,9 @@ def test_a_frame_size_change_is_said_once_and_rescaled(tmp_path, capsys):
     assert main(["stream", str(joined), *MODEL, "--quiet", "--warmup", "0"]) == 0
     captured = capsys.readouterr()
     assert captured.err.count("frame size changed from 48x48 to 32x32") == 1, captured.err
-    assert "9 frames" in captured.out
+    with av.open(str(joined)) as container:  # every frame FFmpeg decodes is streamed, at either size
+        sizes = [(f.width, f.height) for f in container.decode(video=0)]
+    assert {(32, 32), (48, 48)} == set(sizes) and f"{len(sizes)} frames in" in captured.out
 
 
 def test_stream_verb_item17_checks(tmp_path, capsys):
