@@ -346,3 +346,13 @@ def test_preprocess_crops_before_it_resizes():
     torch.testing.assert_close(got, (expected - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))
     with pytest.raises(ValueError, match="2048"):
         Preprocess(30000)
+
+
+@pytest.mark.parametrize("module", ["post", "sources"])
+def test_docstring_examples(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(f"tsm_surgery.integrations.streaming.{module}"),
+                             extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
+    assert result.attempted and result.failed == 0
