@@ -356,3 +356,26 @@ def test_docstring_examples(module):
     result = doctest.testmod(importlib.import_module(f"tsm_surgery.integrations.streaming.{module}"),
                              extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
     assert result.attempted and result.failed == 0
+
+
+def _drain(source, timeout=20.0):
+    """Waits for the source to end, then returns its frames' indices and its messages."""
+    items, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        if source._thread is not None and not source._thread.is_alive():
+            break
+    while (item := source.next_item()) is not None:
+        items.append(item)
+    return [i.index for i in items if hasattr(i, "index")], [i.kind for i in items if hasattr(i, "kind")]
+
+
+def test_real_time_drop_policies_on_a_paced_file(tmp_path):
+    clip = _video(tmp_path / "clip.mp4", server_frames(8, 0))  # 8 frames at 8 fps: paced, 1 s
+    began = time.perf_counter()
+    oldest = Source(clip, realtime=True, buffer=1).start()  # nobody reads until the end: only the newest is left
+    assert _drain(oldest) == ([7], ["end"]) and oldest.dropped == 7
+    assert time.perf_counter() - began > 0.8  # read at the file's own rate
+    every = Source(clip, realtime=True, drop="every-k", every=3, buffer=8).start()
+    assert _drain(every) == ([0, 3, 6], ["end"]) and every.dropped == 5
+    assert _drain(Source(clip, buffer=8).start()) == (list(range(8)), ["end"])  # not real time: nothing dropped
