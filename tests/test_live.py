@@ -332,6 +332,8 @@ def test_stream_verb_item17_checks(tmp_path, capsys):
     assert main(["stream", clip, *MODEL, "--warmup", "10"]) == 0
     out = capsys.readouterr().out
     assert "nan" not in out and "no step timed after the 10 warm-up frames" in out
+    assert main(["stream", clip, *MODEL, "--warmup", "2"]) == 0  # one timed frame: a latency, no rate
+    assert "nan" not in capsys.readouterr().out
 
 
 def test_preprocess_crops_before_it_resizes():

@@ -231,6 +231,7 @@ class FrameLoop:
                 lines.append(f"{stats.name}: {stats.frames} frames; none after the {self.warmup} warm-up frames, "
                              "so no latency figures (use a longer video or --warmup 0)")
                 continue
-            lines.append(f"{stats.name}: {stats.frames} frames, {stats.fps():.1f} frames/s; latency p50/p95 ms: "
-                         f"{parts}{lag}{drops}")
+            fps = stats.fps()
+            rate = f"{fps:.1f} frames/s" if fps == fps else "one timed frame, no rate"
+            lines.append(f"{stats.name}: {stats.frames} frames, {rate}; latency p50/p95 ms: {parts}{lag}{drops}")
         return lines
