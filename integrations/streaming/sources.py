@@ -235,8 +235,12 @@ class Source:
                     continue
                 self._say("error", f"gave up after {self.reconnect} reconnection attempts")
                 return
+            if error is not None and self.kind == "device":
+                self._say("error", f"capture device {self.spec} failed after {decoded} frames ({_reason(error)}); "
+                                   "it may have been unplugged, or stalled longer than --timeout.")
+                return
             if error is not None:
-                self._say("error", f"cannot decode {self.kind} {self.name!r} after {decoded} frames "
+                self._say("error", f"cannot decode video {self.name!r} after {decoded} frames "
                                    f"({_reason(error)}); the file may be truncated or corrupt, or not a video.")
                 return
             break
