@@ -200,9 +200,10 @@ class _Outputs:
 def _sources(args: argparse.Namespace, say) -> list[Source]:
     sources, wake = [], threading.Event()
     for spec in args.sources:
-        try:
+        realtime = not _is_file(spec) if args.realtime is None else args.realtime
+        try:  # without real time the buffer only smooths decoding: the reader waits when it is full
             source = Source(spec, realtime=args.realtime, drop=args.drop, every=args.every,
-                            buffer=args.buffer if args.realtime is not False and not _is_file(spec) else 4,
+                            buffer=args.buffer if realtime else 4,
                             timeout_s=args.timeout, reconnect=args.reconnect, max_frames=args.max_frames, wake=wake)
             source.check()
         except (OSError, ValueError) as err:
