@@ -257,6 +257,7 @@ def test_annotated_video_shows_the_top_label_and_its_score_bar(tmp_path, capsys)
     records = _records(log)
     with av.open(str(out)) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        assert container.streams.video[0].average_rate == 8  # the source's rate (write_video's 8 fps)
     assert len(frames) == len(records) == 6
     width = frames[0].shape[1]
     geometry = panel_geometry(width, 2)

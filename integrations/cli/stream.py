@@ -151,16 +151,15 @@ def _topk_line(result: FrameResult, k: int, labels: list[str] | None, prefix: st
 class _Outputs:
     """Printed lines, JSON lines, events and annotated videos for the frame loop."""
 
-    def __init__(self, args: argparse.Namespace, names: list[str], labels: list[str] | None,
+    def __init__(self, args: argparse.Namespace, sources: list[Source], labels: list[str] | None,
                  stack: contextlib.ExitStack):
-        self.args, self.labels, self.multi = args, labels, len(names) > 1
+        self.args, self.labels, self.multi, self.stack = args, labels, len(sources) > 1, stack
         self.json = self._open(args.json, stack)
         self.events = self._open(args.events, stack)
-        self.annotators = {}
-        if args.annotate:
-            for name, path in zip(names, _annotate_paths(args.annotate, len(names))):
-                self.annotators[name] = stack.enter_context(Annotator(path, topk=min(args.topk, 5)))
-        self.lock = threading.Lock()
+        self.sources = {s.name: s for s in sources}
+        paths = _annotate_paths(args.annotate, len(sources)) if args.annotate else []
+        self.annotate_paths = dict(zip(self.sources, paths))
+        self.annotators: dict[str, Annotator] = {}
 
     @staticmethod
     def _open(path: str | None, stack: contextlib.ExitStack):
@@ -175,8 +174,16 @@ class _Outputs:
         if self.json is not None:
             self.json.write(json.dumps(self._record(result)) + "\n")
         self.write_events(result.events)
-        if result.stream in self.annotators:
-            self.annotators[result.stream].write(result.frame.image, result.probs, self.labels, result.announced)
+        if result.stream in self.annotate_paths:
+            self._annotator(result.stream).write(result.frame.image, result.probs, self.labels, result.announced)
+
+    def _annotator(self, stream: str) -> Annotator:
+        """Opened at the stream's first frame, when its frame rate is known."""
+        if stream not in self.annotators:
+            fps = self.sources[stream].fps or 25.0
+            annotator = Annotator(self.annotate_paths[stream], fps=fps, topk=min(self.args.topk, 5))
+            self.annotators[stream] = self.stack.enter_context(annotator)
+        return self.annotators[stream]
 
     def _record(self, result: FrameResult) -> dict:
         values, classes = result.probs.topk(min(self.args.topk, result.probs.numel()))
@@ -250,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
                            labels=labels)
 
     with contextlib.ExitStack() as stack:
-        outputs = _Outputs(args, [s.name for s in sources], labels, stack)
+        outputs = _Outputs(args, sources, labels, stack)
         loop = FrameLoop(sources, StreamBatch(engine), models.preprocess, make_post, outputs.result, outputs.end,
                          say, warmup=args.warmup, duration_s=args.duration, dtype=dtype,
                          plain=models.plain if args.benchmark else None)

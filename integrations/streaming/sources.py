@@ -113,6 +113,7 @@ class Source:
     Attributes:
         name: ``spec`` without credentials, for messages.
         dropped: frames dropped so far by the real-time policy.
+        fps: the frames' rate the loop gets without drops (``None`` until the source is open).
     """
 
     def __init__(self, spec: str, *, realtime: bool | None = None, drop: str = "oldest", every: int = 2,
@@ -126,6 +127,7 @@ class Source:
         self.timeout_s, self.reconnect, self.max_frames = float(timeout_s), int(reconnect), max_frames
         self.wake = wake or threading.Event()
         self.dropped = 0
+        self.fps: float | None = None  # the stream's frame rate, once it is open
         self._items: collections.deque = collections.deque()
         self._frames_held = 0
         self._cond = threading.Condition()
@@ -266,6 +268,8 @@ class Source:
     def _decode(self, container, decoded: int) -> tuple[int, Exception | None, bool]:
         """Decodes until the container ends or fails; returns (frames decoded, error, max_frames reached)."""
         first_shape, said_size, start_wall, start_pts = None, False, None, None
+        rate = container.streams.video[0].average_rate
+        self.fps = float(rate) / (self.every if self.drop == "every-k" else 1) if rate else None
         frames = container.decode(video=0)
         while not self._stop.is_set():
             began = time.perf_counter()
