@@ -268,7 +268,8 @@ class Source:
     def _decode(self, container, decoded: int) -> tuple[int, Exception | None, bool]:
         """Decodes until the container ends or fails; returns (frames decoded, error, max_frames reached)."""
         first_shape, said_size, start_wall, start_pts = None, False, None, None
-        rate = container.streams.video[0].average_rate
+        videos = container.streams.video
+        rate = videos[0].average_rate if videos else None  # no video stream: decoding below says so
         self.fps = float(rate) / (self.every if self.drop == "every-k" else 1) if rate else None
         frames = container.decode(video=0)
         while not self._stop.is_set():
