@@ -18,10 +18,10 @@ __all__ = ["main", "build_parser", "positive_int", "non_negative_int", "VERBS"]
 
 # verb -> (module defining add_arguments/run, one-line help)
 VERBS = {
-    "demo": ("tsm_surgery.integrations.demo.pipeline",
+    "demo": ("tsm_surgery.integrations.cli.demo",
              "train TSN vs TSM on the embedded synthetic videos, then stream"),
-    "synth-data": ("tsm_surgery.integrations.demo.synth_data", "generate the temporal-reasoning video dataset"),
-    "train": ("tsm_surgery.integrations.training.runner", "train an MMAction2 config with mmengine's Runner"),
+    "synth-data": ("tsm_surgery.integrations.cli.synth_data", "generate the temporal-reasoning video dataset"),
+    "train": ("tsm_surgery.integrations.cli.train", "train an MMAction2 config with mmengine's Runner"),
     "test": ("tsm_surgery.integrations.cli.test", "evaluate an MMAction2 config and checkpoint"),
     "convert": ("tsm_surgery.integrations.cli.convert", "convert a model and print its shift-site table"),
     "import-checkpoint": ("tsm_surgery.integrations.cli.import_checkpoint",
@@ -30,9 +30,9 @@ VERBS = {
     "export": ("tsm_surgery.integrations.export.onnx", "export an online or offline TSM model to ONNX"),
     "bench": ("tsm_surgery.integrations.cli.bench", "benchmark the shift against the 2D model and the peers"),
     "coverage": ("tsm_surgery.integrations.cli.coverage", "convert timm/torchvision models and report coverage"),
-    "ablate": ("tsm_surgery.integrations.studies.ablate",
+    "ablate": ("tsm_surgery.integrations.cli.ablate",
                "shift proportion x placement: latency and accuracy, with a plot"),
-    "efficiency": ("tsm_surgery.integrations.studies.efficiency",
+    "efficiency": ("tsm_surgery.integrations.cli.efficiency",
                    "FLOPs, params, latency of TSM against TSN and 3D networks"),
 }
 
