@@ -61,7 +61,7 @@ class AblationSettings(dict):
 
 # --------------------------------------------------------------------------- the backbone
 def backbone_dict(spec: str) -> dict:
-    """The MMAction2 backbone dict of a spec: ``demo``, ``timm:NAME``, ``torchvision:NAME``, ``mmaction:resnetNN``.
+    """The MMAction2 backbone dict of ``demo`` or a model spec (:func:`~tsm_surgery.integrations.models.parse_spec`).
 
     Example:
         >>> backbone_dict("mmaction:resnet50")
@@ -73,15 +73,17 @@ def backbone_dict(spec: str) -> dict:
         from tsm_surgery.integrations.demo.pipeline import config_path
 
         return dict(Config.fromfile(str(config_path("tsn"))).model.backbone)
-    source, _, name = spec.partition(":")
-    if source == "timm" and name:
-        return dict(type=f"timm.{name}", pretrained=False)
-    if source == "torchvision" and name:
-        return dict(type=f"torchvision.{name}")
-    if source == "mmaction" and name.startswith("resnet") and name[len("resnet"):].isdigit():
-        return dict(type="ResNet", depth=int(name[len("resnet"):]), pretrained=None)
-    raise ValueError(f"--model {spec!r}: use demo, timm:NAME, torchvision:NAME or mmaction:resnetNN "
-                     "(e.g. timm:resnet18).")
+    from tsm_surgery.integrations.models import parse_spec
+
+    try:
+        parsed = parse_spec(spec)
+    except ValueError as err:
+        raise ValueError(f"--model: {err} The ablation also takes demo, its own network.") from None
+    if parsed.source == "timm":
+        return dict(type=f"timm.{parsed.name}", pretrained=False)
+    if parsed.source == "torchvision":
+        return dict(type=f"torchvision.{parsed.name}")
+    return dict(type="ResNet", depth=parsed.resnet_depth, pretrained=None)
 
 
 def build_2d(spec: str) -> nn.Module:

@@ -57,11 +57,9 @@ class ZeroFillShift(nn.Module):
 def build_2d(spec: str) -> Tuple[nn.Module, Optional[int]]:
     """The 2D model for ``spec`` (:func:`~tsm_surgery.integrations.models.build_model`) and, for
     ``mmaction:resnetNN``, its depth."""
-    from tsm_surgery.integrations.models import build_model
+    from tsm_surgery.integrations.models import build_model, parse_spec
 
-    source, _, name = spec.rpartition(":")
-    model = build_model(spec)
-    return model, (int(name[len("resnet"):]) if source == "mmaction" else None)
+    return build_model(spec), parse_spec(spec).resnet_depth
 
 
 def _mmaction_peer(plain: nn.Module, depth: int, frames: int) -> nn.Module:
