@@ -23,6 +23,7 @@ Example:
     tsm-surgery demo --epochs 2 --videos-per-class 20 --out-dir /tmp/demo --force
 """
 
+import importlib.resources
 import json
 import os
 import time
@@ -60,19 +61,28 @@ def config_path(name: str, config_dir: Optional[os.PathLike] = None) -> Path:
 
     Args:
         name: a key of :data:`MODELS_TRAINED`.
-        config_dir: folder with the demo configs; default ``configs/demo`` of this source tree
-            (or ``$TSM_DEMO_CONFIGS``).
+        config_dir: folder with the demo configs; default ``$TSM_DEMO_CONFIGS``, else the
+            installed package data ``tsm_surgery.configs/demo`` (``configs/demo`` of the source tree).
 
     Raises:
         FileNotFoundError: the config is not there, with the folder that was searched.
     """
     if config_dir is None:
-        config_dir = os.environ.get("TSM_DEMO_CONFIGS") or Path(__file__).resolve().parents[2] / "configs" / "demo"
+        config_dir = os.environ.get("TSM_DEMO_CONFIGS") or _packaged_configs() / "demo"
     path = Path(config_dir) / MODELS_TRAINED[name][0]
     if not path.is_file():
-        raise FileNotFoundError(f"demo config {path} not found. The demo reads configs/demo/ of a source "
-                                "checkout (pip install -e .); elsewhere pass --config-dir or set $TSM_DEMO_CONFIGS.")
+        raise FileNotFoundError(f"demo config {path} not found. Hint: pass --config-dir (or set $TSM_DEMO_CONFIGS) "
+                                "to a folder holding the demo configs.")
     return path
+
+
+def _packaged_configs() -> Path:
+    try:
+        folder = importlib.resources.files("tsm_surgery.configs")
+    except ModuleNotFoundError:
+        raise FileNotFoundError("the package data tsm_surgery.configs is not installed. Hint: reinstall "
+                                "(pip install -e . in a checkout, or make setup) or pass --config-dir.") from None
+    return Path(str(folder))  # a folder on disk: setuptools installs package data unzipped
 
 
 # --------------------------------------------------------------------------------------------
