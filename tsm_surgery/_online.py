@@ -68,7 +68,7 @@ class OnlineTSM(nn.Module):
             (``None``: the example input ``convert`` saw).
 
     Example:
-        >>> import torchvision
+        >>> import torchvision, tsm_surgery
         >>> net = tsm_surgery.convert(torchvision.models.resnet18(), n_segments=8, direction="uni")
         >>> online = to_online(net)
         >>> online(torch.randn(2, 3, 64, 64)).shape          # 2 streams, one frame each
@@ -173,6 +173,8 @@ class OnlineTSM(nn.Module):
             site's channel dimension).
 
         Example:
+            >>> import torchvision, tsm_surgery
+            >>> online = tsm_surgery.convert(torchvision.models.resnet18(), direction="uni", online=True)
             >>> state = online.init_state(1, frame_shape=(3, 64, 64))
             >>> list(state) == online.state_names
             True
@@ -202,6 +204,8 @@ class OnlineTSM(nn.Module):
                 device), or misses sites.
 
         Example:
+            >>> import torchvision, tsm_surgery
+            >>> online = tsm_surgery.convert(torchvision.models.resnet18(), direction="uni", online=True)
             >>> state = online.init_state(1, frame_shape=(3, 64, 64))
             >>> for frame in torch.randn(4, 1, 3, 64, 64):
             ...     out, state = online.step(frame, state)
@@ -245,6 +249,9 @@ class OnlineTSM(nn.Module):
                 the next frame may have any batch or size.
 
         Example:
+            >>> import torchvision, tsm_surgery
+            >>> online = tsm_surgery.convert(torchvision.models.resnet18(), direction="uni", online=True)
+            >>> _ = online(torch.randn(2, 3, 64, 64))        # two running streams
             >>> online.reset(torch.tensor([True, False]))   # stream 0 starts a new video
         """
         if mask is None or self._state is None:
@@ -302,7 +309,7 @@ def to_online(net: TSMNet, *, frame_shape: Optional[Sequence[int]] = None, inpla
         ValueError: ``net`` shifts in both directions (its frames need future frames).
 
     Example:
-        >>> import timm
+        >>> import timm, tsm_surgery
         >>> net = tsm_surgery.convert(timm.create_model("resnet18"), n_segments=8, direction="uni")
         >>> online = to_online(net)
         >>> scores = [online(frame) for frame in torch.randn(5, 1, 3, 64, 64)]  # frame by frame
