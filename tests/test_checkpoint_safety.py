@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("mmaction")
 
-from test_mmaction_data import make_dataset, write_config, write_video  # noqa: E402
+from utils import make_dataset, write_config, write_video  # noqa: E402
 
 from tsm_surgery.cli import main  # noqa: E402
 from tsm_surgery.integrations.checkpoints.loading import (  # noqa: E402

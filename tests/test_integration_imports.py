@@ -76,6 +76,6 @@ def test_imports_follow_the_map(path):
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(INTEGRATIONS)))
 def test_no_private_core_module_is_imported(path):
-    private = sorted(n for n in _imports(path) if re.match(r"tsm_surgery\._", n) or re.match(r"tsm_surgery\.\w+\._", n)
-                     and not n.startswith(PREFIX))
+    private = sorted(n for n in _imports(path) if re.match(r"tsm_surgery\._", n) or (re.match(r"tsm_surgery\.\w+\._", n)
+                     and not n.startswith(PREFIX)))
     assert not private, f"{path.relative_to(REPO)} imports private core names {private}: use `import tsm_surgery`"

@@ -59,8 +59,7 @@ def _written(node: fx.Node, index: GraphIndex) -> Set[int]:
     keys = {_storage(index, i) for i in index.writes.get(node, ())}
     if node.args and writes_in_place(node, index):
         keys.add(_storage(index, node.args[0]))
-    keys.discard(None)
-    return keys
+    return {k for k in keys if k is not None}
 
 
 def _same_tensor(index: GraphIndex, a: fx.Node, b: fx.Node) -> bool:
@@ -120,7 +119,7 @@ def plan_shift(index: GraphIndex, site: str, fork: fx.Node, readers: Sequence[fx
     trunk, plain = _split_branch_start(index, fork, list(readers), writers)
     if not plain:
         raise _refusal(site, trunk[-1], "and nothing on the branch reads the result")
-    first, last = min(plain, key=index.position.get), max(plain, key=index.position.get)
+    first, last = min(plain, key=index.position.__getitem__), max(plain, key=index.position.__getitem__)
     reads = [i for r in plain for i in r.all_input_nodes if _storage(index, i) == key]
     for node in reads:
         if not _same_tensor(index, node, fork):
@@ -132,7 +131,8 @@ def plan_shift(index: GraphIndex, site: str, fork: fx.Node, readers: Sequence[fx
                 index.reaches(r, i) for r in plain for i in w.all_input_nodes if _storage(index, i) == key):
             raise _refusal(site, w, "through a view the branch made of it")
     late = any(index.position[w] > index.position[first] for w in writers)
-    return ShiftPlan(max(reads, key=index.position.get), first, tuple(plain), tuple(dict.fromkeys(reads)), not late)
+    source = max(reads, key=index.position.__getitem__)
+    return ShiftPlan(source, first, tuple(plain), tuple(dict.fromkeys(reads)), not late)
 
 
 def _split_branch_start(index: GraphIndex, fork: fx.Node, plain: List[fx.Node],

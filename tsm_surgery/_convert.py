@@ -196,7 +196,9 @@ def convert(
     recompute = [_insert_shifts(indexes[mode], per_mode[mode], place) for mode in ("train", "eval")]
     for site in per_mode["eval"]:
         # A site whose input is written after the shift (x.add_(branch(x))) keeps its shifted copy.
-        shifts[module_key(site.name)].recompute = all(flags[site.name] for flags in recompute)
+        shift = shifts[module_key(site.name)]
+        assert isinstance(shift, TemporalShift)
+        shift.recompute = all(flags[site.name] for flags in recompute)
     net = TSMNet(root, train_graph, eval_graph, shifts, per_mode["eval"], place)
     if online:
         return to_online(net, frame_shape=tuple(example_input.shape[1:]), inplace=True)

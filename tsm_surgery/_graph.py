@@ -59,7 +59,9 @@ def _graph_source(graph: fx.Graph) -> str:
 
 def _graph_from_source(src: str, tree: nn.Module) -> fx.Graph:
     # Like GraphModule's own pickling: trace the generated code again over the module tree.
-    return _deserialize_graph_module(_forward_from_src(src, {}), dict(tree.__dict__)).graph
+    module = _deserialize_graph_module(_forward_from_src(src, {}), dict(tree.__dict__))
+    assert isinstance(module, fx.GraphModule)
+    return module.graph
 
 
 def reduce_graph_module(module: nn.Module, graphs: Sequence[fx.Graph], rebuild: Rebuild, args: Tuple,

@@ -164,7 +164,7 @@ class GraphIndex:
     def is_mixing(self, node: fx.Node) -> bool:
         """Convolutions, linear layers and matrix products; norms, scales and activations are not."""
         if node.op == "call_module":
-            return any(p.dim() >= 2 for p in self.modules[node.target].parameters())
+            return any(p.dim() >= 2 for p in self.modules[str(node.target)].parameters())
         if node.op == "call_function":
             return node.target in _MIXING_FUNCTIONS
         return node.op == "call_method" and node.target in _MIXING_METHODS
@@ -209,7 +209,7 @@ class GraphIndex:
         for node in branch:
             if node.op != "call_module":
                 continue
-            module = self.modules[node.target]
+            module = self.modules[str(node.target)]
             for attr in ("in_channels", "in_features", "num_features", "normalized_shape"):
                 value = getattr(module, attr, None)
                 if value is not None:

@@ -27,8 +27,8 @@ class TSMNet(fx.GraphModule):
     """
 
     # TorchScript compiles properties; these read Python containers and are not part of forward.
-    __jit_unused_properties__ = [*fx.GraphModule.__jit_unused_properties__, "n_segments", "shift_div", "direction",
-                                 "uni_slot"]
+    __jit_unused_properties__ = [*fx.GraphModule.__jit_unused_properties__, "n_segments", "shift_div",  # noqa: RUF012
+                                 "direction", "uni_slot"]
 
     def __init__(self, root: nn.Module, train_graph: fx.Graph, eval_graph: fx.Graph,
                  shifts: nn.ModuleDict, sites: List[ResidualSite], place: str, class_name: Optional[str] = None):
@@ -106,4 +106,5 @@ class TSMNet(fx.GraphModule):
 def _rebuild(tree: nn.Module, graphs: List[fx.Graph], sites: List[ResidualSite], place: str,
              class_name: str) -> TSMNet:
     shifts = tree._modules.pop(SHIFTS)
+    assert isinstance(shifts, nn.ModuleDict)
     return TSMNet(tree, graphs[0], graphs[1], shifts, sites, place, class_name)

@@ -127,6 +127,7 @@ def block_entries(index: GraphIndex) -> List[BlockEntry]:
         blocks = entry_blocks[(key, data)]
         block = common_prefix(blocks) if len(blocks) > 1 else blocks[0]
         shape = index.shape(data)
+        assert shape is not None, data  # entries are chosen among tensors with a shape
         layers = [n for n in mixing if any(index.reaches(f, n) for f in firsts)][:1]
         channel_dim = index.channel_dim(shape, layers)
         entries.append(BlockEntry(

@@ -77,6 +77,8 @@ class OnlineTSM(nn.Module):
         >>> out, state = online.step(torch.randn(2, 3, 64, 64), state)
     """
 
+    _step_module: fx.GraphModule  # set in __init__, outside nn.Module's registry
+
     def __init__(self, root: nn.Module, graph: fx.Graph, sites: Sequence, shift_div: int,
                  frame_shape: Optional[Sequence[int]] = None):
         super().__init__()
@@ -232,6 +234,7 @@ class OnlineTSM(nn.Module):
             self._state = self.init_state(frames.shape[0], frames.device, frame_shape=tuple(frames.shape[1:]))
             self._stream = stream
         elif stream != self._stream:
+            assert self._stream is not None  # set with the state
             raise ValueError(
                 f"this frame is {describe(frames)} but the running streams got {_describe_stream(self._stream)}. "
                 "Hint: call online.reset() to start new streams with the new input."
@@ -257,6 +260,7 @@ class OnlineTSM(nn.Module):
         if mask is None or self._state is None:
             self._state, self._stream = None, None
             return
+        assert self._stream is not None  # set with the state
         mask = torch.as_tensor(mask)
         batch = self._stream[0][0]
         if mask.dtype != torch.bool or mask.shape != (batch,):

@@ -198,12 +198,12 @@ class _ShiftFunction(torch.autograd.Function):
     """The shift with a backward that is the reverse shift of the gradient; saves no tensor."""
 
     @staticmethod
-    def forward(ctx, v: Tensor, channel_dim: int, fold: int, direction: str) -> Tensor:  # type: ignore[override]
+    def forward(ctx, v: Tensor, channel_dim: int, fold: int, direction: str) -> Tensor:
         ctx.channel_dim, ctx.fold, ctx.direction = channel_dim, fold, direction
         return _shift_copy(v, channel_dim, fold, direction, reverse=False)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx, grad: Tensor):
         if not grad.is_contiguous():
             grad = grad.contiguous()
         return _shift_copy(grad, ctx.channel_dim, ctx.fold, ctx.direction, reverse=True), None, None, None

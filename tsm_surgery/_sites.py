@@ -77,7 +77,7 @@ class _Join(NamedTuple):
 
 def _not_a_join(index: GraphIndex, a: fx.Node, b: fx.Node, fork: Optional[fx.Node]) -> Optional[Tuple[SiteKind, str]]:
     """Why the sum of ``a`` and ``b`` cannot be a block residual, or ``None`` if it may be one."""
-    shapes = {index.shape(a), index.shape(b)}
+    shapes = {index.shape(a) or (), index.shape(b) or ()}
     if not (index.from_input[a] and index.from_input[b]):
         return "broadcast", "one operand does not come from the input (a parameter or constant)"
     if len(shapes) != 1:
@@ -85,7 +85,7 @@ def _not_a_join(index: GraphIndex, a: fx.Node, b: fx.Node, fork: Optional[fx.Nod
     fork_shape = index.shape(fork)
     if fork_shape is None:
         return "internal", "the operands do not fork from one tensor"
-    join_shape = index.shape(a)
+    join_shape = index.shape(a) or ()
     if len(fork_shape) != len(join_shape):
         return "internal", (f"the sum has rank {len(join_shape)} but its fork rank {len(fork_shape)}: "
                             "a sum inside a layer (split heads), not a block residual")
@@ -100,7 +100,7 @@ def _kind_by_depth(deep: int, shallow: int, shortcut_is_fork: bool, multi: bool)
         return "residual", ""
     if deep == 1 and shallow == 0 and shortcut_is_fork and not multi:
         return "residual", ""  # one layer wrapped in an identity residual (ConvMixer, conv position encodings)
-    if deep == 1 and shallow <= 1 or multi:
+    if (deep == 1 and shallow <= 1) or multi:
         return "multi_branch", "parallel single-layer branches (re-parameterisable sum), not a block residual"
     return "internal", f"mixing depths {deep} and {shallow}: a sum inside a block, not a residual join"
 
@@ -115,7 +115,8 @@ def _classify(index: GraphIndex, join: fx.Node, kinds: Dict[fx.Node, SiteKind]) 
     base = dict(join=join.name, fork=fork.name if fork is not None else "")
     early = _not_a_join(index, a, b, fork)
     if early is not None:
-        return _Join(ResidualSite(name=join.name, kind=early[0], reason=early[1], **base))
+        return _Join(ResidualSite(name=join.name, kind=early[0], reason=early[1], join=base["join"], fork=base["fork"]))
+    assert fork is not None  # _not_a_join refuses operands without a common fork
     depth_a, depth_b = index.depth(fork, a), index.depth(fork, b)
     branch, shortcut = (a, b) if depth_a >= depth_b else (b, a)
     deep, shallow = max(depth_a, depth_b), min(depth_a, depth_b)
@@ -130,6 +131,7 @@ def _classify(index: GraphIndex, join: fx.Node, kinds: Dict[fx.Node, SiteKind]) 
     on_branch = [u for u in fork.users if u not in on_shortcut and index.reaches(u, branch)]
     scope = common_prefix([p for p in map(module_path, mixing) if p])
     fork_shape = index.shape(fork)
+    assert fork_shape is not None  # _not_a_join refuses a fork without a shape
     channel_dim = index.channel_dim(fork_shape, branch_nodes)
     site = ResidualSite(
         name=module_path(join) or scope or join.name, kind=kind, reason=reason,
@@ -137,7 +139,7 @@ def _classify(index: GraphIndex, join: fx.Node, kinds: Dict[fx.Node, SiteKind]) 
         shortcut_consumers=tuple(u.name for u in on_shortcut),
         channels=int(fork_shape[channel_dim]) if len(fork_shape) > 1 else 0,
         channel_dim=channel_dim if channel_dim == 1 else -1,
-        shape=fork_shape, branch_depth=deep, shortcut_depth=shallow, **base,
+        shape=fork_shape, branch_depth=deep, shortcut_depth=shallow, join=base["join"], fork=base["fork"],
     )
     return _Join(site, scope)
 
@@ -187,8 +189,9 @@ def default_example_input(model: nn.Module) -> torch.Tensor:
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     size = tuple(cfg.get("input_size", (3, 224, 224)))
     param = next(iter(model.parameters()), None)
-    kwargs = {"device": param.device, "dtype": param.dtype} if param is not None and param.is_floating_point() else {}
-    return torch.randn((1,) + size, **kwargs)
+    if param is not None and param.is_floating_point():
+        return torch.randn((1, *size), device=param.device, dtype=param.dtype)
+    return torch.randn((1, *size))
 
 
 def analyse_graph(root: nn.Module, graph: fx.Graph,

@@ -11,7 +11,7 @@ import functools
 import inspect
 import operator
 import sys
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, Union, cast
 
 import torch
 from torch import fx, nn
@@ -90,18 +90,22 @@ class TraceError(RuntimeError):
     """A module could not be traced symbolically."""
 
 
-def _reads_only_sizes(node: fx.Node, values: Dict[fx.Node, object]) -> bool:
+def _reads_only_sizes(node: fx.Node, values: Dict[fx.Node, Any]) -> bool:
     """Whether ``node`` is computed from tensor sizes other than the batch (dim 0) and constants,
     with operators and ``math`` functions only."""
     if node.op == "call_function" and node.target is getattr:
         return node.args[1] in ("shape", "ndim")  # a whole shape: only its non-batch items may be read
     if node.op == "call_method" and node.target in ("size", "dim"):
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        return node.target == "dim" or dim is None or (isinstance(dim, int) and dim % values[node.args[0]].dim() != 0)
-    source = node.args[0] if node.args else None
-    if node.op == "call_function" and node.target is operator.getitem and isinstance(values.get(source), torch.Size):
+        if node.target == "dim" or dim is None:
+            return True
+        return isinstance(dim, int) and dim % values[cast(fx.Node, node.args[0])].dim() != 0
+    source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    if node.op == "call_function" and node.target is operator.getitem and source is not None \
+            and isinstance(values.get(source), torch.Size):
         index = node.args[1]
-        return isinstance(index, int) and index % len(values[source]) != 0 and _reads_only_sizes(source, values)
+        return isinstance(index, int) and source is not None and index % len(values[source]) != 0 \
+            and _reads_only_sizes(source, values)
     if node.op == "call_function" and getattr(node.target, "__module__", None) in ("_operator", "operator", "math"):
         return all(_reads_only_sizes(arg, values) for arg in node.all_input_nodes)
     return False
@@ -118,7 +122,7 @@ class SiteTracer(fx.Tracer):
 
     def __init__(self, extra_leaf_modules: Sequence[LeafSpec] = (), example_input: Optional[torch.Tensor] = None):
         self.example_input = example_input
-        self._values: Dict[fx.Node, object] = {}
+        self._values: Dict[fx.Node, Any] = {}
         self._evaluating = False
         timm_modules, timm_functions = _timm_registries()
         # timm registers whole blocks (NormFreeBlock, TinyVitBlock, MobileVitBlock) for its
@@ -141,16 +145,17 @@ class SiteTracer(fx.Tracer):
             return True
         return super().is_leaf_module(module, module_qualified_name)
 
-    def _run_node(self, node: fx.Node) -> object:
+    def _run_node(self, node: fx.Node) -> Any:
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), self._values.__getitem__)
         if node.op == "placeholder":  # the input, then the arguments fixed to their defaults
             return self.example_input if not self._values else (args[0] if args else None)
         if node.op == "get_attr":
-            return functools.reduce(getattr, node.target.split("."), self.root)
+            return functools.reduce(getattr, str(node.target).split("."), self.root)
         if node.op == "call_module":
-            return self.root.get_submodule(node.target)(*args, **kwargs)
+            return self.root.get_submodule(str(node.target))(*args, **kwargs)
         if node.op == "call_method":
-            return getattr(args[0], node.target)(*args[1:], **kwargs)
+            return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+        assert callable(node.target)
         return node.target(*args, **kwargs)
 
     def _value_of(self, target: fx.Node) -> object:
@@ -283,12 +288,12 @@ def trace(model: nn.Module, extra_leaf_modules: Sequence[LeafSpec] = (),
     concrete = _default_arguments(model)
     kept_whole: List[type] = []
     while True:
-        tracer = SiteTracer(list(extra_leaf_modules) + kept_whole, example_input)
+        tracer = SiteTracer([*extra_leaf_modules, *kept_whole], example_input)
         try:
             graph = tracer.trace(model, concrete_args=concrete or None)
             if concrete:
                 _drop_concrete_placeholders(graph, concrete)
-            graph.kept_whole = tuple(kept_whole)  # timm-registered classes that had to stay one node
+            graph.kept_whole = tuple(kept_whole)  # type: ignore[attr-defined]  # timm-registered classes that had to stay one node
             return graph
         except Exception as caught:
             err = caught

@@ -165,7 +165,7 @@ class DemoProgressHook(Hook):
                   f"loss {np.mean(self._losses[-self.every:]):.3f}", flush=True)
 
     def after_val_epoch(self, runner, metrics: Optional[Dict[str, float]] = None) -> None:
-        if not runner.train_loop or runner.epoch == 0 and not self._losses:
+        if not runner.train_loop or (runner.epoch == 0 and not self._losses):
             return
         top1 = (metrics or {}).get("acc/top1", float("nan"))
         self.curves["val_top1"].append((runner.epoch, float(top1)))

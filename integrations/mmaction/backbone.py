@@ -198,11 +198,11 @@ class TSMSurgeryBackbone(BaseModule):
                  direction: str = "bi",
                  pretrained: Optional[str] = None,
                  pretrained_prefix: Optional[str] = None,
-                 select: Union[None, str, Sequence[str]] = None,
+                 select: Union[str, Sequence[str], None] = None,
                  leaf_modules: Sequence[Union[str, type]] = (),
                  example_input_size: Optional[int] = None,
                  no_residual: str = "error",
-                 shift_inputs: Union[None, str, Sequence[str]] = None,
+                 shift_inputs: Union[str, Sequence[str], None] = None,
                  uni_slot: str = "past",
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
