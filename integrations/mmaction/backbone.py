@@ -24,7 +24,6 @@ import tsm_surgery
 from tsm_surgery.integrations.checkpoints import layout_adapter
 from tsm_surgery.integrations.checkpoints.loading import match_state_dict, read_checkpoint, state_dict_of
 
-from . import _temporal
 from ._zoo import local_pretrained
 
 __all__ = ["TSMSurgeryBackbone", "SHIFT_PLACES", "build_2d_backbone"]
@@ -223,8 +222,9 @@ class TSMSurgeryBackbone(BaseModule):
                 raise ValueError("model.backbone: select= chooses residual sites and shift_inputs= module inputs; "
                                  "give one of them.")
             patterns = [shift_inputs] if isinstance(shift_inputs, str) else list(shift_inputs)
-            net = _temporal.shift_module_inputs(model2d, patterns, num_segments, shift_div=shift_div,
-                                                direction=direction, uni_slot=uni_slot, example_input=example)
+            net = tsm_surgery.convert(model2d, n_segments=num_segments, shift_div=shift_div, direction=direction,
+                                      example_input=example, leaf_modules=leaf_modules, inplace=True,
+                                      uni_slot=uni_slot, shift_inputs=patterns)
         else:
             # inplace=True: the converted net shares the 2D network's modules, so the 2D network's
             # own init_weights/train (norm_eval, frozen stages) still act on them.

@@ -28,6 +28,8 @@ from mmaction.registry import MODELS
 from torch import nn
 from torch.nn.modules.utils import _ntuple
 
+import tsm_surgery
+
 from . import _temporal
 from ._zoo import resolve_pretrained
 from .backbone import TSMSurgeryBackbone
@@ -95,13 +97,10 @@ class _StockBackbone(TSMSurgeryBackbone):
 
     def _insert(self, path: str, name: str, module: nn.Module, where: str = "after", root: bool = False) -> str:
         """Registers ``module`` (as ``path.name``, or ``name`` at the root) and calls it at ``path``'s boundary."""
-        owner = self._net if root else self._net.get_submodule(path)
-        owner.add_module(name, module)
+        target = name if root else f"{path}.{name}"
+        tsm_surgery.insert_module(self._net, target, module, at=path, where=where)
         if root:
             self.add_module(name, module)
-        target = name if root else f"{path}.{name}"
-        _temporal.insert_at((self._net.train_graph, self._net.eval_graph), path, target, where)
-        self._net.recompile()
         return target
 
     def init_weights(self) -> None:
