@@ -7,18 +7,18 @@ Example:
 """
 
 import os
-from typing import List, Sequence, Tuple
+from collections.abc import Sequence
 
 __all__ = ["claim_outputs"]
 
 
-def _names(outputs: Sequence[Tuple[str, str]]) -> str:
+def _names(outputs: Sequence[tuple[str, str]]) -> str:
     items = [f"{path} ({role})" for path, role in outputs]
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def claim_outputs(outputs: Sequence[Tuple[str, str]], force: bool, *,
-                  hint: str = "choose another output path") -> List[str]:
+def claim_outputs(outputs: Sequence[tuple[str, str]], force: bool, *,
+                  hint: str = "choose another output path") -> list[str]:
     """Checks the files a command will write before it writes any; returns their paths.
 
     Args:

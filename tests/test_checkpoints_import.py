@@ -186,7 +186,7 @@ def test_mmaction_stock_round_trip(stock, tmp_path):
     pytest.importorskip("mmaction")
     from mmengine.registry import init_default_scope
 
-    import tsm_surgery.integrations.mmaction  # noqa: F401
+    import tsm_surgery.integrations.mmaction
 
     init_default_scope("mmaction")
     source_cfg, ours_cfg, channels = STOCK[stock]
@@ -213,7 +213,7 @@ def test_paper_resnet_into_mmaction_recognizer_and_back(tmp_path):
     pytest.importorskip("mmaction")
     from mmengine.registry import init_default_scope
 
-    import tsm_surgery.integrations.mmaction  # noqa: F401
+    import tsm_surgery.integrations.mmaction
 
     init_default_scope("mmaction")
     paper, path, _ = _paper_pair(tmp_path, 18)

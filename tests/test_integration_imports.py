@@ -9,7 +9,6 @@ import ast
 import functools
 import re
 from pathlib import Path
-from typing import Dict, Set
 
 import pytest
 
@@ -18,7 +17,7 @@ INTEGRATIONS = REPO / "integrations"
 PREFIX = "tsm_surgery.integrations"
 
 
-def _allowed() -> Dict[str, Set[str]]:
+def _allowed() -> dict[str, set[str]]:
     """package -> packages it may import, read from the architecture map's table."""
     rows = {}
     for line in (REPO / "docs" / "architecture.md").read_text().splitlines():
@@ -36,7 +35,7 @@ def _package(path: Path) -> str:
     return rel.parts[0] if len(rel.parts) > 1 else rel.stem
 
 
-def _imports(path: Path) -> Set[str]:
+def _imports(path: Path) -> set[str]:
     """Dotted names (relative to the integrations package, or absolute) that a module imports."""
     rel = path.relative_to(INTEGRATIONS)
     found = set()
@@ -83,7 +82,7 @@ def test_no_private_core_module_is_imported(path):
 
 
 @functools.cache
-def _core_private_attributes() -> Set[str]:
+def _core_private_attributes() -> set[str]:
     """``_``-prefixed attributes and methods the core's classes define (``self._x = ...``, ``def _x``),
     less those torch's ``nn.Module``/``fx.GraphModule`` already have (an integration's own modules use them)."""
     import torch.fx

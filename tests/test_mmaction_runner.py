@@ -11,10 +11,10 @@ import torch
 
 pytest.importorskip("mmaction")
 
-from utils import make_dataset, write_config  # noqa: E402
+from utils import make_dataset, write_config
 
-from tsm_surgery.integrations.mmaction.checkpoint import CheckpointLoadError  # noqa: E402
-from tsm_surgery.integrations.training import runner as api  # noqa: E402
+from tsm_surgery.integrations.mmaction.checkpoint import CheckpointLoadError
+from tsm_surgery.integrations.training import runner as api
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

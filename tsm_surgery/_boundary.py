@@ -11,7 +11,7 @@ node), plus operations outside every module whose users are all inside it (a shi
 """
 
 import fnmatch
-from typing import List, Sequence, Set
+from collections.abc import Sequence
 
 from torch import fx, nn
 
@@ -32,7 +32,7 @@ def path_matches(path: str, pattern: str) -> bool:
     return len(names) == len(globs) and all(fnmatch.fnmatchcase(n, g) for n, g in zip(names, globs))
 
 
-def _paths(node: fx.Node) -> Set[str]:
+def _paths(node: fx.Node) -> set[str]:
     paths = {str(node.target)} if node.op == "call_module" else set()
     for value in node.meta.get("nn_module_stack", {}).values():
         paths.add(value[0] if isinstance(value, tuple) else str(value))
@@ -43,8 +43,8 @@ def _inside(node: fx.Node, path: str) -> bool:
     return any(p == path or p.startswith(path + ".") for p in _paths(node))
 
 
-def _members(graph: fx.Graph, path: str) -> Set[fx.Node]:
-    members: Set[fx.Node] = set()
+def _members(graph: fx.Graph, path: str) -> set[fx.Node]:
+    members: set[fx.Node] = set()
     for node in reversed(list(graph.nodes)):
         if _inside(node, path):
             members.add(node)
@@ -54,7 +54,7 @@ def _members(graph: fx.Graph, path: str) -> Set[fx.Node]:
     return members
 
 
-def _boundary(graph: fx.Graph, path: str, where: str, members: Set[fx.Node]) -> fx.Node:
+def _boundary(graph: fx.Graph, path: str, where: str, members: set[fx.Node]) -> fx.Node:
     """The one node entering (``before``) or leaving (``after``) module ``path``."""
     if not members:
         raise ValueError(f"no operation of module {path!r} in the traced graph. Hint: name a module the "
@@ -85,7 +85,7 @@ def _insert_call(graph: fx.Graph, path: str, target: str, where: str) -> None:
     anchor.replace_all_uses_with(new, delete_user_cb=moves)
 
 
-def input_sites(index: GraphIndex, patterns: Sequence[str], shift_div: int) -> List[ResidualSite]:
+def input_sites(index: GraphIndex, patterns: Sequence[str], shift_div: int) -> list[ResidualSite]:
     """A site at the input of every module whose path matches one of ``patterns``.
 
     A module whose input has fewer channels than ``shift_div`` (the image, for a stem) is left

@@ -2,7 +2,7 @@
 
 import copy
 import fnmatch
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import fx, nn
@@ -22,12 +22,12 @@ __all__ = ["convert", "TSMNet", "PLACES"]
 PLACES = ("residual", "block")
 NO_RESIDUAL = ("error", "first_conv")  # policies for networks without a residual join
 
-Select = Union[None, str, Sequence[str], Callable[[ResidualSite], bool]]
+Select = str | Sequence[str] | Callable[[ResidualSite], bool] | None
 # (a graph's index, its classified joins) -> the sites that may be shifted
-Candidates = Callable[[GraphIndex, List[ResidualSite]], List[ResidualSite]]
+Candidates = Callable[[GraphIndex, list[ResidualSite]], list[ResidualSite]]
 
 
-def _select_sites(sites: List[ResidualSite], select: Select) -> List[ResidualSite]:
+def _select_sites(sites: list[ResidualSite], select: Select) -> list[ResidualSite]:
     if select is None:
         return sites
     if callable(select):
@@ -36,7 +36,7 @@ def _select_sites(sites: List[ResidualSite], select: Select) -> List[ResidualSit
     return [s for s in sites if any(fnmatch.fnmatchcase(s.name, p) for p in patterns)]
 
 
-def _insert_shifts(index: GraphIndex, sites: List[ResidualSite], place: str) -> Dict[str, bool]:
+def _insert_shifts(index: GraphIndex, sites: list[ResidualSite], place: str) -> dict[str, bool]:
     """Inserts each site's shift where :func:`plan_shift` puts it; returns which sites may recompute it."""
     graph = index.nodes[0].graph
     nodes = {node.name: node for node in index.nodes}
@@ -51,7 +51,7 @@ def _insert_shifts(index: GraphIndex, sites: List[ResidualSite], place: str) -> 
     return {site.name: plan.recompute for site, plan in zip(sites, plans)}
 
 
-def _no_sites_error(model: nn.Module, found: List[ResidualSite], select: Select, candidates: Candidates) -> ValueError:
+def _no_sites_error(model: nn.Module, found: list[ResidualSite], select: Select, candidates: Candidates) -> ValueError:
     if isinstance(candidates, _InputSites) and not found:
         return ValueError(f"no module matched by shift_inputs={candidates.patterns} takes a tensor with "
                           "shift_div or more channels. Hint: shift_inputs takes glob patterns over module paths, "
@@ -98,19 +98,19 @@ def _check_settings(model: nn.Module, direction: str, place: str, online: bool, 
 class _InputSites:
     """The candidates of ``shift_inputs``: the inputs of the modules the patterns match."""
 
-    def __init__(self, patterns: List[str], shift_div: int):
+    def __init__(self, patterns: list[str], shift_div: int):
         self.patterns, self.shift_div = patterns, shift_div
 
-    def __call__(self, index: GraphIndex, found: List[ResidualSite]) -> List[ResidualSite]:
+    def __call__(self, index: GraphIndex, found: list[ResidualSite]) -> list[ResidualSite]:
         return input_sites(index, self.patterns, self.shift_div)
 
 
-def _site_rule(no_residual: str, shift_inputs: Union[str, Sequence[str], None], shift_div: int) -> Candidates:
+def _site_rule(no_residual: str, shift_inputs: str | Sequence[str] | None, shift_div: int) -> Candidates:
     """Which of a graph's sites may be shifted: residual ones (block entries as the fallback), or module inputs."""
     if shift_inputs is not None:
         return _InputSites([shift_inputs] if isinstance(shift_inputs, str) else list(shift_inputs), shift_div)
 
-    def residual(index: GraphIndex, found: List[ResidualSite]) -> List[ResidualSite]:
+    def residual(index: GraphIndex, found: list[ResidualSite]) -> list[ResidualSite]:
         sites = [s for s in found if s.kind == "residual"]
         if not sites and no_residual == "first_conv":
             sites = [s for s in found if s.kind == "first_conv"]
@@ -119,9 +119,9 @@ def _site_rule(no_residual: str, shift_inputs: Union[str, Sequence[str], None], 
     return residual
 
 
-def _choose_sites(root: nn.Module, graphs: Dict[str, fx.Graph], example_input: torch.Tensor, select: Select,
+def _choose_sites(root: nn.Module, graphs: dict[str, fx.Graph], example_input: torch.Tensor, select: Select,
                   candidates: Candidates, model: nn.Module
-                  ) -> Tuple[Dict[str, List[ResidualSite]], Dict[str, GraphIndex]]:
+                  ) -> tuple[dict[str, list[ResidualSite]], dict[str, GraphIndex]]:
     """The sites to shift in each mode's graph (the eval graph's choice, found again in the train
     graph), and each graph's analysis."""
     per_mode, indexes = {}, {}
@@ -153,14 +153,14 @@ def convert(
     direction: str = "bi",
     place: str = "residual",
     select: Select = None,
-    example_input: Optional[torch.Tensor] = None,
+    example_input: torch.Tensor | None = None,
     leaf_modules: Sequence[LeafSpec] = (),
     inplace: bool = False,
     online: bool = False,
     no_residual: str = "error",
     uni_slot: str = "past",
-    shift_inputs: Union[str, Sequence[str], None] = None,
-) -> Union[TSMNet, OnlineTSM]:
+    shift_inputs: str | Sequence[str] | None = None,
+) -> TSMNet | OnlineTSM:
     """Turns a 2D image network into a Temporal Shift Module video network.
 
     The network is traced with ``torch.fx``; at every residual join found by

@@ -12,7 +12,7 @@ tagged tensor by calling the function it was tagged with.
 import contextlib
 import threading
 import weakref
-from typing import Callable, Dict, Iterator, List
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -137,7 +137,7 @@ def recompute_shifts() -> Iterator[None]:
 
 class _OpenScopes(threading.local):
     def __init__(self):
-        self.by_module: Dict[int, List[contextlib.AbstractContextManager]] = {}
+        self.by_module: dict[int, list[contextlib.AbstractContextManager]] = {}
 
 
 # Saved-tensor hooks live on a per-thread stack, so the scopes a module's forward opened are

@@ -23,7 +23,6 @@ Three forms compute the same tensor, each where it is cheapest:
 
 import math
 import numbers
-from typing import List
 
 import torch
 from torch import Tensor, nn
@@ -244,7 +243,7 @@ def _temporal_shift(x: Tensor, n_segments: int, shift_div: int, direction: str, 
     if channels_last:
         x = x.permute(0, 2, 3, 1)
         channel_dim = 3
-    shape: List[int] = list(x.shape)
+    shape: list[int] = list(x.shape)
     clips = x.reshape([shape[0] // n_segments, n_segments] + shape[1:])
     if torch.jit.is_scripting():  # a literal check: TorchScript then skips compiling the eager branch
         out = _shift_frames(clips, channel_dim + 1, fold, mode)

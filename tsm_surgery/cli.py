@@ -12,7 +12,6 @@ anywhere after the verb) shows the traceback instead.
 import argparse
 import importlib
 import sys
-from typing import List, Optional
 
 __all__ = ["main", "build_parser", "positive_int", "non_negative_int", "VERBS"]
 
@@ -85,7 +84,7 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {message} (run with --debug for the traceback)"
 
 
-def _run_verb(verb: str, rest: List[str]) -> int:
+def _run_verb(verb: str, rest: list[str]) -> int:
     module_name, help_text = VERBS[verb]
     try:
         module = importlib.import_module(module_name)
@@ -98,7 +97,7 @@ def _run_verb(verb: str, rest: List[str]) -> int:
     return int(module.run(verb_parser.parse_args(rest)) or 0)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = False
     while argv and argv[0] == "--debug":

@@ -4,7 +4,7 @@ The library call is :func:`tsm_surgery.integrations.training.runner.train`.
 """
 
 import argparse
-from typing import Any, Dict, Optional
+from typing import Any
 
 from mmengine.config import DictAction
 
@@ -13,7 +13,7 @@ from tsm_surgery.integrations.training.runner import LAUNCHERS, train
 __all__ = ["add_arguments", "run"]
 
 
-def _parse_cfg_options(values: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+def _parse_cfg_options(values: dict[str, Any] | None) -> dict[str, Any] | None:
     return dict(values) if values else None
 
 

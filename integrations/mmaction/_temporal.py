@@ -12,7 +12,6 @@ placed with :func:`tsm_surgery.insert_module`. The module paths come from the 2D
 tree, so the same rule holds for any network built that way.
 """
 
-from typing import List
 
 import torch
 from torch import fx, nn
@@ -71,7 +70,7 @@ def NonLocalTSM(in_channels: int, n_segments: int, **cfg) -> nn.Module:
     return module
 
 
-def downstream_targets(graph: fx.Graph, target: str) -> List[str]:
+def downstream_targets(graph: fx.Graph, target: str) -> list[str]:
     """Targets of the ``call_module`` nodes that depend on the call of ``target`` (not itself)."""
     start = [n for n in graph.nodes if n.op == "call_module" and n.target == target]
     seen, stack = set(start), list(start)
@@ -83,6 +82,6 @@ def downstream_targets(graph: fx.Graph, target: str) -> List[str]:
     return [str(n.target) for n in graph.nodes if n in seen and n.op == "call_module" and n.target != target]
 
 
-def temporal_modules(net: nn.Module) -> List[nn.Module]:
+def temporal_modules(net: nn.Module) -> list[nn.Module]:
     """Every module of ``net`` with an ``n_segments`` setting, in registration order."""
     return [m for m in net.modules() if isinstance(getattr(m, "n_segments", None), int)]

@@ -7,7 +7,7 @@ local file, which is loaded strictly with ``weights_only=True``
 
 import dataclasses
 import sys
-from typing import Any, Optional
+from typing import Any
 
 from torch import nn
 
@@ -31,7 +31,7 @@ class Spec:
         return f"{self.source}:{self.name}"
 
     @property
-    def resnet_depth(self) -> Optional[int]:
+    def resnet_depth(self) -> int | None:
         """``NN`` of ``mmaction:resnetNN``; ``None`` for other sources."""
         return int(self.name[len("resnet"):]) if self.source == "mmaction" else None
 
@@ -104,7 +104,7 @@ def _note(level: int, message: str) -> None:
     print(f"note: {message}", file=sys.stderr)
 
 
-def build_model(spec: str, *, checkpoint: Optional[str] = None, **kwargs: Any) -> nn.Module:
+def build_model(spec: str, *, checkpoint: str | None = None, **kwargs: Any) -> nn.Module:
     """Creates a model from ``timm:resnet18``, ``torchvision:mobilenet_v2``, ``mmaction:resnet50`` or ``resnet18``.
 
     Args:

@@ -19,7 +19,7 @@ import argparse
 import os
 import statistics
 import time
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def decode(path: str, max_frames: Optional[int] = None) -> Iterator[np.ndarray]:
+def decode(path: str, max_frames: int | None = None) -> Iterator[np.ndarray]:
     """Yields the video's frames as ``(H, W, 3)`` uint8 RGB arrays (PyAV, else decord).
 
     Raises:
@@ -115,7 +115,7 @@ class Preprocess:
         return (x - self.mean) / self.std
 
 
-def _from_timm(args: argparse.Namespace) -> Tuple[nn.Module, Callable, Preprocess]:
+def _from_timm(args: argparse.Namespace) -> tuple[nn.Module, Callable, Preprocess]:
     """(2D model, online module, preprocessing) for ``--model``; both models share weights."""
     kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
     model = build_model(args.model, checkpoint=args.checkpoint, **kwargs).eval()
@@ -130,7 +130,7 @@ def _from_timm(args: argparse.Namespace) -> Tuple[nn.Module, Callable, Preproces
     return model, online, pre
 
 
-def _from_mmaction(args: argparse.Namespace) -> Tuple[nn.Module, Callable, Preprocess]:
+def _from_mmaction(args: argparse.Namespace) -> tuple[nn.Module, Callable, Preprocess]:
     """(2D recognizer step, online step, preprocessing) for an MMAction2 config + checkpoint.
 
     The backbone must be a ``TSMSurgeryBackbone`` with ``direction='uni'``; at each frame the
@@ -139,7 +139,7 @@ def _from_mmaction(args: argparse.Namespace) -> Tuple[nn.Module, Callable, Prepr
     try:
         from mmaction.apis import init_recognizer
 
-        import tsm_surgery.integrations.mmaction  # noqa: F401  registers the plugin, applies compat patches
+        import tsm_surgery.integrations.mmaction
     except ImportError as err:
         raise ImportError(f"--config needs MMAction2 ({err}). "
                           "Install the extras: pip install 'tsm_surgery[mmaction]'.") from None
@@ -194,7 +194,7 @@ class _WithHead(nn.Module):
         self._backbone.reset()
 
 
-def _topk_line(index: int, scores: torch.Tensor, k: int, labels: Optional[List[str]], fps: float) -> str:
+def _topk_line(index: int, scores: torch.Tensor, k: int, labels: list[str] | None, fps: float) -> str:
     probs = scores.float().softmax(-1)[0]
     values, classes = probs.topk(min(k, probs.numel()))
     names = [labels[c] if labels and c < len(labels) else str(int(c)) for c in classes.tolist()]
@@ -237,7 +237,7 @@ def _cast(model: nn.Module, dtype: torch.dtype) -> None:
             part.to(dtype)
 
 
-def _timed(fn: Callable, frames: torch.Tensor) -> Tuple[torch.Tensor, float]:
+def _timed(fn: Callable, frames: torch.Tensor) -> tuple[torch.Tensor, float]:
     start = time.perf_counter()
     out = fn(frames)
     return out, time.perf_counter() - start
@@ -259,9 +259,9 @@ def run(args: argparse.Namespace) -> int:
         with open(args.labels) as f:
             labels = [line.strip() for line in f]
     online.reset()
-    online_times: List[float] = []
-    ratios: List[float] = []
-    plain_times: List[float] = []
+    online_times: list[float] = []
+    ratios: list[float] = []
+    plain_times: list[float] = []
     start = time.perf_counter()
     count = 0
     for index, frame in enumerate(decode(args.video, args.max_frames)):

@@ -31,8 +31,8 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -103,7 +103,7 @@ def _feature_channels(net: nn.Module, size: int) -> int:
 
 # --------------------------------------------------------------------------- latency
 def measure_latency(spec: str, divs: Sequence[int], places: Sequence[str], frames: int, size: int,
-                    rounds: int) -> Dict:
+                    rounds: int) -> dict:
     """Eval latency of every grid point against the 2D network, side by side, with the A/A control.
 
     Returns:
@@ -115,7 +115,7 @@ def measure_latency(spec: str, divs: Sequence[int], places: Sequence[str], frame
 
     plain = build_2d(spec)
     models = {"2d": plain, CONTROL: copy.deepcopy(plain)}
-    errors: Dict[str, str] = {}
+    errors: dict[str, str] = {}
     for place in places:
         for div in divs:
             try:
@@ -178,7 +178,7 @@ def _train_cfg(spec: str, div: int, place: str, data: Path, work_dir: Path, sett
 
 
 def train_point(spec: str, div: int, place: str, seed: int, data: Path, work_dir: Path,
-                settings: AblationSettings) -> Dict:
+                settings: AblationSettings) -> dict:
     """Trains and scores one grid point; a point that cannot be built returns ``{'error': ...}``."""
     from tsm_surgery.integrations.demo.pipeline import train_and_test
 
@@ -201,7 +201,7 @@ def train_point(spec: str, div: int, place: str, seed: int, data: Path, work_dir
 
 
 # --------------------------------------------------------------------------- the run
-def _grid(settings: AblationSettings) -> List[Tuple[int, str, int]]:
+def _grid(settings: AblationSettings) -> list[tuple[int, str, int]]:
     # Seed by seed: a run stopped half-way has already covered the whole grid once.
     return [point for s in range(settings["seeds"])
             for point in [(0, "tsn", s)] + [(div, place, s) for div in settings["shift_divs"]
@@ -224,14 +224,14 @@ def _claim(out: Path, settings: AblationSettings, force: bool) -> None:
         saved.write_text(settings.key() + "\n")
 
 
-def _save(path: Path, value: Dict) -> None:
+def _save(path: Path, value: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(value, indent=1) + "\n")
     os.replace(tmp, path)  # a run killed mid-write leaves no half point
 
 
-def run_ablation(out_dir: os.PathLike, settings: Optional[Dict] = None, only: Optional[str] = None,
-                 force: bool = False, log=print) -> Dict:
+def run_ablation(out_dir: os.PathLike, settings: dict | None = None, only: str | None = None,
+                 force: bool = False, log=print) -> dict:
     """Runs (or resumes) the ablation in ``out_dir``; returns what ``ablation.json`` holds.
 
     Args:
@@ -269,7 +269,7 @@ def run_ablation(out_dir: os.PathLike, settings: Optional[Dict] = None, only: Op
                                         settings["frames"], size, settings["rounds"]))
     if todo:
         data = make_data(out / "data", settings)
-        spent: List[float] = []
+        spent: list[float] = []
         for i, (div, place, seed) in enumerate(todo):
             eta = f"; about {sum(spent) / len(spent) * (len(todo) - i) / 60:.0f} min left" if spent else ""
             name = "tsn" if div == 0 else f"{place} shift_div={div}"

@@ -34,7 +34,6 @@ import datetime
 import os
 import platform
 from pathlib import Path
-from typing import Dict, List
 
 import torch
 from torch import nn
@@ -141,13 +140,13 @@ def count_flops(model: nn.Module, x: torch.Tensor) -> float:
     return float(counter.get_total_flops())
 
 
-def measure(names: List[str], batch: int, frames: int, size: int, rounds: int, device: str = "cpu") -> Dict:
+def measure(names: list[str], batch: int, frames: int, size: int, rounds: int, device: str = "cpu") -> dict:
     """FLOPs, parameters, latency ratio to TSN and throughput of each model, side by side."""
     from .bench import CONTROL, paired_ratios
 
     if BASE not in names:
         names = [BASE] + list(names)
-    rows: Dict[str, Dict] = {}
+    rows: dict[str, dict] = {}
     fns = {}
     for name in names:
         model = build_recognizer(name).to(device)
@@ -188,7 +187,7 @@ def _device_name(device: str) -> str:
     return f"CPU ({platform.processor() or platform.machine()})"
 
 
-def online_claim(frames: int, size: int, rounds: int, device: str = "cpu") -> Dict:
+def online_claim(frames: int, size: int, rounds: int, device: str = "cpu") -> dict:
     """Per-frame cost of a prediction at every frame: the online step against one offline clip pass.
 
     The network is TSN's 2D ResNet-50 converted uni-directionally (``direction='uni'``): online,
@@ -221,16 +220,16 @@ def online_claim(frames: int, size: int, rounds: int, device: str = "cpu") -> Di
 
 
 # --------------------------------------------------------------------------- report
-def _ratio(entry: Dict) -> str:
+def _ratio(entry: dict) -> str:
     return f"{entry['ratio']:.2f}x ({entry['p25']:.2f}-{entry['p75']:.2f})"
 
 
-def _load(result: Dict) -> str:
+def _load(result: dict) -> str:
     load = result.get("load_average")
     return "" if load is None else f", load average {load:.1f} at the end of timing"
 
 
-def report(result: Dict) -> str:
+def report(result: dict) -> str:
     """The Markdown section: the efficiency table and the online claim."""
     gpu = not result["device"].startswith("CPU")
     rows = result["rows"]
@@ -282,7 +281,7 @@ def write_section(path: Path, section: str) -> None:
     path.write_text(merge_sections(existing, SECTION, section))
 
 
-def plot(result: Dict, path: Path) -> None:
+def plot(result: dict, path: Path) -> None:
     """Bar chart: GFLOPs, parameters and latency relative to TSN, one bar per model."""
     import matplotlib
 

@@ -27,7 +27,8 @@ import copy
 import glob
 import logging
 import os.path as osp
-from typing import Any, Dict, List, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -53,7 +54,7 @@ from tsm_surgery.integrations.mmaction.clip_length import sync_clip_length  # no
 __all__ = ["load_config", "build_runner", "train", "test", "CheckpointKeysHook"]
 
 LAUNCHERS = ("none", "pytorch", "slurm", "mpi")
-ConfigLike = Union[str, Config]
+ConfigLike = str | Config
 
 
 @HOOKS.register_module()
@@ -77,7 +78,7 @@ class CheckpointKeysHook(Hook):
 
     priority = "VERY_HIGH"
 
-    def __init__(self, strict: bool = False, source: str = "load_from", adapt: Optional[Adapter] = None) -> None:
+    def __init__(self, strict: bool = False, source: str = "load_from", adapt: Adapter | None = None) -> None:
         self.strict = strict
         self.source = source
         self.adapt = adapt
@@ -102,7 +103,7 @@ class CheckpointKeysHook(Hook):
                 checkpoint.update(adapted)
 
 
-def _set_options(cfg: Config, cfg_options: Optional[Dict[str, Any]]) -> None:
+def _set_options(cfg: Config, cfg_options: dict[str, Any] | None) -> None:
     if cfg_options:
         cfg.merge_from_dict(dict(cfg_options))
 
@@ -141,7 +142,7 @@ def _check_model_types(cfg: Config) -> None:
                 "'ResNetTSM', 'ResNet', ...; other libraries' models are 'timm.<name>' or 'torchvision.<name>'.")
 
 
-def load_config(config: ConfigLike, work_dir: Optional[str] = None, cfg_options: Optional[Dict[str, Any]] = None,
+def load_config(config: ConfigLike, work_dir: str | None = None, cfg_options: dict[str, Any] | None = None,
                 launcher: str = "none") -> Config:
     """Reads a config and prepares it for this machine.
 
@@ -192,14 +193,14 @@ def load_config(config: ConfigLike, work_dir: Optional[str] = None, cfg_options:
     return cfg
 
 
-def _existing_checkpoints(work_dir: str) -> List[str]:
+def _existing_checkpoints(work_dir: str) -> list[str]:
     found = sorted(glob.glob(osp.join(work_dir, "*.pth")))
     if osp.isfile(osp.join(work_dir, "last_checkpoint")):
         found.append(osp.join(work_dir, "last_checkpoint"))
     return found
 
 
-def _resume_target(cfg: Config, resume: Union[bool, str]) -> Optional[str]:
+def _resume_target(cfg: Config, resume: bool | str) -> str | None:
     """The one checkpoint to resume: a path, the work dir's last checkpoint, or None (start fresh).
 
     ``resume=True`` (or the config's ``resume=True``) continues the work dir's last checkpoint;
@@ -225,15 +226,15 @@ def _resume_target(cfg: Config, resume: Union[bool, str]) -> Optional[str]:
                             "pass the checkpoint path (--resume PATH) or train without --resume.")
 
 
-def build_runner(cfg: Config, checkpoint_keys: Optional[CheckpointKeysHook] = None) -> Runner:
+def build_runner(cfg: Config, checkpoint_keys: CheckpointKeysHook | None = None) -> Runner:
     """``Runner.from_cfg`` plus the checkpoint key check."""
     runner = Runner.from_cfg(cfg)
     runner.register_hook(checkpoint_keys or CheckpointKeysHook(strict=False))
     return runner
 
 
-def train(config: ConfigLike, work_dir: Optional[str] = None, cfg_options: Optional[Dict[str, Any]] = None,
-          launcher: str = "none", resume: Union[bool, str] = False, load_from: Optional[str] = None,
+def train(config: ConfigLike, work_dir: str | None = None, cfg_options: dict[str, Any] | None = None,
+          launcher: str = "none", resume: bool | str = False, load_from: str | None = None,
           overwrite: bool = False) -> Runner:
     """Trains (and validates) a config with mmengine's Runner.
 
@@ -284,8 +285,8 @@ def train(config: ConfigLike, work_dir: Optional[str] = None, cfg_options: Optio
     return runner
 
 
-def test(config: ConfigLike, checkpoint: str, work_dir: Optional[str] = None,
-         cfg_options: Optional[Dict[str, Any]] = None, launcher: str = "none") -> Dict[str, float]:
+def test(config: ConfigLike, checkpoint: str, work_dir: str | None = None,
+         cfg_options: dict[str, Any] | None = None, launcher: str = "none") -> dict[str, float]:
     """Evaluates a checkpoint on the config's test set with mmengine's Runner.
 
     The checkpoint is loaded with ``weights_only=True`` and must match the model exactly.
