@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", default=",".join(MODELS_TRAINED),
                         help="comma-separated subset of tsn,tsm,tsm-uni (default all three)")
     parser.add_argument("--batch-size", type=int, default=None, help="override the configs' batch size (16)")
-    parser.add_argument("--config-dir", default=None, help="folder of the demo configs (default configs/demo)")
+    parser.add_argument("--config-dir", default=None,
+                        help="folder of the demo configs (default: the installed package data, configs/demo)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (default 0: one per core minus one, which decodes videos)")
     parser.add_argument("--no-stream", action="store_true", help="skip the streaming step")
