@@ -224,8 +224,8 @@ class TSMSurgeryBackbone(BaseModule):
                                  "give one of them.")
             patterns = [shift_inputs] if isinstance(shift_inputs, str) else list(shift_inputs)
             net = tsm_surgery.convert(model2d, n_segments=num_segments, shift_div=shift_div, direction=direction,
-                                      example_input=example, leaf_modules=leaf_modules, inplace=True,
-                                      uni_slot=uni_slot, shift_inputs=patterns)
+                                      place="block", example_input=example, leaf_modules=leaf_modules,
+                                      inplace=True, uni_slot=uni_slot, shift_inputs=patterns)
         else:
             # inplace=True: the converted net shares the 2D network's modules, so the 2D network's
             # own init_weights/train (norm_eval, frozen stages) still act on them.
