@@ -15,16 +15,16 @@ import torch
 
 pytest.importorskip("mmaction")
 
-import mmaction  # noqa: E402
-from mmaction.registry import MODELS  # noqa: E402
-from mmaction.structures import ActionDataSample  # noqa: E402
-from mmengine.config import Config  # noqa: E402
-from mmengine.optim import OptimWrapper  # noqa: E402
-from mmengine.registry import init_default_scope  # noqa: E402
-from utils import randomize_norms  # noqa: E402
+import mmaction
+from mmaction.registry import MODELS
+from mmaction.structures import ActionDataSample
+from mmengine.config import Config
+from mmengine.optim import OptimWrapper
+from mmengine.registry import init_default_scope
+from utils import randomize_norms
 
-import tsm_surgery.integrations.mmaction  # noqa: E402,F401
-from tsm_surgery.integrations.mmaction import STOCK_EQUIVALENTS  # noqa: E402
+import tsm_surgery.integrations.mmaction  # noqa: F401
+from tsm_surgery.integrations.mmaction import STOCK_EQUIVALENTS
 
 init_default_scope("mmaction")
 

@@ -2,12 +2,13 @@
 
 import copy
 import fnmatch
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import fx, nn
 
 from ._aliasing import plan_shift
+from ._boundary import input_sites
 from ._graph import SHIFTS, module_key
 from ._index import GraphIndex
 from ._net import TSMNet
@@ -21,10 +22,12 @@ __all__ = ["convert", "TSMNet", "PLACES"]
 PLACES = ("residual", "block")
 NO_RESIDUAL = ("error", "first_conv")  # policies for networks without a residual join
 
-Select = Union[None, str, Sequence[str], Callable[[ResidualSite], bool]]
+Select = str | Sequence[str] | Callable[[ResidualSite], bool] | None
+# (a graph's index, its classified joins) -> the sites that may be shifted
+Candidates = Callable[[GraphIndex, list[ResidualSite]], list[ResidualSite]]
 
 
-def _select_sites(sites: List[ResidualSite], select: Select) -> List[ResidualSite]:
+def _select_sites(sites: list[ResidualSite], select: Select) -> list[ResidualSite]:
     if select is None:
         return sites
     if callable(select):
@@ -33,7 +36,7 @@ def _select_sites(sites: List[ResidualSite], select: Select) -> List[ResidualSit
     return [s for s in sites if any(fnmatch.fnmatchcase(s.name, p) for p in patterns)]
 
 
-def _insert_shifts(index: GraphIndex, sites: List[ResidualSite], place: str) -> Dict[str, bool]:
+def _insert_shifts(index: GraphIndex, sites: list[ResidualSite], place: str) -> dict[str, bool]:
     """Inserts each site's shift where :func:`plan_shift` puts it; returns which sites may recompute it."""
     graph = index.nodes[0].graph
     nodes = {node.name: node for node in index.nodes}
@@ -48,7 +51,11 @@ def _insert_shifts(index: GraphIndex, sites: List[ResidualSite], place: str) -> 
     return {site.name: plan.recompute for site, plan in zip(sites, plans)}
 
 
-def _no_sites_error(model: nn.Module, found: List[ResidualSite], select: Select) -> ValueError:
+def _no_sites_error(model: nn.Module, found: list[ResidualSite], select: Select, candidates: Candidates) -> ValueError:
+    if isinstance(candidates, _InputSites) and not found:
+        return ValueError(f"no module matched by shift_inputs={candidates.patterns} takes a tensor with "
+                          "shift_div or more channels. Hint: shift_inputs takes glob patterns over module paths, "
+                          "matched segment by segment ('stage[1-9].*'); see dict(model.named_modules()).")
     if found:
         names = ", ".join(s.name for s in found[:6]) + (" ..." if len(found) > 6 else "")
         return ValueError(f"select={select!r} matched none of the {len(found)} residual sites ({names}). "
@@ -88,19 +95,42 @@ def _check_settings(model: nn.Module, direction: str, place: str, online: bool, 
         )
 
 
-def _choose_sites(root: nn.Module, graphs: Dict[str, fx.Graph], example_input: torch.Tensor, select: Select,
-                  no_residual: str, model: nn.Module) -> Tuple[Dict[str, List[ResidualSite]], Dict[str, GraphIndex]]:
+class _InputSites:
+    """The candidates of ``shift_inputs``: the inputs of the modules the patterns match."""
+
+    def __init__(self, patterns: list[str], shift_div: int):
+        self.patterns, self.shift_div = patterns, shift_div
+
+    def __call__(self, index: GraphIndex, found: list[ResidualSite]) -> list[ResidualSite]:
+        return input_sites(index, self.patterns, self.shift_div)
+
+
+def _site_rule(no_residual: str, shift_inputs: str | Sequence[str] | None, shift_div: int) -> Candidates:
+    """Which of a graph's sites may be shifted: residual ones (block entries as the fallback), or module inputs."""
+    if shift_inputs is not None:
+        return _InputSites([shift_inputs] if isinstance(shift_inputs, str) else list(shift_inputs), shift_div)
+
+    def residual(index: GraphIndex, found: list[ResidualSite]) -> list[ResidualSite]:
+        sites = [s for s in found if s.kind == "residual"]
+        if not sites and no_residual == "first_conv":
+            sites = [s for s in found if s.kind == "first_conv"]
+        return sites
+
+    return residual
+
+
+def _choose_sites(root: nn.Module, graphs: dict[str, fx.Graph], example_input: torch.Tensor, select: Select,
+                  candidates: Candidates, model: nn.Module
+                  ) -> tuple[dict[str, list[ResidualSite]], dict[str, GraphIndex]]:
     """The sites to shift in each mode's graph (the eval graph's choice, found again in the train
     graph), and each graph's analysis."""
     per_mode, indexes = {}, {}
     for mode, graph in graphs.items():
         indexes[mode], found = analyse_graph(root, graph, example_input)
-        residual = [s for s in found if s.kind == "residual"]
-        if not residual and no_residual == "first_conv":
-            residual = [s for s in found if s.kind == "first_conv"]
-        chosen = _select_sites(residual, select)
+        allowed = candidates(indexes[mode], found)
+        chosen = _select_sites(allowed, select)
         if not chosen:
-            raise _no_sites_error(model, residual, select)
+            raise _no_sites_error(model, allowed, select, candidates)
         per_mode[mode] = chosen
     # The eval graph decides the sites; the train graph shifts the same ones. Joins only the
     # train graph has (an auxiliary head, a train-only branch) stay unshifted.
@@ -123,13 +153,14 @@ def convert(
     direction: str = "bi",
     place: str = "residual",
     select: Select = None,
-    example_input: Optional[torch.Tensor] = None,
+    example_input: torch.Tensor | None = None,
     leaf_modules: Sequence[LeafSpec] = (),
     inplace: bool = False,
     online: bool = False,
     no_residual: str = "error",
     uni_slot: str = "past",
-) -> Union[TSMNet, OnlineTSM]:
+    shift_inputs: str | Sequence[str] | None = None,
+) -> TSMNet | OnlineTSM:
     """Turns a 2D image network into a Temporal Shift Module video network.
 
     The network is traced with ``torch.fx``; at every residual join found by
@@ -160,6 +191,12 @@ def convert(
             Inception, LCNet): ``"error"`` raises (the default); ``"first_conv"`` shifts the
             tensor entering the first layer(s) of each block instead (sites of kind
             ``"first_conv"``; see :func:`find_residual_sites`).
+        shift_inputs: glob pattern(s) over module paths, matched segment by segment
+            (``"stage[1-9].*"`` is a stage's children): shift the input of each matching module,
+            for the operations inside it, instead of residual branches. The rule of networks
+            whose blocks sum parallel branches without a residual join (MobileOne): a shift
+            outside the block keeps the block reparameterisable. A module whose input has fewer
+            channels than ``shift_div`` (the image) is left out. ``select`` filters these sites too.
 
     Returns:
         A :class:`TSMNet` whose ``state_dict()`` keys are exactly ``model``'s, with no added
@@ -185,8 +222,9 @@ def convert(
     root = model if inplace else copy.deepcopy(model)
     example_input = default_example_input(root) if example_input is None else example_input
     train_graph, eval_graph = trace_train_and_eval(root, leaf_modules, example_input)
+    candidates = _site_rule(no_residual, shift_inputs, shift_div)
     per_mode, indexes = _choose_sites(root, {"train": train_graph, "eval": eval_graph}, example_input, select,
-                             no_residual, model)
+                                      candidates, model)
     shifts = nn.ModuleDict()
     for site in per_mode["eval"]:
         if site.channels < shift_div:
@@ -196,7 +234,9 @@ def convert(
     recompute = [_insert_shifts(indexes[mode], per_mode[mode], place) for mode in ("train", "eval")]
     for site in per_mode["eval"]:
         # A site whose input is written after the shift (x.add_(branch(x))) keeps its shifted copy.
-        shifts[module_key(site.name)].recompute = all(flags[site.name] for flags in recompute)
+        shift = shifts[module_key(site.name)]
+        assert isinstance(shift, TemporalShift)
+        shift.recompute = all(flags[site.name] for flags in recompute)
     net = TSMNet(root, train_graph, eval_graph, shifts, per_mode["eval"], place)
     if online:
         return to_online(net, frame_shape=tuple(example_input.shape[1:]), inplace=True)

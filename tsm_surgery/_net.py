@@ -1,6 +1,5 @@
 """``TSMNet``: the clip network :func:`convert` returns."""
 
-from typing import Dict, List, Optional
 
 from torch import fx, nn
 
@@ -28,11 +27,11 @@ class TSMNet(fx.GraphModule):
     """
 
     # TorchScript compiles properties; these read Python containers and are not part of forward.
-    __jit_unused_properties__ = [*fx.GraphModule.__jit_unused_properties__, "n_segments", "shift_div", "direction",
-                                 "uni_slot"]
+    __jit_unused_properties__ = [*fx.GraphModule.__jit_unused_properties__, "n_segments", "shift_div",  # noqa: RUF012
+                                 "direction", "uni_slot"]
 
     def __init__(self, root: nn.Module, train_graph: fx.Graph, eval_graph: fx.Graph,
-                 shifts: nn.ModuleDict, sites: List[ResidualSite], place: str, class_name: Optional[str] = None):
+                 shifts: nn.ModuleDict, sites: list[ResidualSite], place: str, class_name: str | None = None):
         holder = nn.Module()
         adopt_module_tree(holder, root)
         holder.add_module(SHIFTS, shifts)
@@ -54,7 +53,7 @@ class TSMNet(fx.GraphModule):
             self.graph = graph
         return super().train(mode)
 
-    def shift_modules(self) -> Dict[str, TemporalShift]:
+    def shift_modules(self) -> dict[str, TemporalShift]:
         """Site name -> its :class:`TemporalShift` module."""
         return {site.name: getattr(self, SHIFTS)[module_key(site.name)] for site in self.sites}
 
@@ -107,7 +106,8 @@ class TSMNet(fx.GraphModule):
         return reduce_graph_module(self, graphs, _rebuild, args, state)
 
 
-def _rebuild(tree: nn.Module, graphs: List[fx.Graph], sites: List[ResidualSite], place: str,
+def _rebuild(tree: nn.Module, graphs: list[fx.Graph], sites: list[ResidualSite], place: str,
              class_name: str) -> TSMNet:
     shifts = tree._modules.pop(SHIFTS)
+    assert isinstance(shifts, nn.ModuleDict)
     return TSMNet(tree, graphs[0], graphs[1], shifts, sites, place, class_name)

@@ -72,7 +72,7 @@ class OnlineTSM(nn.Module):
             (``None``: the example input ``convert`` saw).
 
     Example:
-        >>> import torchvision
+        >>> import torchvision, tsm_surgery
         >>> net = tsm_surgery.convert(torchvision.models.resnet18(), n_segments=8, direction="uni")
         >>> online = to_online(net)
         >>> online(torch.randn(2, 3, 64, 64)).shape          # 2 streams, one frame each
@@ -80,6 +80,8 @@ class OnlineTSM(nn.Module):
         >>> state = online.init_state(2, frame_shape=(3, 64, 64))
         >>> out, state = online.step(torch.randn(2, 3, 64, 64), state)
     """
+
+    _step_module: fx.GraphModule  # set in __init__, outside nn.Module's registry
 
     def __init__(self, root: nn.Module, graph: fx.Graph, sites: Sequence, shift_div: int,
                  frame_shape: Optional[Sequence[int]] = None):
@@ -179,6 +181,8 @@ class OnlineTSM(nn.Module):
             site's channel dimension).
 
         Example:
+            >>> import torchvision, tsm_surgery
+            >>> online = tsm_surgery.convert(torchvision.models.resnet18(), direction="uni", online=True)
             >>> state = online.init_state(1, frame_shape=(3, 64, 64))
             >>> list(state) == online.state_names
             True
@@ -208,6 +212,8 @@ class OnlineTSM(nn.Module):
                 device), or misses sites.
 
         Example:
+            >>> import torchvision, tsm_surgery
+            >>> online = tsm_surgery.convert(torchvision.models.resnet18(), direction="uni", online=True)
             >>> state = online.init_state(1, frame_shape=(3, 64, 64))
             >>> for frame in torch.randn(4, 1, 3, 64, 64):
             ...     out, state = online.step(frame, state)
@@ -246,6 +252,7 @@ class OnlineTSM(nn.Module):
             self._state = self.init_state(frames.shape[0], frames.device, frame_shape=tuple(frames.shape[1:]))
             self._stream = stream
         elif stream != self._stream:
+            assert self._stream is not None  # set with the state
             raise ValueError(
                 f"this frame is {describe(frames)} but the running streams got {_describe_stream(self._stream)}. "
                 "Hint: call online.reset() to start new streams with the new input."
@@ -263,6 +270,9 @@ class OnlineTSM(nn.Module):
                 the next frame may have any batch or size.
 
         Example:
+            >>> import torchvision, tsm_surgery
+            >>> online = tsm_surgery.convert(torchvision.models.resnet18(), direction="uni", online=True)
+            >>> _ = online(torch.randn(2, 3, 64, 64))        # two running streams
             >>> online.reset(torch.tensor([True, False]))   # stream 0 starts a new video
         """
         if not self._busy.acquire(blocking=False):
@@ -276,6 +286,7 @@ class OnlineTSM(nn.Module):
         if mask is None or self._state is None:
             self._state, self._stream = None, None
             return
+        assert self._stream is not None  # set with the state
         mask = torch.as_tensor(mask)
         batch = self._stream[0][0]
         if mask.dtype != torch.bool or mask.shape != (batch,):
@@ -328,7 +339,7 @@ def to_online(net: TSMNet, *, frame_shape: Optional[Sequence[int]] = None, inpla
         ValueError: ``net`` shifts in both directions (its frames need future frames).
 
     Example:
-        >>> import timm
+        >>> import timm, tsm_surgery
         >>> net = tsm_surgery.convert(timm.create_model("resnet18"), n_segments=8, direction="uni")
         >>> online = to_online(net)
         >>> scores = [online(frame) for frame in torch.randn(5, 1, 3, 64, 64)]  # frame by frame

@@ -166,7 +166,7 @@ def rewrite(graph: fx.Graph, keys: Sequence[str], root: nn.Module) -> fx.Graph:
         graph.erase_node(node)
         if swap:
             with graph.inserting_after(consumer):
-                graph.call_function(_restore_slot, (source, shifted, new_cache, channel_dim, slot))
+                graph.call_function(_restore_slot, (source, shifted, new_cache, channel_dim, slot))  # type: ignore[arg-type]
     output = next(n for n in graph.nodes if n.op == "output")
     output.args = ((output.args[0], *new_caches),)
     graph.lint()

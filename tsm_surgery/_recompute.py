@@ -65,7 +65,7 @@ def mark_recomputable(out: Tensor, source: Tensor, fn: Callable[..., Tensor], *a
 class _Recipe:
     """What a saved tagged tensor becomes: its source, the source's version and how to rebuild it."""
 
-    __slots__ = ("source", "version", "fn", "args")
+    __slots__ = ("args", "fn", "source", "version")
 
     def __init__(self, source: Tensor, version: int, fn: Callable[..., Tensor], args):
         self.source, self.version, self.fn, self.args = source, version, fn, args

@@ -23,7 +23,6 @@ Three forms compute the same tensor, each where it is cheapest:
 
 import math
 import numbers
-from typing import List
 
 import torch
 from torch import Tensor, nn
@@ -273,12 +272,12 @@ class _ShiftFunction(torch.autograd.Function):
     """The shift with a backward that is the reverse shift of the gradient; saves no tensor."""
 
     @staticmethod
-    def forward(ctx, v: Tensor, channel_dim: int, fold: int, direction: str) -> Tensor:  # type: ignore[override]
+    def forward(ctx, v: Tensor, channel_dim: int, fold: int, direction: str) -> Tensor:
         ctx.channel_dim, ctx.fold, ctx.direction = channel_dim, fold, direction
         return _shift_copy(v, channel_dim, fold, direction, reverse=False)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx, grad: Tensor):
         if not grad.is_contiguous():
             grad = grad.contiguous()
         return _shift_copy(grad, ctx.channel_dim, ctx.fold, ctx.direction, reverse=True), None, None, None
@@ -320,7 +319,7 @@ def _temporal_shift(x: Tensor, n_segments: int, shift_div: int, direction: str, 
     if channels_last:
         x = x.permute(0, 2, 3, 1)
         channel_dim = 3
-    shape: List[int] = list(x.shape)
+    shape: list[int] = list(x.shape)
     clips = x.reshape([shape[0] // n_segments, n_segments] + shape[1:])
     if torch.jit.is_scripting():  # a literal check: TorchScript then skips compiling the eager branch
         out = _shift_frames(clips, channel_dim + 1, fold, mode)

@@ -23,8 +23,8 @@ Example:
     tsm-surgery demo --epochs 2 --videos-per-class 20 --out-dir /tmp/demo --force
 """
 
-import argparse
 import contextlib
+import importlib.resources
 import json
 import os
 import time
@@ -41,7 +41,7 @@ from . import synth_data
 from .report import format_table, plot_curves, stream_video
 
 __all__ = ["MODELS_TRAINED", "TimeReversalPairMetric", "DemoProgressHook", "config_path", "run_demo",
-           "stream_video", "add_arguments", "run"]
+           "stream_video"]
 
 compat.apply()
 
@@ -63,19 +63,28 @@ def config_path(name: str, config_dir: Optional[os.PathLike] = None) -> Path:
 
     Args:
         name: a key of :data:`MODELS_TRAINED`.
-        config_dir: folder with the demo configs; default ``configs/demo`` of this source tree
-            (or ``$TSM_DEMO_CONFIGS``).
+        config_dir: folder with the demo configs; default ``$TSM_DEMO_CONFIGS``, else the
+            installed package data ``tsm_surgery.configs/demo`` (``configs/demo`` of the source tree).
 
     Raises:
         FileNotFoundError: the config is not there, with the folder that was searched.
     """
     if config_dir is None:
-        config_dir = os.environ.get("TSM_DEMO_CONFIGS") or Path(__file__).resolve().parents[2] / "configs" / "demo"
+        config_dir = os.environ.get("TSM_DEMO_CONFIGS") or _packaged_configs() / "demo"
     path = Path(config_dir) / MODELS_TRAINED[name][0]
     if not path.is_file():
-        raise FileNotFoundError(f"demo config {path} not found. The demo reads configs/demo/ of a source "
-                                "checkout (pip install -e .); elsewhere pass --config-dir or set $TSM_DEMO_CONFIGS.")
+        raise FileNotFoundError(f"demo config {path} not found. Hint: pass --config-dir (or set $TSM_DEMO_CONFIGS) "
+                                "to a folder holding the demo configs.")
     return path
+
+
+def _packaged_configs() -> Path:
+    try:
+        folder = importlib.resources.files("tsm_surgery.configs")
+    except ModuleNotFoundError:
+        raise FileNotFoundError("the package data tsm_surgery.configs is not installed. Hint: reinstall "
+                                "(pip install -e . in a checkout, or make setup) or pass --config-dir.") from None
+    return Path(str(folder))  # a folder on disk: setuptools installs package data unzipped
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,7 +167,7 @@ class DemoProgressHook(Hook):
                   f"loss {np.mean(self._losses[-self.every:]):.3f}", flush=True)
 
     def after_val_epoch(self, runner, metrics: Optional[Dict[str, float]] = None) -> None:
-        if not runner.train_loop or runner.epoch == 0 and not self._losses:
+        if not runner.train_loop or (runner.epoch == 0 and not self._losses):
             return
         top1 = (metrics or {}).get("acc/top1", float("nan"))
         self.curves["val_top1"].append((runner.epoch, float(top1)))
@@ -338,39 +347,3 @@ def _stream_one(runner, seed: int) -> Dict:
           f"{result['max_abs_diff_vs_offline']:.2e}", flush=True)
     result.update(video=video, label=label)
     return result
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds the ``demo`` options to ``parser``."""
-    parser.add_argument("--out-dir", default=None,
-                        help="run directory (default: a fresh work_dirs/demo/<timestamp>); refused if not empty "
-                             "unless --force")
-    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS,
-                        help=f"epochs per model (default {DEFAULT_EPOCHS})")
-    parser.add_argument("--videos-per-class", type=int, default=80, help="videos per class (default 80)")
-    parser.add_argument("--frames", type=int, default=16, help="frames per video (default 16)")
-    parser.add_argument("--size", type=int, default=64, help="frame size in px (default 64)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the data and the training (default 0)")
-    parser.add_argument("--models", default=",".join(MODELS_TRAINED),
-                        help="comma-separated subset of tsn,tsm,tsm-uni (default all three)")
-    parser.add_argument("--batch-size", type=int, default=None, help="override the configs' batch size (16)")
-    parser.add_argument("--config-dir", default=None, help="folder of the demo configs (default configs/demo)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads (default 0: one per core minus one, which decodes videos)")
-    parser.add_argument("--no-stream", action="store_true", help="skip the streaming step")
-    parser.add_argument("--force", action="store_true", help="replace what a previous demo wrote into --out-dir")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Runs ``tsm-surgery demo``."""
-    import warnings
-
-    # mmcv-lite's missing CUDA ops and timm's init notice are expected here; keep the output readable.
-    warnings.filterwarnings("ignore", category=UserWarning)
-    # One core decodes videos (the dataloader worker), the others run the model: on 2 cores, one
-    # torch thread. More threads than free cores makes CPU training several times slower.
-    torch.set_num_threads(args.threads if args.threads > 0 else max(1, (os.cpu_count() or 2) - 1))
-    run_demo(args.out_dir, args.epochs, args.videos_per_class, args.frames, args.size, args.seed,
-             [m for m in args.models.split(",") if m], args.force, args.config_dir, args.batch_size,
-             not args.no_stream)
-    return 0

@@ -37,10 +37,10 @@ Example:
     {'train': 12, 'val': 6, 'test': 6}
 """
 
-import argparse
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -57,9 +57,7 @@ __all__ = [
     "render_video",
     "sample_params",
     "write_video",
-    "add_arguments",
-    "run",
-]
+    ]
 
 # (pair name, class shown forward, class shown reversed)
 PAIRS: Tuple[Tuple[str, str, str], ...] = (
@@ -371,30 +369,3 @@ def _generate_into(out: Path, videos_per_class: int, size: int, frames: int, see
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds the ``synth-data`` options to ``parser``."""
-    parser.add_argument("out_dir", metavar="OUT_DIR", help="directory to create (must be empty unless --force)")
-    parser.add_argument("--videos-per-class", type=int, default=80, help="videos per class (default 80: 480 in all)")
-    parser.add_argument("--size", type=int, default=64, help="frame height and width in pixels (default 64)")
-    parser.add_argument("--frames", type=int, default=16, help="frames per video (default 16)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--force", action="store_true", help="replace a previous run's files in OUT_DIR")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Runs ``tsm-surgery synth-data``."""
-    start = time.time()
-
-    def progress(done: int, total: int) -> None:
-        if done == total or done % 60 == 0:
-            print(f"  {done}/{total} videos", flush=True)
-
-    check_settings(args.videos_per_class, args.size, args.frames, args.seed)
-    print(f"writing {len(CLASSES) * args.videos_per_class} videos ({args.size}x{args.size}, "
-          f"{args.frames} frames, seed {args.seed}) to {args.out_dir}", flush=True)
-    meta = generate(args.out_dir, args.videos_per_class, args.size, args.frames, args.seed, args.force, progress)
-    counts = ", ".join(f"{k} {v}" for k, v in meta["counts"].items())
-    print(f"done in {time.time() - start:.1f} s: {counts}; classes: {', '.join(CLASSES)}")
-    return 0

@@ -21,7 +21,7 @@ import os
 import sys
 import time
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,10 +36,10 @@ __all__ = ["export_online", "export_offline", "output_files", "SIDECAR_FORMAT"]
 SIDECAR_FORMAT = "tsm_surgery.onnx/1"
 
 
-def _export_onnx(module: nn.Module, args: Tuple, path: str, input_names: List[str], output_names: List[str],
-                 exporter: str, dynamic: Optional[Dict[str, Any]] = None) -> None:
+def _export_onnx(module: nn.Module, args: tuple, path: str, input_names: list[str], output_names: list[str],
+                 exporter: str, dynamic: dict[str, Any] | None = None) -> None:
     """One call into torch.onnx for both exporters; ``dynamic`` maps an input name to {dim: (name, multiple)}."""
-    kwargs: Dict[str, Any] = dict(input_names=input_names, output_names=output_names)
+    kwargs: dict[str, Any] = dict(input_names=input_names, output_names=output_names)
     if exporter == "dynamo":
         if dynamic:
             shapes = []
@@ -64,12 +64,12 @@ def _export_onnx(module: nn.Module, args: Tuple, path: str, input_names: List[st
         raise ValueError(f"exporter={exporter!r}: use 'dynamo' (torch.export based) or 'legacy' (TorchScript based).")
 
 
-def _spec(name: str, t: torch.Tensor, **extra) -> Dict[str, Any]:
+def _spec(name: str, t: torch.Tensor, **extra) -> dict[str, Any]:
     return {"name": name, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""), **extra}
 
 
 def export_online(online: "tsm_surgery.OnlineTSM", path: str, batch_size: int = 1,
-                  frame_shape: Tuple[int, int, int] = (3, 224, 224), exporter: str = "dynamo") -> Dict[str, Any]:
+                  frame_shape: tuple[int, int, int] = (3, 224, 224), exporter: str = "dynamo") -> dict[str, Any]:
     """Exports the explicit-state step of ``online`` to ONNX; returns the sidecar dict.
 
     Input names are ``frames`` and ``cache_<i>``, output names ``output`` and ``new_cache_<i>``,
@@ -94,8 +94,8 @@ def export_online(online: "tsm_surgery.OnlineTSM", path: str, batch_size: int = 
     }
 
 
-def export_offline(net: "tsm_surgery.TSMNet", path: str, frame_shape: Tuple[int, int, int] = (3, 224, 224),
-                   exporter: str = "dynamo") -> Dict[str, Any]:
+def export_offline(net: "tsm_surgery.TSMNet", path: str, frame_shape: tuple[int, int, int] = (3, 224, 224),
+                   exporter: str = "dynamo") -> dict[str, Any]:
     """Exports the clip network with a dynamic number of clips (batch ``N*T``, ``T`` fixed).
 
     Returns the sidecar dict.
@@ -115,7 +115,7 @@ def export_offline(net: "tsm_surgery.TSMNet", path: str, frame_shape: Tuple[int,
     }
 
 
-def output_files(path: str) -> List[Tuple[str, str]]:
+def output_files(path: str) -> list[tuple[str, str]]:
     """``(path, role)`` of every file ``export`` writes for ONNX path ``path``.
 
     The dynamo exporter stores the weights next to the graph in ``<path>.data``; the sidecar is

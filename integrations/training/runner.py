@@ -23,7 +23,6 @@ A work dir that already holds checkpoints is never trained over unless asked: pa
 ``--resume`` to continue it or ``--overwrite`` to start again.
 """
 
-import argparse
 import contextlib
 import copy
 import glob
@@ -40,7 +39,7 @@ from tsm_surgery.integrations.mmaction import compat
 compat.apply()
 
 from mmaction.registry import HOOKS, MODELS  # noqa: E402
-from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.config import Config  # noqa: E402
 from mmengine.dist import is_main_process  # noqa: E402
 from mmengine.hooks import Hook  # noqa: E402
 from mmengine.logging import print_log  # noqa: E402
@@ -64,7 +63,7 @@ from tsm_surgery.integrations.outputs import atomic_file  # noqa: E402
 from .lock import work_dir_lock  # noqa: E402
 from .random_state import RandomStateHook  # noqa: E402
 
-__all__ = ["load_config", "build_runner", "train", "test", "CheckpointKeysHook", "add_arguments", "run"]
+__all__ = ["load_config", "build_runner", "train", "test", "CheckpointKeysHook"]
 
 LAUNCHERS = ("none", "pytorch", "slurm", "mpi")
 ConfigLike = Union[str, Config]
@@ -374,31 +373,3 @@ def test(config: ConfigLike, checkpoint: str, work_dir: Optional[str] = None,
     _required_files(cfg, ("test",))
     runner = build_runner(cfg, CheckpointKeysHook(strict=True, source="CHECKPOINT"))
     return dict(runner.test())
-
-
-def _parse_cfg_options(values: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
-    return dict(values) if values else None
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``tsm-surgery train``."""
-    parser.add_argument("config", help="MMAction2 config file")
-    parser.add_argument("--work-dir", help="where logs and checkpoints go (default work_dirs/<config name>)")
-    parser.add_argument("--launcher", choices=LAUNCHERS, default="none",
-                        help="'pytorch' under torchrun for DDP (gloo on CPU, nccl on CUDA)")
-    parser.add_argument("--cfg-options", nargs="+", action=DictAction, metavar="KEY=VALUE",
-                        help="override config keys, e.g. train_cfg.max_epochs=1")
-    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                        help="resume full training state from the work dir's last checkpoint (or CHECKPOINT). "
-                             "Unpickles the checkpoint in full if it holds more than weights: trusted files only")
-    parser.add_argument("--load-from", help="initial weights, loaded with weights_only=True (with a bare --resume: "
-                        "used when the work dir has nothing to resume)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="train in a work dir that already holds checkpoints, replacing them")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Runs ``tsm-surgery train``."""
-    train(args.config, work_dir=args.work_dir, cfg_options=_parse_cfg_options(args.cfg_options),
-          launcher=args.launcher, resume=args.resume, load_from=args.load_from, overwrite=args.overwrite)
-    return 0
