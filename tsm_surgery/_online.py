@@ -16,7 +16,7 @@ and it exports to ONNX and ``torch.export``.
 
 import copy
 import threading
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, fx, nn
@@ -35,7 +35,7 @@ from ._online_graph import OnlineShift, describe, rewrite
 
 __all__ = ["to_online", "OnlineTSM", "OnlineShift"]
 
-State = Dict[str, Tensor]
+State = dict[str, Tensor]
 _SHARED = ("one OnlineTSM is being fed from two threads at once ({what} while another call runs): its caches hold "
            "one set of streams, and interleaved frames would mix them. Hint: give each thread its own copy "
            "(copy.deepcopy(online)), or call online.step(frames, state) with a state per thread.")
@@ -82,13 +82,14 @@ class OnlineTSM(nn.Module):
     """
 
     _step_module: fx.GraphModule  # set in __init__, outside nn.Module's registry
+    _busy: threading.Lock  # likewise
 
     def __init__(self, root: nn.Module, graph: fx.Graph, sites: Sequence, shift_div: int,
-                 frame_shape: Optional[Sequence[int]] = None):
+                 frame_shape: Sequence[int] | None = None):
         super().__init__()
         adopt_module_tree(self, root)
         self.sites = list(sites)
-        self.state_names: List[str] = [s.name for s in self.sites]
+        self.state_names: list[str] = [s.name for s in self.sites]
         self.shift_div = int(shift_div)
         self.frame_shape = None if frame_shape is None else tuple(int(d) for d in frame_shape)
         self.graph = graph
@@ -98,9 +99,9 @@ class OnlineTSM(nn.Module):
         for attr in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
             step.__dict__[attr] = self.__dict__[attr]
         object.__setattr__(self, "_step_module", step)  # not a registered child: no duplicate keys
-        self._state: Optional[State] = None
-        self._stream: Optional[Tuple] = None
-        self._cache_specs: Dict[Tuple, List[Tuple[Tuple[int, ...], torch.dtype]]] = {}
+        self._state: State | None = None
+        self._stream: tuple | None = None
+        self._cache_specs: dict[tuple, list[tuple[tuple[int, ...], torch.dtype]]] = {}
         # Held while forward or reset runs: a second thread is refused, never made to wait (and never mixed in).
         object.__setattr__(self, "_busy", threading.Lock())
         self.eval()
@@ -129,7 +130,7 @@ class OnlineTSM(nn.Module):
         """
         return self._step_module
 
-    def _specs(self, frame_shape: Optional[Tuple[int, ...]]) -> List[Tuple[Tuple[int, ...], torch.dtype]]:
+    def _specs(self, frame_shape: tuple[int, ...] | None) -> list[tuple[tuple[int, ...], torch.dtype]]:
         """Per-site cache shape without the batch, and dtype, for frames of ``frame_shape``."""
         if frame_shape is None:
             frame_shape = self.frame_shape
@@ -163,8 +164,8 @@ class OnlineTSM(nn.Module):
         param = next((p for p in self.parameters() if p.is_floating_point()), None)
         return torch.get_default_dtype() if param is None else param.dtype
 
-    def init_state(self, batch_size: int, device=None, dtype: Optional[torch.dtype] = None,
-                   frame_shape: Optional[Sequence[int]] = None) -> State:
+    def init_state(self, batch_size: int, device=None, dtype: torch.dtype | None = None,
+                   frame_shape: Sequence[int] | None = None) -> State:
         """Zero caches for ``batch_size`` new streams: the state before the first frame.
 
         Args:
@@ -196,7 +197,7 @@ class OnlineTSM(nn.Module):
         return {name: torch.zeros((int(batch_size),) + shape, device=device, dtype=dtype or spec_dtype)
                 for name, (shape, spec_dtype) in zip(self.state_names, specs)}
 
-    def step(self, frames: Tensor, state: State) -> Tuple[Tensor, State]:
+    def step(self, frames: Tensor, state: State) -> tuple[Tensor, State]:
         """One time step with explicit state; neither argument is modified.
 
         Args:
@@ -261,7 +262,7 @@ class OnlineTSM(nn.Module):
         self._state = {k: v.detach() for k, v in state.items()}
         return out
 
-    def reset(self, mask: Optional[Tensor] = None) -> None:
+    def reset(self, mask: Tensor | None = None) -> None:
         """Starts streams again: all of them, or those where ``mask`` is true.
 
         Args:
@@ -282,7 +283,7 @@ class OnlineTSM(nn.Module):
         finally:
             self._busy.release()
 
-    def _reset(self, mask: Optional[Tensor]) -> None:
+    def _reset(self, mask: Tensor | None) -> None:
         if mask is None or self._state is None:
             self._state, self._stream = None, None
             return
@@ -297,7 +298,7 @@ class OnlineTSM(nn.Module):
                        for k, v in self._state.items()}
 
     @property
-    def state(self) -> Optional[State]:
+    def state(self) -> State | None:
         """The internal-state form's current caches (``None`` before the first frame)."""
         return self._state
 
@@ -314,16 +315,16 @@ class OnlineTSM(nn.Module):
         return deepcopy_graph_module(self, graphs, _rebuild, args, state, memo)
 
 
-def _rebuild(tree: nn.Module, graphs: List[fx.Graph], sites: Sequence, shift_div: int, frame_shape) -> OnlineTSM:
+def _rebuild(tree: nn.Module, graphs: list[fx.Graph], sites: Sequence, shift_div: int, frame_shape) -> OnlineTSM:
     return OnlineTSM(tree, graphs[0], sites, shift_div, frame_shape)
 
 
-def _describe_stream(stream: Tuple) -> str:
+def _describe_stream(stream: tuple) -> str:
     shape, dtype, device = stream
     return f"shape {shape} {str(dtype).replace('torch.', '')} on {device}"
 
 
-def to_online(net: TSMNet, *, frame_shape: Optional[Sequence[int]] = None, inplace: bool = False) -> OnlineTSM:
+def to_online(net: TSMNet, *, frame_shape: Sequence[int] | None = None, inplace: bool = False) -> OnlineTSM:
     """Turns a uni-directional :class:`TSMNet` into a network that runs one frame at a time.
 
     Args:

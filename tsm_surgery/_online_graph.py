@@ -8,7 +8,7 @@ differentiated, every site makes a shifted copy instead.
 """
 
 import operator
-from typing import Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, fx, nn
@@ -48,7 +48,7 @@ class OnlineShift(nn.Module):
         self.uni_slot = uni_slot
         self.slot = 1 if uni_slot == "past" else 0  # the moving slot's first channel, in folds
 
-    def forward(self, x: Tensor, cache: Optional[Tensor], swap: bool = False) -> Tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, cache: Tensor | None, swap: bool = False) -> tuple[Tensor, Tensor]:
         """``swap=True`` lets the shift write the cache into ``x`` itself when that is safe (see
         :func:`_restore_slot`, which must then run right after the one consumer of the result)."""
         dim = self.channel_dim % x.dim()
@@ -196,7 +196,7 @@ def _from_data(node: fx.Node) -> bool:
     return False
 
 
-def swap_consumer(node: fx.Node, root: nn.Module) -> Optional[fx.Node]:
+def swap_consumer(node: fx.Node, root: nn.Module) -> fx.Node | None:
     """The single consumer of a shift node, if it may read a swapped-in-place input."""
     if len(node.users) != 1:
         return None

@@ -256,7 +256,7 @@ def _clips(x: Tensor, n_segments: int, channel_dim: int):
     if channels_last:
         x = x.permute(0, 2, 3, 1)
         channel_dim = 3
-    shape: List[int] = list(x.shape)
+    shape: list[int] = list(x.shape)
     return x.reshape([shape[0] // n_segments, n_segments] + shape[1:]), channel_dim + 1
 
 

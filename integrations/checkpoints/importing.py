@@ -37,7 +37,7 @@ Example:
 import logging
 import os
 import re
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -61,7 +61,7 @@ class CheckpointLayoutError(ValueError):
     """A checkpoint of no known layout, or one whose weights do not fit the model."""
 
 
-def read_state_dict(path_or_state_dict: Union[str, os.PathLike, dict]) -> Tuple[StateDict, str]:
+def read_state_dict(path_or_state_dict: str | os.PathLike | dict) -> tuple[StateDict, str]:
     """Reads a checkpoint file (``weights_only=True``) or takes a dict; returns its tensors and a name.
 
     A ``state_dict`` or ``model`` entry (mmengine's and the paper's files) is used when present.
@@ -86,7 +86,7 @@ def read_state_dict(path_or_state_dict: Union[str, os.PathLike, dict]) -> Tuple[
     return dict(obj), source
 
 
-def _detect(state: StateDict, source: str) -> Tuple[CheckpointLayout, StateDict]:
+def _detect(state: StateDict, source: str) -> tuple[CheckpointLayout, StateDict]:
     stripped = state
     if all(k.startswith("module.") for k in state):  # saved from DataParallel / DistributedDataParallel
         stripped = {k[len("module."):]: v for k, v in state.items()}
@@ -106,7 +106,7 @@ def _detect(state: StateDict, source: str) -> Tuple[CheckpointLayout, StateDict]
         "load it as it is.")
 
 
-def detect_layout(path_or_state_dict: Union[str, os.PathLike, dict]) -> CheckpointLayout:
+def detect_layout(path_or_state_dict: str | os.PathLike | dict) -> CheckpointLayout:
     """Which layout a checkpoint has (see ``LAYOUTS``), with a one-line description.
 
     Raises:
@@ -116,7 +116,7 @@ def detect_layout(path_or_state_dict: Union[str, os.PathLike, dict]) -> Checkpoi
     return _detect(state, source)[0]
 
 
-def _reference_shapes(layout: CheckpointLayout, state: StateDict) -> Optional[Dict[str, torch.Size]]:
+def _reference_shapes(layout: CheckpointLayout, state: StateDict) -> dict[str, torch.Size] | None:
     """The torchvision model a paper checkpoint maps onto, as key -> shape (built on the meta device)."""
     if layout.name == "mmaction2":
         return None
@@ -141,7 +141,7 @@ def _reference_shapes(layout: CheckpointLayout, state: StateDict) -> Optional[Di
 _COUNTERS = ("num_batches_tracked",)  # integer buffers a checkpoint may hold, or lack (older torch)
 
 
-def _tensor_problem(key: str, value: torch.Tensor) -> Optional[str]:
+def _tensor_problem(key: str, value: torch.Tensor) -> str | None:
     if value.is_meta:
         return "is on the meta device (a shape without data)"
     if value.layout != torch.strided:
@@ -221,7 +221,7 @@ def _check_resnet_keys(layout: CheckpointLayout, state: StateDict, source: str) 
                                     "edited or damaged; use the checkpoint as trained.")
 
 
-def _model_sites(model: nn.Module) -> List[Tuple[str, Optional[str]]]:
+def _model_sites(model: nn.Module) -> list[tuple[str, str | None]]:
     """(module path of each shift site in the model's key space, the model's place) for every TSM network in it."""
     found = []
     for name, module in model.named_modules():
@@ -233,7 +233,7 @@ def _model_sites(model: nn.Module) -> List[Tuple[str, Optional[str]]]:
     return found
 
 
-def _best_mapping(body: Sequence[str], layout: CheckpointLayout, target) -> Callable[[str], Optional[str]]:
+def _best_mapping(body: Sequence[str], layout: CheckpointLayout, target) -> Callable[[str], str | None]:
     best, best_score = None, -1
     for rename in (lambda k: k,) + tuple(layout.renames):
         for strip, add in _MOVES:
@@ -250,7 +250,7 @@ def _best_mapping(body: Sequence[str], layout: CheckpointLayout, target) -> Call
     return best
 
 
-def _fit(state: StateDict, layout: CheckpointLayout, target: Dict[str, torch.Size], sites, source: str,
+def _fit(state: StateDict, layout: CheckpointLayout, target: dict[str, torch.Size], sites, source: str,
          log: Log, strict: bool = True) -> StateDict:
     """Maps the default naming onto ``target``'s keys; ``strict=False`` (fine-tuning) lets the head differ."""
     head = {k for k in state if layout.head and k.startswith(layout.head + ".")}
@@ -392,9 +392,9 @@ def _log(level: int, message: str) -> None:
     logger.log(level, message)
 
 
-def convert_state_dict(state: StateDict, model: Optional[nn.Module] = None, source: str = "<state_dict>", *,
-                       model_state: Optional[dict] = None, log: Optional[Log] = None, strict: bool = True
-                       ) -> Tuple[StateDict, CheckpointLayout]:
+def convert_state_dict(state: StateDict, model: nn.Module | None = None, source: str = "<state_dict>", *,
+                       model_state: dict | None = None, log: Log | None = None, strict: bool = True
+                       ) -> tuple[StateDict, CheckpointLayout]:
     """:func:`import_tsm_checkpoint` for a state dict already read; also returns the detected layout.
 
     ``model_state`` (default ``model.state_dict()``) gives the keys and shapes to fit; ``log``
@@ -418,7 +418,7 @@ def convert_state_dict(state: StateDict, model: Optional[nn.Module] = None, sour
     return fitted, layout
 
 
-def layout_adapter(model: Optional[nn.Module] = None, source: str = "checkpoint", log: Optional[Log] = None,
+def layout_adapter(model: nn.Module | None = None, source: str = "checkpoint", log: Log | None = None,
                    strict: bool = True) -> Callable[[StateDict, dict], StateDict]:
     """An ``adapt(state, model_state) -> state`` for the checkpoint loader: imports the anchors' layouts.
 
@@ -444,8 +444,8 @@ def layout_adapter(model: Optional[nn.Module] = None, source: str = "checkpoint"
     return adapt
 
 
-def import_tsm_checkpoint(path_or_state_dict: Union[str, os.PathLike, dict],
-                          model: Optional[nn.Module] = None) -> StateDict:
+def import_tsm_checkpoint(path_or_state_dict: str | os.PathLike | dict,
+                          model: nn.Module | None = None) -> StateDict:
     """Reads an MMAction2 or paper-repo TSM checkpoint and returns it in this project's keys.
 
     Args:

@@ -28,8 +28,8 @@ import importlib.resources
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -58,7 +58,7 @@ MODELS_TRAINED = {
 DEFAULT_EPOCHS = 12
 
 
-def config_path(name: str, config_dir: Optional[os.PathLike] = None) -> Path:
+def config_path(name: str, config_dir: os.PathLike | None = None) -> Path:
     """Path of a demo model's config (``tsn``, ``tsm`` or ``tsm-uni``).
 
     Args:
@@ -116,7 +116,7 @@ class TimeReversalPairMetric(BaseMetric):
             label = sample["gt_label"]
             self.results.append((np.asarray(score.detach().cpu(), np.float64), int(label.reshape(-1)[0])))
 
-    def compute_metrics(self, results: List) -> Dict[str, float]:
+    def compute_metrics(self, results: list) -> dict[str, float]:
         scores = np.stack([r[0] for r in results])
         labels = np.array([r[1] for r in results])
         metrics = {"top1": float((scores.argmax(1) == labels).mean())}
@@ -148,9 +148,9 @@ class DemoProgressHook(Hook):
 
     def __init__(self, tag: str = "", every: int = 0) -> None:
         self.tag, self.every = tag, every
-        self.curves: Dict[str, list] = {"train_loss": [], "val_top1": []}
+        self.curves: dict[str, list] = {"train_loss": [], "val_top1": []}
         self._epoch_start = time.time()
-        self._losses: List[float] = []
+        self._losses: list[float] = []
 
     def before_train_epoch(self, runner) -> None:
         self._epoch_start = time.time()
@@ -166,7 +166,7 @@ class DemoProgressHook(Hook):
             print(f"  [{self.tag}] epoch {runner.epoch + 1}/{runner.max_epochs} iter {batch_idx + 1}/{n} "
                   f"loss {np.mean(self._losses[-self.every:]):.3f}", flush=True)
 
-    def after_val_epoch(self, runner, metrics: Optional[Dict[str, float]] = None) -> None:
+    def after_val_epoch(self, runner, metrics: dict[str, float] | None = None) -> None:
         if not runner.train_loop or (runner.epoch == 0 and not self._losses):
             return
         top1 = (metrics or {}).get("acc/top1", float("nan"))
@@ -180,7 +180,7 @@ class DemoProgressHook(Hook):
 # --------------------------------------------------------------------------------------------
 
 def build_cfg(name: str, data_root: Path, work_dir: Path, epochs: int, seed: int,
-              config_dir: Optional[os.PathLike] = None, batch_size: Optional[int] = None):
+              config_dir: os.PathLike | None = None, batch_size: int | None = None):
     """Loads a demo config and points it at ``data_root`` and ``work_dir``.
 
     Returns:
@@ -212,7 +212,7 @@ def build_cfg(name: str, data_root: Path, work_dir: Path, epochs: int, seed: int
     return cfg
 
 
-def train_and_test(name: str, cfg) -> Dict:
+def train_and_test(name: str, cfg) -> dict:
     """Trains one demo model with mmengine's Runner and tests it.
 
     Returns:
@@ -232,7 +232,7 @@ def train_and_test(name: str, cfg) -> Dict:
             "test_s": time.time() - start}
 
 
-def _prepare_run_dir(out_dir: Optional[str], force: bool) -> Path:
+def _prepare_run_dir(out_dir: str | None, force: bool) -> Path:
     if out_dir is None:
         run_dir = Path("work_dirs/demo") / time.strftime("%Y%m%d-%H%M%S")
         while run_dir.exists():
@@ -245,10 +245,10 @@ def _prepare_run_dir(out_dir: Optional[str], force: bool) -> Path:
     return run_dir
 
 
-def run_demo(out_dir: Optional[str] = None, epochs: int = DEFAULT_EPOCHS, videos_per_class: int = 80,
+def run_demo(out_dir: str | None = None, epochs: int = DEFAULT_EPOCHS, videos_per_class: int = 80,
              frames: int = 16, size: int = 64, seed: int = 0, models: Sequence[str] = tuple(MODELS_TRAINED),
-             force: bool = False, config_dir: Optional[str] = None, batch_size: Optional[int] = None,
-             stream: bool = True) -> Dict:
+             force: bool = False, config_dir: str | None = None, batch_size: int | None = None,
+             stream: bool = True) -> dict:
     """Runs the whole demo; returns the summary (also written to ``RUN_DIR/summary.json``).
 
     Args:
@@ -286,7 +286,7 @@ def run_demo(out_dir: Optional[str] = None, epochs: int = DEFAULT_EPOCHS, videos
         print(f"      done in {time.time() - start:.0f} s: " + ", ".join(f"{k} {v}" for k, v in meta["counts"].items()),
               flush=True)
 
-        results: Dict[str, Dict] = {}
+        results: dict[str, dict] = {}
         for i, name in enumerate(models):
             print(f"[2/4] training {name} ({i + 1}/{len(models)}): {MODELS_TRAINED[name][1]}; {epochs} epochs",
                   flush=True)
@@ -323,7 +323,7 @@ def run_demo(out_dir: Optional[str] = None, epochs: int = DEFAULT_EPOCHS, videos
         return summary
 
 
-def _stream_one(runner, seed: int) -> Dict:
+def _stream_one(runner, seed: int) -> dict:
     dataset = runner.test_dataloader.dataset
     # A reversed-class video of the rotate pair: the hardest to tell from its bag of frames.
     target = synth_data.CLASSES.index("rotate_cw")

@@ -40,10 +40,8 @@ Example:
 import json
 import math
 import os
-import shutil
-import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -60,13 +58,13 @@ __all__ = [
     ]
 
 # (pair name, class shown forward, class shown reversed)
-PAIRS: Tuple[Tuple[str, str, str], ...] = (
+PAIRS: tuple[tuple[str, str, str], ...] = (
     ("move", "move_right", "move_left"),
     ("scale", "grow", "shrink"),
     ("rotate", "rotate_ccw", "rotate_cw"),
 )
-CLASSES: Tuple[str, ...] = tuple(name for _, fwd, rev in PAIRS for name in (fwd, rev))
-SPLITS: Tuple[str, ...] = ("train", "val", "test")
+CLASSES: tuple[str, ...] = tuple(name for _, fwd, rev in PAIRS for name in (fwd, rev))
+SPLITS: tuple[str, ...] = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
 GENERATED = ("videos", "train.txt", "val.txt", "test.txt", "classes.txt", "meta.json")
 
@@ -76,7 +74,7 @@ def class_of(pair: int, reversed_: bool) -> int:
     return 2 * pair + int(reversed_)
 
 
-def pair_of(label: int) -> Tuple[int, bool]:
+def pair_of(label: int) -> tuple[int, bool]:
     """``(pair index, is the reversed class)`` of a label."""
     return label // 2, bool(label % 2)
 
@@ -86,7 +84,7 @@ def pair_of(label: int) -> Tuple[int, bool]:
 # --------------------------------------------------------------------------------------------
 
 def sample_params(pair: int, rng: np.random.Generator, size: int, frames: int, motion_scale: float = 1.0,
-                  noise_scale: float = 1.0) -> Dict:
+                  noise_scale: float = 1.0) -> dict:
     """Draws the random parameters of one forward video of pair ``pair``.
 
     Sizes and speeds scale with ``size`` (tuned at 64 px), and the total motion is spread over
@@ -139,7 +137,7 @@ def sample_params(pair: int, rng: np.random.Generator, size: int, frames: int, m
             for k, v in params.items()}
 
 
-def _background(params: Dict) -> np.ndarray:
+def _background(params: dict) -> np.ndarray:
     size = params["size"]
     rng = np.random.default_rng(params["texture_seed"])
     coarse = rng.standard_normal((6, 6, 3)).astype(np.float32)
@@ -178,7 +176,7 @@ def _draw_hand(canvas: np.ndarray, cx: float, cy: float, angle: float, length: f
     cv2.circle(canvas, pt(cx, cy), round(width * 0.9 * scale), dim, -1, cv2.LINE_AA, shift)
 
 
-def render_video(params: Dict, reverse: bool = False) -> np.ndarray:
+def render_video(params: dict, reverse: bool = False) -> np.ndarray:
     """Renders a video from :func:`sample_params` output.
 
     Args:
@@ -291,8 +289,8 @@ def check_settings(videos_per_class: int, size: int, frames: int, seed: int) -> 
 
 def generate(out_dir: os.PathLike, videos_per_class: int = 80, size: int = 64, frames: int = 16,
              seed: int = 0, force: bool = False,
-             progress: Optional[Callable[[int, int], None]] = None, motion_scale: float = 1.0,
-             noise_scale: float = 1.0) -> Dict:
+             progress: Callable[[int, int], None] | None = None, motion_scale: float = 1.0,
+             noise_scale: float = 1.0) -> dict:
     """Generates the dataset: mp4 files plus MMAction2 annotation lists.
 
     Each pair draws ``videos_per_class`` parameter sets; every parameter set gives one video of
@@ -333,11 +331,11 @@ def generate(out_dir: os.PathLike, videos_per_class: int = 80, size: int = 64, f
 
 
 def _generate_into(out: Path, videos_per_class: int, size: int, frames: int, seed: int,
-                   progress: Optional[Callable[[int, int], None]], motion_scale: float, noise_scale: float) -> Dict:
+                   progress: Callable[[int, int], None] | None, motion_scale: float, noise_scale: float) -> dict:
     for name in CLASSES:
         (out / "videos" / name).mkdir(parents=True, exist_ok=True)
 
-    lists: Dict[str, List[str]] = {split: [] for split in SPLITS}
+    lists: dict[str, list[str]] = {split: [] for split in SPLITS}
     total, done = len(CLASSES) * videos_per_class, 0
     for pair in range(len(PAIRS)):
         for index in range(videos_per_class):

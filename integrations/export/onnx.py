@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write_sidecar(side_path: str, args: argparse.Namespace, model: nn.Module, path: str, form: str, size: int,
-                   direction: str, net: "tsm_surgery.TSMNet", io: Dict[str, Any]) -> None:
+                   direction: str, net: "tsm_surgery.TSMNet", io: dict[str, Any]) -> None:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     sidecar = {
         "format": SIDECAR_FORMAT,

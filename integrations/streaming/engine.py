@@ -26,7 +26,8 @@ Example:
     >>> logits, state = engine.step(torch.zeros(2, 3, 64, 64), state)  # doctest: +SKIP
 """
 
-from typing import Callable, Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor

@@ -14,8 +14,8 @@ how long after its due time on the source's clock the frame's result was ready.
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

@@ -8,8 +8,8 @@ plain 2D model for ``--benchmark``, and the preprocessing, from the verb's argum
 
 import argparse
 import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def decode(path: str, max_frames: Optional[int] = None) -> Iterator[np.ndarray]:
+def decode(path: str, max_frames: int | None = None) -> Iterator[np.ndarray]:
     """Yields the video's frames as ``(H, W, 3)`` uint8 RGB arrays (PyAV, else decord).
 
     Raises:
@@ -120,7 +120,7 @@ class Models:
 
     plain: Callable[[torch.Tensor], torch.Tensor]
     online: tsm_surgery.OnlineTSM
-    head: Optional[Callable[[torch.Tensor], torch.Tensor]]
+    head: Callable[[torch.Tensor], torch.Tensor] | None
     preprocess: Preprocess
 
     def cast(self, dtype: torch.dtype) -> None:
@@ -129,7 +129,7 @@ class Models:
             if isinstance(part, nn.Module):
                 part.to(dtype)
 
-    def engine(self, dtype: Optional[torch.dtype] = None) -> TorchEngine:
+    def engine(self, dtype: torch.dtype | None = None) -> TorchEngine:
         size = self.preprocess.size
         return TorchEngine(self.online, (3, size, size), dtype=dtype, head=self.head)
 
@@ -163,7 +163,7 @@ def _from_mmaction(args: argparse.Namespace) -> Models:
     try:
         from mmaction.apis import init_recognizer
 
-        import tsm_surgery.integrations.mmaction  # noqa: F401  registers the plugin, applies compat patches
+        import tsm_surgery.integrations.mmaction
     except ImportError as err:
         raise ImportError(f"--config needs MMAction2 ({err}). "
                           "Install the extras: pip install 'tsm_surgery[mmaction]'.") from None

@@ -16,7 +16,7 @@ described in docs/reliability.md.
 """
 
 import random
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,8 +56,8 @@ class RandomStateHook(Hook):
     priority = "VERY_HIGH"
 
     def __init__(self) -> None:
-        self._resumed: Optional[dict[str, Any]] = None
-        self._before_val: Optional[dict[str, Any]] = None
+        self._resumed: dict[str, Any] | None = None
+        self._before_val: dict[str, Any] | None = None
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         checkpoint.setdefault("meta", {})[META_KEY] = capture()

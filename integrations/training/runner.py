@@ -30,7 +30,8 @@ import logging
 import os
 import os.path as osp
 import zipfile
-from typing import Any, Dict, List, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -66,7 +67,7 @@ from .random_state import RandomStateHook  # noqa: E402
 __all__ = ["load_config", "build_runner", "train", "test", "CheckpointKeysHook"]
 
 LAUNCHERS = ("none", "pytorch", "slurm", "mpi")
-ConfigLike = Union[str, Config]
+ConfigLike = str | Config
 
 
 @HOOKS.register_module()
@@ -90,7 +91,7 @@ class CheckpointKeysHook(Hook):
 
     priority = "VERY_HIGH"
 
-    def __init__(self, strict: bool = False, source: str = "load_from", adapt: Optional[Adapter] = None) -> None:
+    def __init__(self, strict: bool = False, source: str = "load_from", adapt: Adapter | None = None) -> None:
         self.strict = strict
         self.source = source
         self.adapt = adapt
@@ -115,7 +116,7 @@ class CheckpointKeysHook(Hook):
                 checkpoint.update(adapted)
 
 
-def _set_options(cfg: Config, cfg_options: Optional[Dict[str, Any]]) -> None:
+def _set_options(cfg: Config, cfg_options: dict[str, Any] | None) -> None:
     if cfg_options:
         cfg.merge_from_dict(dict(cfg_options))
 
@@ -154,7 +155,7 @@ def _check_model_types(cfg: Config) -> None:
                 "'ResNetTSM', 'ResNet', ...; other libraries' models are 'timm.<name>' or 'torchvision.<name>'.")
 
 
-def load_config(config: ConfigLike, work_dir: Optional[str] = None, cfg_options: Optional[Dict[str, Any]] = None,
+def load_config(config: ConfigLike, work_dir: str | None = None, cfg_options: dict[str, Any] | None = None,
                 launcher: str = "none") -> Config:
     """Reads a config and prepares it for this machine.
 
@@ -205,14 +206,14 @@ def load_config(config: ConfigLike, work_dir: Optional[str] = None, cfg_options:
     return cfg
 
 
-def _existing_checkpoints(work_dir: str) -> List[str]:
+def _existing_checkpoints(work_dir: str) -> list[str]:
     found = sorted(glob.glob(osp.join(work_dir, "*.pth")))
     if osp.isfile(osp.join(work_dir, "last_checkpoint")):
         found.append(osp.join(work_dir, "last_checkpoint"))
     return found
 
 
-def _resume_target(cfg: Config, resume: Union[bool, str]) -> Optional[str]:
+def _resume_target(cfg: Config, resume: bool | str) -> str | None:
     """The one checkpoint to resume: a path, the work dir's last checkpoint, or None (start fresh).
 
     ``resume=True`` (or the config's ``resume=True``) continues the work dir's last checkpoint;
@@ -275,7 +276,7 @@ def _save_atomically(runner: Runner) -> None:
     runner.save_checkpoint = save_checkpoint
 
 
-def build_runner(cfg: Config, checkpoint_keys: Optional[CheckpointKeysHook] = None) -> Runner:
+def build_runner(cfg: Config, checkpoint_keys: CheckpointKeysHook | None = None) -> Runner:
     """``Runner.from_cfg`` plus the checkpoint key check; checkpoints are written atomically."""
     runner = Runner.from_cfg(cfg)
     runner.register_hook(checkpoint_keys or CheckpointKeysHook(strict=False))
@@ -284,8 +285,8 @@ def build_runner(cfg: Config, checkpoint_keys: Optional[CheckpointKeysHook] = No
     return runner
 
 
-def train(config: ConfigLike, work_dir: Optional[str] = None, cfg_options: Optional[Dict[str, Any]] = None,
-          launcher: str = "none", resume: Union[bool, str] = False, load_from: Optional[str] = None,
+def train(config: ConfigLike, work_dir: str | None = None, cfg_options: dict[str, Any] | None = None,
+          launcher: str = "none", resume: bool | str = False, load_from: str | None = None,
           overwrite: bool = False) -> Runner:
     """Trains (and validates) a config with mmengine's Runner.
 
@@ -323,7 +324,7 @@ def train(config: ConfigLike, work_dir: Optional[str] = None, cfg_options: Optio
         return _train(cfg, resume, load_from, overwrite)
 
 
-def _train(cfg: Config, resume: Union[bool, str], load_from: Optional[str], overwrite: bool) -> Runner:
+def _train(cfg: Config, resume: bool | str, load_from: str | None, overwrite: bool) -> Runner:
     if load_from is not None:
         cfg.load_from = load_from
     resume_from = _resume_target(cfg, resume)
@@ -347,8 +348,8 @@ def _train(cfg: Config, resume: Union[bool, str], load_from: Optional[str], over
     return runner
 
 
-def test(config: ConfigLike, checkpoint: str, work_dir: Optional[str] = None,
-         cfg_options: Optional[Dict[str, Any]] = None, launcher: str = "none") -> Dict[str, float]:
+def test(config: ConfigLike, checkpoint: str, work_dir: str | None = None,
+         cfg_options: dict[str, Any] | None = None, launcher: str = "none") -> dict[str, float]:
     """Evaluates a checkpoint on the config's test set with mmengine's Runner.
 
     The checkpoint is loaded with ``weights_only=True`` and must match the model exactly.
