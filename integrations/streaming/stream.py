@@ -170,6 +170,20 @@ def _from_mmaction(args: argparse.Namespace) -> Tuple[nn.Module, Callable, Prepr
     return _WithHead(two_d, head), _WithHead(online, head), pre
 
 
+def _from_engine(args: argparse.Namespace) -> Tuple[None, Callable, Preprocess]:
+    """(no 2D model, the exported step in its runtime, the sidecar's preprocessing) for ``--engine``."""
+    from tsm_surgery.integrations.export import load
+
+    if args.benchmark or args.dtype != "float32":
+        raise ValueError("--engine runs the exported artifact as it is: drop --benchmark and --dtype "
+                         "(tsm-surgery bench --deploy compares runtimes).")
+    runner = load(args.engine[1], engine=args.engine[0], threads=args.threads)
+    if runner.sidecar["form"] != "online":
+        raise ValueError(f"--engine: {args.engine[1]} is a clip network; export with --online to stream.")
+    p = runner.sidecar["preprocess"]
+    return None, runner, Preprocess(p["size"], p["mean"], p["std"])
+
+
 class _WithHead(nn.Module):
     """A per-frame backbone followed by an MMAction2 head on a one-frame clip."""
 
@@ -207,6 +221,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="timm:NAME or torchvision:NAME (random weights unless --checkpoint)")
     source.add_argument("--config", help="an MMAction2 config whose backbone is TSMSurgeryBackbone(direction='uni')")
+    source.add_argument("--engine", nargs=2, metavar=("ENGINE", "SIDECAR"),
+                        help="an exported online step run in its runtime: onnx, openvino or executorch, and the "
+                             "sidecar .json that tsm-surgery export wrote")
     parser.add_argument("--checkpoint", help="weights (state_dict for --model, MMAction2 checkpoint for --config)")
     parser.add_argument("--num-classes", type=positive_int,
                         help="classifier size for --model (default: the model's own)")
@@ -247,7 +264,9 @@ def _timed(fn: Callable, frames: torch.Tensor) -> Tuple[torch.Tensor, float]:
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.config:
+    if args.engine:
+        plain, online, pre = _from_engine(args)
+    elif args.config:
         plain, online, pre = _from_mmaction(args)
     else:
         plain, online, pre = _from_timm(args)
