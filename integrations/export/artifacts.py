@@ -128,12 +128,12 @@ def torch_export(module: torch.nn.Module, args: tuple, dynamic_shapes: Any = Non
         return torch.export.export(module, args, dynamic_shapes=dynamic_shapes)
 
 
-def sidecar_path(path: str) -> str:
+def sidecar_path(path: str, artifact: str = "the artifact") -> str:
     """The sidecar of artifact ``path``: the same path with ``.json``; refuses to put it on the artifact."""
     side = os.path.splitext(path)[0] + ".json"
     if os.path.abspath(side) == os.path.abspath(path):
         raise ValueError(f"--output {path}: the JSON sidecar is the artifact's path with .json, so it would "
-                         "overwrite the artifact; give the artifact its runtime's suffix (.onnx, .xml, .pte).")
+                         f"overwrite {artifact}; give it its runtime's suffix (.onnx, .xml, .pte).")
     return side
 
 

@@ -95,6 +95,6 @@ def output_files(path: str) -> List[Tuple[str, str]]:
     The dynamo exporter stores the weights next to the graph in ``<path>.data``; the sidecar is
     ``path`` with ``.json``. A ``path`` ending in ``.json`` would put the sidecar on the graph.
     """
-    side = sidecar_path(path)
+    side = sidecar_path(path, "the ONNX graph")
     return [(path, "the ONNX graph"), (path + ".data", "its weights, written by the dynamo exporter"),
             (side, "the JSON sidecar naming inputs, outputs and caches")]

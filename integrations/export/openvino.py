@@ -31,6 +31,8 @@ def write(module: nn.Module, args: tuple, path: str, input_names: list[str], out
     """Saves ``module`` traced on ``args`` as OpenVINO IR at ``path`` (``.xml``; weights in ``.bin``)."""
     ov = require("openvino", "openvino")
     model = ov.convert_model(torch_export(module, args))
+    # convert_model leaves every dimension dynamic; the export's shapes are fixed (static shapes also run faster).
+    model.reshape({port: ov.PartialShape(list(a.shape)) for port, a in zip(model.inputs, args)})
     for port, name in zip(model.inputs, input_names):
         port.get_tensor().set_names({name})
     for port, name in zip(model.outputs, output_names):
