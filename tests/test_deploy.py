@@ -308,3 +308,28 @@ def test_export_verb_writes_each_target_and_stream_engine_runs_it(tmp_path, caps
     assert main(["stream", "--engine", "openvino", str(tmp_path / "mbv2.json"), str(video), "--topk", "2"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert sum(line.startswith("frame") for line in lines) == 3 and "3 frames" in lines[-1]
+
+
+def test_bench_deploy_quick_writes_its_own_section(tmp_path, capsys):
+    """bench --deploy measures a runtime, checks its streaming equality and replaces only its section."""
+    from tsm_surgery.cli import main
+    from tsm_surgery.integrations.studies import deploy
+
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text("<!-- bench:cpu -->\n# Benchmarks\n<!-- /bench:cpu -->\n")
+    assert main(["bench", "--deploy", "--quick", "--deploy-runtimes", "onnx", "--deploy-models", R18,
+                 "--output", str(out)]) == 0
+    text = out.read_text()
+    assert "# Benchmarks" in text and text.count("<!-- bench:deploy -->") == 1 and "load average" in text
+    row = next(line for line in text.splitlines() if line.startswith(f"| `{R18}` | onnx |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    step_ms, plain_ms, equality = float(cells[2]), float(cells[3]), float(cells[7])
+    assert step_ms > 0 and plain_ms > 0 and float(cells[6]) > 0
+    assert equality <= 1e-4
+    machine = deploy.describe(torch.device("cpu"))
+    result = deploy.DeployResult(deploy.DeploySettings(runtimes=("onnx",)), machine=machine)
+    deploy.write(str(out), result)  # a second run replaces the section and keeps the others
+    again = out.read_text()
+    assert again.count("<!-- bench:deploy -->") == 1 and "# Benchmarks" in again and R18 not in again
+    with pytest.raises(ValueError, match="runtime 'tflite'"):
+        deploy.run_deploy(deploy.DeploySettings(runtimes=("tflite",)))
