@@ -87,11 +87,13 @@ def test_online_stream_equals_offline_uni_frame_by_frame(exported, target, spec)
         runner.reset()
         got = torch.cat([runner.step(clip[t:t + 1]) for t in range(SEGMENTS)])
         assert _rel(got, expected) <= RTOL
-    # the stateless form: the caller owns the caches
-    state = runner.init_state(1)
+    # the stateless form: the caller owns the caches, here of two streams (chunks of the artifact's batch 1)
+    engine = runner.step_engine()
+    state = engine.init_state(2)
+    second = offline(clip[SEGMENTS:])
     for t in range(SEGMENTS):
-        logits, state = runner.step_state(clip[t:t + 1], state)
-        assert _rel(logits, expected[t:t + 1]) <= RTOL
+        logits, state = engine.step(torch.stack([clip[t], clip[SEGMENTS + t]]), state)
+        assert _rel(logits[:1], expected[t:t + 1]) <= RTOL and _rel(logits[1:], second[t:t + 1]) <= RTOL
 
 
 @pytest.mark.parametrize("target", ["onnx", "openvino", pytest.param("executorch", marks=SLOW)])

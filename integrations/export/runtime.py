@@ -27,7 +27,7 @@ import torch
 
 from .artifacts import EXTRA, TARGETS, read_sidecar, require
 
-__all__ = ["Engine", "open_engine", "load", "OnlineRunner", "ClipRunner", "ENGINES"]
+__all__ = ["Engine", "open_engine", "load", "OnlineRunner", "ClipRunner", "StepEngine", "ENGINES"]
 
 ENGINES = TARGETS
 Arrays = list[np.ndarray]
@@ -203,8 +203,13 @@ class OnlineRunner:
         self._state = self.init_state(self.batch_size)
 
     def init_state(self, batch_size: int) -> dict[str, torch.Tensor]:
-        """Zero caches for ``batch_size`` streams: the state before the first frame."""
-        return {s["input"]: torch.zeros([batch_size] + list(s["shape"][1:])) for s in self.sidecar["state"]}
+        """Caches for ``batch_size`` streams before the first frame: zeros in the cache's dtype.
+
+        A quantized cache (sidecar ``dtype`` ``int8``) starts at its ``zero_point``: the quantized zero.
+        """
+        return {s["input"]: torch.full([batch_size] + list(s["shape"][1:]), s.get("zero_point", 0),
+                                       dtype=getattr(torch, s.get("dtype", "float32")))
+                for s in self.sidecar["state"]}
 
     def reset(self) -> None:
         """Starts a new stream: caches back to zeros."""
@@ -212,16 +217,34 @@ class OnlineRunner:
 
     def step_state(self, frames: torch.Tensor, state: dict[str, torch.Tensor]
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One step for ``frames`` ``(n, C, H, W)`` and their caches, ``n`` up to the artifact's batch."""
+        """One step for ``frames`` ``(n, C, H, W)`` and their caches (row ``i`` = stream ``i``), any ``n``.
+
+        Rows run in chunks of the artifact's batch, the last one padded with zero rows.
+        """
+        if tuple(frames.shape[1:]) != self.frame_shape:
+            raise ValueError(f"frames of shape {tuple(frames.shape)}: the artifact takes frames of "
+                             f"{self.frame_shape}; re-export with --size to change it.")
+        logits, states = [], []
+        for start in range(0, frames.shape[0], self.batch_size):
+            rows = slice(start, start + self.batch_size)
+            out, new = self._run_chunk(frames[rows], {name: state[name][rows] for name in self.state_names})
+            logits.append(out)
+            states.append(new)
+        return torch.cat(logits), {name: torch.cat([s[name] for s in states]) for name in self.state_names}
+
+    def _run_chunk(self, frames: torch.Tensor, state: dict[str, torch.Tensor]
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         n = frames.shape[0]
-        if n > self.batch_size or tuple(frames.shape[1:]) != self.frame_shape:
-            raise ValueError(f"frames of shape {tuple(frames.shape)}: the artifact takes up to {self.batch_size} "
-                             f"frames of {self.frame_shape}; re-export with --batch-size/--size to change it.")
         inputs = [_pad_rows(_numpy(frames), self.batch_size)]
-        inputs += [_pad_rows(_numpy(state[name]), self.batch_size) for name in self.state_names]
+        # caches keep their dtype (float32, or int8 codes in a quantized step)
+        inputs += [_pad_rows(np.ascontiguousarray(state[name].numpy()), self.batch_size) for name in self.state_names]
         outs = self.engine.run(inputs)
         new_state = {name: torch.from_numpy(out[:n]) for name, out in zip(self.state_names, outs[1:])}
         return torch.from_numpy(outs[0][:n]), new_state
+
+    def step_engine(self) -> "StepEngine":
+        """This runner as the frame loop's ``StepEngine``: ``init_state(batch)``, ``step(frames, state)``."""
+        return StepEngine(self)
 
     def step(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Logits of this frame (``(B, C, H, W)``); the caches advance by one frame."""
@@ -229,6 +252,19 @@ class OnlineRunner:
         return logits
 
     __call__ = step
+
+
+class StepEngine:
+    """The stateless view of an :class:`OnlineRunner`: the caller owns the caches, one row per stream.
+
+    ``init_state(batch_size)`` gives the caches before the first frame; ``step(frames, state)``
+    returns ``(logits, new_state)`` for any number of rows.
+    """
+
+    def __init__(self, runner: OnlineRunner):
+        self.runner = runner
+        self.init_state = runner.init_state
+        self.step = runner.step_state
 
 
 def _numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
