@@ -13,7 +13,7 @@ from utils import randomize_norms
 
 import tsm_surgery
 from tsm_surgery.integrations.export import export_set, load
-from tsm_surgery.integrations.export.artifacts import staged_outputs, torch_export
+from tsm_surgery.integrations.export.artifacts import torch_export
 from tsm_surgery.integrations.models import build_model
 
 pytest.importorskip("onnxruntime")
@@ -274,18 +274,10 @@ def test_a_failed_export_writes_nothing(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="midway"):
         export_set("onnx", online, str(tmp_path / "x.onnx"), frame_shape=FRAME)
     assert list(tmp_path.iterdir()) == []
-    # staged_outputs moves the whole set into place only when the block succeeds
-    outputs = [(str(tmp_path / "a.bin"), "a"), (str(tmp_path / "a.json"), "b")]
-    with staged_outputs(outputs) as staged:
-        for path, _ in outputs:
-            open(staged(path), "w").write("x")
-        assert list(tmp_path.iterdir())[0].name.startswith(".tsm-export-")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "a.json"]
 
 
-def test_export_verb_writes_each_target_and_stream_engine_runs_it(tmp_path, capsys):
-    """The verb's sidecar drives the runner, and stream --engine prints one line per frame and a summary."""
-    av = pytest.importorskip("av")
+def test_export_verb_sidecar_drives_the_runner_and_stream_batch(tmp_path, capsys):
+    """The verb's sidecar drives the runner, and the runner drives the live loop's StreamBatch."""
     from tsm_surgery.cli import main
 
     out = tmp_path / "mbv2.xml"
@@ -297,19 +289,23 @@ def test_export_verb_writes_each_target_and_stream_engine_runs_it(tmp_path, caps
     assert sidecar["inputs"][0] == {"name": "frames", "shape": [1, *FRAME], "dtype": "float32"}
     assert [s["input"] for s in sidecar["state"]] == [f"cache_{i}" for i in range(len(sidecar["sites"]))]
     assert sidecar["precision"] == "f32" and sidecar["shift_div"] == 8 and sidecar["preprocess"]["size"] == 32
-    video = tmp_path / "clip.mp4"
-    with av.open(str(video), "w") as container:
-        s = container.add_stream("mpeg4", rate=8)
-        s.width = s.height = 48
-        s.pix_fmt = "yuv420p"
-        for i in range(3):
-            frame = av.VideoFrame.from_ndarray(np.full((48, 48, 3), 40 * i, np.uint8), format="rgb24")
-            container.mux(s.encode(frame))
-        container.mux(s.encode())
-    capsys.readouterr()
-    assert main(["stream", "--engine", "openvino", str(tmp_path / "mbv2.json"), str(video), "--topk", "2"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert sum(line.startswith("frame") for line in lines) == 3 and "3 frames" in lines[-1]
+    # the runner's step_engine() drives the live frame loop's StreamBatch: two streams, one step per tick
+    from tsm_surgery.integrations.streaming.batch import StreamBatch
+
+    batch = StreamBatch(load(str(tmp_path / "mbv2.json")).step_engine())
+    a, b = batch.add("a"), batch.add("b")
+    clips = torch.randn(2, SEGMENTS, *FRAME)
+    outs = {a: [], b: []}
+    for t in range(SEGMENTS):
+        batch.feed(a, clips[0, t:t + 1])
+        batch.feed(b, clips[1, t:t + 1])
+        for stream, logits in batch.step().items():
+            outs[stream].append(logits.reshape(1, -1))
+    runner = load(str(tmp_path / "mbv2.json"))
+    for stream, clip in ((a, clips[0]), (b, clips[1])):
+        runner.reset()
+        alone = torch.cat([runner.step(clip[t:t + 1]) for t in range(SEGMENTS)])
+        assert _rel(torch.cat(outs[stream]), alone) <= RTOL
 
 
 def test_bench_deploy_quick_writes_its_own_section(tmp_path, capsys):

@@ -9,8 +9,7 @@ Two forms:
 * ``--offline``: the converted clip network, input ``clips`` ``(N*T, C, H, W)``; ONNX keeps ``N``
   dynamic, OpenVINO and ExecuTorch fix it (``--clips``).
 
-``tsm-surgery stream --engine TARGET SIDECAR VIDEO`` and :func:`tsm_surgery.integrations.export.load`
-run the result.
+:func:`tsm_surgery.integrations.export.load` runs the result.
 
 Example::
 
@@ -21,6 +20,7 @@ Example::
 
 import argparse
 import os
+import sys
 import time
 
 import torch
@@ -98,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
     model = build_model(args.model, checkpoint=args.checkpoint, **kwargs).eval()
     size = args.size or default_frame_size(model)
     frame_shape = (3, size, size)
+    if not args.checkpoint:
+        print("tsm-surgery export: note: no --checkpoint, so the exported network has random weights; pass "
+              "--checkpoint FILE for trained ones", file=sys.stderr)
     start = time.perf_counter()
     net = tsm_surgery.convert(model, args.n_segments, shift_div=args.shift_div, direction=direction,
                               example_input=torch.randn((1,) + frame_shape), inplace=True)

@@ -2,34 +2,23 @@
 
 An export is a *set* of files: the runtime's artifact (one file or several) and one JSON sidecar
 that names the frame input, every cache's input and output with its shape, the output, the dtype
-and the settings the network was converted with. :func:`staged_outputs` writes the set into a
-hidden folder beside the destination and moves it into place only when every file was written,
-so a failed export leaves nothing behind.
+and the settings the network was converted with; :mod:`.writer` writes it all or nothing.
 
 Example:
-    >>> import tempfile
-    >>> folder = tempfile.mkdtemp()
-    >>> target = os.path.join(folder, "a.txt")
-    >>> with staged_outputs([(target, "a file")]) as staged:
-    ...     _ = open(staged(target), "w").write("done")
-    >>> open(target).read()
-    'done'
+    >>> sidecar_path("exports/mbv2.xml")
+    'exports/mbv2.json'
 """
 
-import contextlib
 import importlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 
 import tsm_surgery
 
-__all__ = ["SIDECAR_FORMAT", "TARGETS", "EXTRA", "require", "require_target", "staged_outputs", "tensor_spec",
+__all__ = ["SIDECAR_FORMAT", "TARGETS", "EXTRA", "require", "require_target", "tensor_spec",
            "online_example", "online_io", "offline_io", "read_sidecar", "sidecar_path", "torch_export"]
 
 SIDECAR_FORMAT = "tsm_surgery.export/1"
@@ -52,32 +41,6 @@ def require(module: str, target: str) -> Any:
 def require_target(target: str) -> None:
     """Raises :class:`ImportError` naming the extra when ``target``'s exporter is not installed."""
     require(WRITER_MODULE[target], target)
-
-
-@contextlib.contextmanager
-def staged_outputs(outputs: Sequence[tuple[str, str]]) -> Iterator[Callable[[str], str]]:
-    """Writes a set of files all or nothing; yields ``staged(path) -> where to write path now``.
-
-    The files are written under their final names into a hidden folder of their destination
-    folder (so relative references such as ONNX's ``<graph>.onnx.data`` stay valid), then moved
-    into place one rename each once the block ends without an exception. On an exception the
-    folder is removed and the destination is untouched. Files the block did not create (an
-    optional member of the set) are skipped.
-    """
-    folders = {os.path.dirname(os.path.abspath(p)) for p, _ in outputs}
-    if len(folders) != 1:
-        raise ValueError(f"an export set lives in one folder; got {sorted(folders)}.")
-    folder = folders.pop()
-    os.makedirs(folder, exist_ok=True)
-    stage = tempfile.mkdtemp(prefix=".tsm-export-", dir=folder)
-    try:
-        yield lambda path: os.path.join(stage, os.path.basename(path))
-        for path, _ in outputs:
-            staged = os.path.join(stage, os.path.basename(path))
-            if os.path.exists(staged):
-                os.replace(staged, path)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
 
 
 def tensor_spec(name: str, t: torch.Tensor, **extra: Any) -> dict[str, Any]:

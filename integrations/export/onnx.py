@@ -30,8 +30,14 @@ __all__ = ["export_online", "export_offline", "output_files", "write"]
 
 def write(module: nn.Module, args: Tuple, path: str, input_names: List[str], output_names: List[str],
           exporter: str = "dynamo", dynamic: Optional[Dict[str, Any]] = None) -> None:
-    """One call into torch.onnx for both exporters; ``dynamic`` maps an input name to {dim: (name, multiple)}."""
+    """Writes ``module`` traced on ``args`` as ONNX; ``dynamic`` maps an input name to {dim: (name, multiple)}."""
     require("onnx", "onnx")
+    _export_onnx(module, args, path, input_names, output_names, exporter, dynamic)
+
+
+def _export_onnx(module: nn.Module, args: Tuple, path: str, input_names: List[str], output_names: List[str],
+                 exporter: str, dynamic: Optional[Dict[str, Any]] = None) -> None:
+    """One call into torch.onnx for both exporters."""
     kwargs: Dict[str, Any] = dict(input_names=input_names, output_names=output_names)
     if exporter == "dynamo":
         if dynamic:

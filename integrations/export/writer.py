@@ -2,7 +2,7 @@
 
 :func:`export_set` is what ``tsm-surgery export`` and the deploy bench call: it picks the target's
 module (:mod:`.onnx`, :mod:`.openvino`, :mod:`.executorch`), checks the destination before any
-slow work, writes every file through :func:`~.artifacts.staged_outputs` and returns the sidecar.
+slow work, writes every file through ``outputs.atomic_outputs`` and returns the sidecar.
 
 Example::
 
@@ -18,9 +18,9 @@ from types import ModuleType
 from typing import Any
 
 import tsm_surgery
-from tsm_surgery.integrations.outputs import claim_outputs
+from tsm_surgery.integrations.outputs import atomic_outputs
 
-from .artifacts import SIDECAR_FORMAT, TARGETS, require_target, staged_outputs
+from .artifacts import SIDECAR_FORMAT, TARGETS, require_target
 
 __all__ = ["export_set", "target_module", "SUFFIX"]
 
@@ -79,8 +79,10 @@ def export_set(target: str, network: "tsm_surgery.OnlineTSM | tsm_surgery.TSMNet
     if precision != "f32" and target != "openvino":
         raise ValueError(f"--precision {precision}: only the openvino target chooses a float precision at run time.")
     require_target(target)
-    claim_outputs(outputs, force)  # before anything slow or written
-    with staged_outputs(outputs) as staged:
+    # The set is written to temporary paths (same basenames, so ONNX's .data reference holds) and replaces
+    # the targets together when complete; checked before anything slow or written.
+    with atomic_outputs(outputs, force) as temps:
+        staged = dict(zip([p for p, _ in outputs], temps)).__getitem__
         if online:
             kwargs = {"exporter": exporter} if target == "onnx" else {}
             io = module.export_online(network, staged(path), batch_size, frame_shape, **kwargs)
