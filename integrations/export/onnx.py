@@ -28,17 +28,17 @@ from .artifacts import offline_io, online_example, online_io, require, sidecar_p
 __all__ = ["export_online", "export_offline", "output_files", "write"]
 
 
-def write(module: nn.Module, args: Tuple, path: str, input_names: List[str], output_names: List[str],
-          exporter: str = "dynamo", dynamic: Optional[Dict[str, Any]] = None) -> None:
+def write(module: nn.Module, args: tuple, path: str, input_names: list[str], output_names: list[str],
+          exporter: str = "dynamo", dynamic: dict[str, Any] | None = None) -> None:
     """Writes ``module`` traced on ``args`` as ONNX; ``dynamic`` maps an input name to {dim: (name, multiple)}."""
     require("onnx", "onnx")
     _export_onnx(module, args, path, input_names, output_names, exporter, dynamic)
 
 
-def _export_onnx(module: nn.Module, args: Tuple, path: str, input_names: List[str], output_names: List[str],
-                 exporter: str, dynamic: Optional[Dict[str, Any]] = None) -> None:
+def _export_onnx(module: nn.Module, args: tuple, path: str, input_names: list[str], output_names: list[str],
+                 exporter: str, dynamic: dict[str, Any] | None = None) -> None:
     """One call into torch.onnx for both exporters."""
-    kwargs: Dict[str, Any] = dict(input_names=input_names, output_names=output_names)
+    kwargs: dict[str, Any] = dict(input_names=input_names, output_names=output_names)
     if exporter == "dynamo":
         if dynamic:
             shapes = []
@@ -66,7 +66,7 @@ def _export_onnx(module: nn.Module, args: Tuple, path: str, input_names: List[st
 
 
 def export_online(online: "tsm_surgery.OnlineTSM", path: str, batch_size: int = 1,
-                  frame_shape: Tuple[int, int, int] = (3, 224, 224), exporter: str = "dynamo") -> Dict[str, Any]:
+                  frame_shape: tuple[int, int, int] = (3, 224, 224), exporter: str = "dynamo") -> dict[str, Any]:
     """Exports the explicit-state step of ``online`` to ONNX; returns the sidecar's ``inputs``/``outputs``/``state``.
 
     Input names are ``frames`` and ``cache_<i>``, output names ``output`` and ``new_cache_<i>``,
