@@ -1,0 +1,72 @@
+"""int8 for OpenVINO: NNCF's ``nncf.quantize`` on the OpenVINO model of the float ONNX graph.
+
+NNCF inserts ``FakeQuantize`` ops where the CPU plugin runs int8 (inputs of convolutions,
+matmuls, adds) and propagates them up through quantization-agnostic ops. For the shift this
+is already the right graph: the quantizers meet at the shift's ``Concat``, which NNCF puts in
+one *unified scale* group, so every slot of the shifted tensor, the online cache read and the
+zero slot are quantized by FakeQuantize ops with identical ranges, one requantize-free int8
+tensor from the Concat into the next layer. :func:`fake_quantize_ranges` reads those ranges
+back so tests can check it. The caches stay float at the model's I/O (OpenVINO's FakeQuantize
+is a float op the CPU plugin turns into int8 kernels); the cache read is quantized on entry by
+the FakeQuantize of the tensor it joins, so the state the next frame computes with is the same
+int8 codes as the clip network's shifted slot.
+"""
+
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = ["quantize_openvino", "fake_quantize_ranges", "concat_ranges"]
+
+
+def quantize_openvino(float_onnx: str, xml_path: str, feeds: Sequence[dict[str, np.ndarray]],
+                      cache_inputs: Sequence[str] = ()) -> dict[str, tuple[float, int]]:
+    """Quantizes ``float_onnx`` with NNCF on ``feeds`` and saves ``xml_path`` (+ ``.bin``).
+
+    Returns cache input name -> (scale, zero_point) of the FakeQuantize that reads it.
+    """
+    import nncf
+    import openvino as ov
+
+    model = ov.convert_model(float_onnx)
+    quantized = nncf.quantize(model, nncf.Dataset(list(feeds)), subset_size=len(feeds))
+    ov.save_model(quantized, xml_path, compress_to_fp16=False)
+    found = {}
+    for param in quantized.get_parameters():
+        name = param.get_friendly_name()
+        if name in cache_inputs:
+            users = [t.get_node() for t in param.output(0).get_target_inputs()]
+            fq = next((u for u in users if u.get_type_name() == "FakeQuantize"), None)
+            if fq is None:
+                raise RuntimeError(f"NNCF left cache input {name!r} unquantized (it feeds "
+                                   f"{[u.get_type_name() for u in users]})")
+            found[name] = _scale_zero(*fake_quantize_ranges(fq))
+    return found
+
+
+def fake_quantize_ranges(fq) -> tuple[float, float, int]:
+    """(input_low, input_high, levels) of a per-tensor FakeQuantize node."""
+    low, high = (float(np.ravel(fq.input_value(i).get_node().get_data())[0]) for i in (1, 2))
+    return low, high, int(fq.get_attributes()["levels"])
+
+
+def _scale_zero(low: float, high: float, levels: int) -> tuple[float, int]:
+    scale = (high - low) / (levels - 1)
+    return scale, int(round(-low / scale)) - levels // 2  # as int8 codes: the zero's code minus 128
+
+
+def concat_ranges(model) -> list[dict]:
+    """For each Concat: the FakeQuantize ranges of its inputs and of its consumers (None where float)."""
+    rows = []
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "Concat":
+            continue
+        ins = []
+        for i in range(op.get_input_size()):
+            node = op.input_value(i).get_node()
+            ins.append(fake_quantize_ranges(node) if node.get_type_name() == "FakeQuantize" else None)
+        users = [t.get_node() for t in op.output(0).get_target_inputs()]
+        outs = [fake_quantize_ranges(u) for u in users if u.get_type_name() == "FakeQuantize"]
+        rows.append({"name": op.get_friendly_name(), "inputs": ins, "outputs": outs,
+                     "consumers": [u.get_type_name() for u in users]})
+    return rows
