@@ -41,8 +41,13 @@ def quantize_onnx(float_path: str, out_path: str, feeds: Iterable[dict[str, np.n
     Returns:
         cache input name -> ``(scale, zero_point)`` (empty for the clip network).
     """
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
-    from onnxruntime.quantization import quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     class _Reader(CalibrationDataReader):
         def __init__(self):

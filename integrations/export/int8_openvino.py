@@ -29,6 +29,9 @@ def quantize_openvino(float_onnx: str, xml_path: str, feeds: Sequence[dict[str, 
     import openvino as ov
 
     model = ov.convert_model(float_onnx)
+    # The calibration shapes, static: the clip graph's dynamic clip count leaves shapes the CPU plugin
+    # cannot reorder in the quantized graph ("Can not clone with new dims").
+    model.reshape({name: list(array.shape) for name, array in feeds[0].items()})
     quantized = nncf.quantize(model, nncf.Dataset(list(feeds)), subset_size=len(feeds))
     ov.save_model(quantized, xml_path, compress_to_fp16=False)
     found = {}

@@ -76,7 +76,8 @@ def ShiftAwareXNNPACKQuantizer():  # noqa: N802 (a factory named as the class it
 
 
 def _source(node: fx.Node) -> fx.Node | None:
-    inputs = [a for a in (node.args[0] if node.target == _aten.cat.default else node.args[:1]) if isinstance(a, fx.Node)]
+    args = node.args[0] if node.target == _aten.cat.default else node.args[:1]
+    inputs = [a for a in args if isinstance(a, fx.Node)]
     if not inputs:
         return None
     return next((i for i in inputs if i.op != "placeholder"), inputs[0])
