@@ -38,7 +38,9 @@ def _converted(name: str, direction: str = "uni") -> tsm_surgery.TSMNet:
 @pytest.fixture(scope="module")
 def clips():
     """Real decoded clips: the demo's synthetic videos, 32 px, 4 frames each."""
-    return int8.load_calibration(None, size=SIZE, n_frames=T, max_clips=6)
+    from tsm_surgery.integrations.streaming.calibration import load_calibration
+
+    return load_calibration(None, size=SIZE, n_frames=T, max_clips=6)
 
 
 # -- bad input -------------------------------------------------------------------------------------------------

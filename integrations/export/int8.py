@@ -1,7 +1,8 @@
 """int8 static post-training quantization of a TSM network, for three CPU runtimes and for PyTorch.
 
 Each runtime's own recommended tool does the work, calibrated on decoded real clips
-(:func:`~.calibration.load_calibration`; the demo's synthetic videos by default):
+(:func:`tsm_surgery.integrations.streaming.calibration.load_calibration`; the demo's synthetic
+videos by default):
 
 * ``"onnx"``: onnxruntime's ``quantize_static``, QDQ format (:mod:`.int8_onnx`);
 * ``"openvino"``: NNCF's ``nncf.quantize`` on the OpenVINO model (:mod:`.int8_openvino`);
@@ -22,6 +23,7 @@ int8 step streamed over a clip then gives the int8 clip network's outputs frame 
 
 Example:
     >>> import timm, tsm_surgery
+    >>> from tsm_surgery.integrations.streaming.calibration import load_calibration
     >>> net = tsm_surgery.convert(timm.create_model("mobilenetv2_100", num_classes=6), n_segments=4,
     ...                           direction="uni", example_input=torch.randn(1, 3, 32, 32))
     >>> clips = load_calibration(None, size=32, n_frames=4, max_clips=2)   # demo videos
@@ -43,9 +45,9 @@ from torch import nn
 
 import tsm_surgery
 
-from .calibration import check_calibration, load_calibration, online_feeds
+from .calibration import check_calibration, online_feeds
 
-__all__ = ["TARGETS", "FORMS", "Int8Artifact", "quantize", "quantize_pytorch", "load", "load_calibration"]
+__all__ = ["TARGETS", "FORMS", "Int8Artifact", "quantize", "quantize_pytorch", "load"]
 
 TARGETS = ("onnx", "openvino", "executorch")
 FORMS = ("online", "clip")
