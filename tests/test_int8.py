@@ -160,10 +160,15 @@ def test_openvino_graph_shift_is_one_unified_quantizer(clips, tmp_path):
         rows = concat_ranges(ov.Core().read_model(art.files[0]))
         assert rows
         for row in rows:
-            quantized = [r for r in row["inputs"] if r is not None]
-            # every slot enters the shift through a FakeQuantize of one range, or is a nested shift's output
-            assert len(set(quantized)) == 1, row
-            assert len(quantized) == len(row["inputs"]) or row["consumers"] == ["Concat"], row
+            quantized = {r for r in row["slots"] if r[0] != "constant"}
+            zeros = [r for r in row["slots"] if r[0] == "constant"]
+            # every moved or kept slot (and the online cache) enters through a FakeQuantize of one range...
+            assert len(quantized) == 1 and None not in next(iter(quantized)), row
+            # ...and a constant slot is the zero, which that range quantizes exactly (its levels hold 0)
+            assert all(value == 0.0 for _, value in zeros), row
+            low, high, levels = next(iter(quantized))
+            zero_level = -low / ((high - low) / (levels - 1))
+            assert abs(zero_level - round(zero_level)) < 1e-3, row
 
 
 # -- streams -------------------------------------------------------------------------------------------------------

@@ -58,18 +58,34 @@ def _scale_zero(low: float, high: float, levels: int) -> tuple[float, int]:
     return scale, int(round(-low / scale)) - levels // 2  # as int8 codes: the zero's code minus 128
 
 
+def _leaves(op) -> list:
+    """The inputs of a Concat, looking through nested Concats (the clip network's zero slot joins first)."""
+    found = []
+    for i in range(op.get_input_size()):
+        node = op.input_value(i).get_node()
+        kind = node.get_type_name()
+        if kind == "Concat":
+            found += _leaves(node)
+        elif kind == "FakeQuantize":
+            found.append(fake_quantize_ranges(node))
+        elif kind == "Constant":
+            found.append(("constant", float(np.abs(node.get_data()).max())))
+        else:
+            found.append((kind, None))
+    return found
+
+
 def concat_ranges(model) -> list[dict]:
-    """For each Concat: the FakeQuantize ranges of its inputs and of its consumers (None where float)."""
+    """For each outermost Concat (a shift): the FakeQuantize ranges of its slots, nested Concats flattened.
+
+    A slot that is a constant appears as ``("constant", max |value|)``; any other unquantized
+    producer as ``(type, None)``.
+    """
     rows = []
     for op in model.get_ordered_ops():
-        if op.get_type_name() != "Concat":
+        users = [t.get_node() for t in op.output(0).get_target_inputs()] if op.get_output_size() else []
+        if op.get_type_name() != "Concat" or any(u.get_type_name() == "Concat" for u in users):
             continue
-        ins = []
-        for i in range(op.get_input_size()):
-            node = op.input_value(i).get_node()
-            ins.append(fake_quantize_ranges(node) if node.get_type_name() == "FakeQuantize" else None)
-        users = [t.get_node() for t in op.output(0).get_target_inputs()]
-        outs = [fake_quantize_ranges(u) for u in users if u.get_type_name() == "FakeQuantize"]
-        rows.append({"name": op.get_friendly_name(), "inputs": ins, "outputs": outs,
-                     "consumers": [u.get_type_name() for u in users]})
+        consumers = [u.get_type_name() for u in users]
+        rows.append({"name": op.get_friendly_name(), "slots": _leaves(op), "consumers": consumers})
     return rows
