@@ -15,6 +15,7 @@ and it exports to ONNX and ``torch.export``.
 """
 
 import copy
+import threading
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -35,6 +36,9 @@ from ._online_graph import OnlineShift, describe, rewrite
 __all__ = ["to_online", "OnlineTSM", "OnlineShift"]
 
 State = Dict[str, Tensor]
+_SHARED = ("one OnlineTSM is being fed from two threads at once ({what} while another call runs): its caches hold "
+           "one set of streams, and interleaved frames would mix them. Hint: give each thread its own copy "
+           "(copy.deepcopy(online)), or call online.step(frames, state) with a state per thread.")
 _STREAM_ATTRIBUTES = ("_state", "_stream", "_cache_specs")  # the running streams, kept by copy and pickle
 
 
@@ -95,6 +99,8 @@ class OnlineTSM(nn.Module):
         self._state: Optional[State] = None
         self._stream: Optional[Tuple] = None
         self._cache_specs: Dict[Tuple, List[Tuple[Tuple[int, ...], torch.dtype]]] = {}
+        # Held while forward or reset runs: a second thread is refused, never made to wait (and never mixed in).
+        object.__setattr__(self, "_busy", threading.Lock())
         self.eval()
 
     def train(self, mode: bool = True) -> "OnlineTSM":
@@ -222,7 +228,19 @@ class OnlineTSM(nn.Module):
 
     # ------------------------------------------------------------------ internal state
     def forward(self, frames: Tensor) -> Tensor:
-        """Runs one time step of every stream and keeps the caches (see :meth:`reset`)."""
+        """Runs one time step of every stream and keeps the caches (see :meth:`reset`).
+
+        Raises:
+            RuntimeError: another thread is inside ``forward`` or :meth:`reset` of this object.
+        """
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError(_SHARED.format(what="a frame arrived"))
+        try:
+            return self._advance(frames)
+        finally:
+            self._busy.release()
+
+    def _advance(self, frames: Tensor) -> Tensor:
         stream = (tuple(frames.shape), frames.dtype, frames.device)
         if self._state is None:
             self._state = self.init_state(frames.shape[0], frames.device, frame_shape=tuple(frames.shape[1:]))
@@ -247,6 +265,14 @@ class OnlineTSM(nn.Module):
         Example:
             >>> online.reset(torch.tensor([True, False]))   # stream 0 starts a new video
         """
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError(_SHARED.format(what="reset() was called"))
+        try:
+            self._reset(mask)
+        finally:
+            self._busy.release()
+
+    def _reset(self, mask: Optional[Tensor]) -> None:
         if mask is None or self._state is None:
             self._state, self._stream = None, None
             return

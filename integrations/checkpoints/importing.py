@@ -36,12 +36,13 @@ Example:
 
 import logging
 import os
+import re
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from .layouts import DETECTORS, LAYOUTS, CheckpointLayout, StateDict
+from .layouts import DETECTORS, LAYOUTS, CheckpointLayout, StateDict, tv_to_mm_resnet
 from .loading import read_checkpoint
 
 __all__ = ["import_tsm_checkpoint", "convert_state_dict", "layout_adapter", "detect_layout", "read_state_dict",
@@ -137,6 +138,89 @@ def _reference_shapes(layout: CheckpointLayout, state: StateDict) -> Optional[Di
     return shapes
 
 
+_COUNTERS = ("num_batches_tracked",)  # integer buffers a checkpoint may hold, or lack (older torch)
+
+
+def _tensor_problem(key: str, value: torch.Tensor) -> Optional[str]:
+    if value.is_meta:
+        return "is on the meta device (a shape without data)"
+    if value.layout != torch.strided:
+        return f"is a {str(value.layout).replace('torch.', '')} tensor, not a dense one"
+    if value.is_complex():
+        return f"is complex ({value.dtype})"
+    if key.rsplit(".", 1)[-1] in _COUNTERS:
+        return None if not value.is_floating_point() else f"is a counter with dtype {value.dtype}"
+    if not value.is_floating_point():
+        return f"has dtype {str(value.dtype).replace('torch.', '')}, not a floating-point one"
+    if not bool(torch.isfinite(value).all()):
+        return "holds NaN or infinite values"
+    return None
+
+
+def _check_tensors(state: StateDict, source: str) -> None:
+    """Real storage, dense, floating point (counters aside), finite: what any weight must be."""
+    for key, value in state.items():
+        problem = _tensor_problem(key, value)
+        if problem:
+            raise CheckpointLayoutError(f"{source}: tensor {key!r} {problem}; weights are dense, finite floating-point "
+                                        "tensors. Hint: the file is damaged or not a trained model's checkpoint.")
+
+
+def _check_norm_groups(state: StateDict, source: str) -> None:
+    """A norm layer's weight, bias and running statistics have one length, that of the conv before it."""
+    for mean_key in [k for k in state if k.endswith(".running_mean")]:
+        owner = mean_key[: -len(".running_mean")]
+        shapes = {leaf: tuple(state[f"{owner}.{leaf}"].shape) for leaf in ("weight", "bias", "running_mean",
+                  "running_var") if f"{owner}.{leaf}" in state}
+        conv = re.sub(r"\.bn$", ".conv.weight", owner)  # MMAction2's ConvModule: X.conv then X.bn
+        if conv != owner + ".conv.weight" and conv in state and state[conv].dim() > 1:
+            shapes[conv] = (state[conv].shape[0],)
+        if len(set(shapes.values())) > 1:
+            raise CheckpointLayoutError(f"{source}: the norm layer {owner!r} has inconsistent shapes {shapes}. "
+                                        "Hint: the file was edited or damaged; use the checkpoint as trained.")
+
+
+def _check_resnet_keys(layout: CheckpointLayout, state: StateDict, source: str) -> None:
+    """An MMAction2 ResNetTSM checkpoint has exactly the keys of a ResNet of its depth (no model needed)."""
+    if layout.arch == "ResNetTSM":  # the block counts gave no depth: a stage lost (or gained) blocks
+        counts = tuple(len({m.group(1) for k in state if (m := re.search(rf"(?:^|\.)layer{i}\.(\d+)\.", k))})
+                       for i in range(1, 5))
+        raise CheckpointLayoutError(f"{source}: detected {layout}; its blocks per stage {counts} are no ResNet "
+                                    "depth's (18: 2, 2, 2, 2; 34 and 50: 3, 4, 6, 3; 101: 3, 4, 23, 3; 152: 3, 8, "
+                                    "36, 3). Hint: the file was edited or damaged; use the checkpoint as trained.")
+    match = re.match(r"ResNetTSM \(depth (\d+)\)", layout.arch)
+    try:
+        import torchvision
+    except ImportError:
+        return
+    if not match:
+        return
+    prefix = "backbone." if any(k.startswith("backbone.") for k in state) else ""
+    with torch.device("meta"):
+        reference = getattr(torchvision.models, f"resnet{match.group(1)}")()
+    expected = {prefix + tv_to_mm_resnet(k): v.shape for k, v in reference.state_dict().items()
+                if not k.startswith("fc.") and not k.endswith(_COUNTERS)}
+    found = {k for k in state if k.startswith(prefix) and "non_local_block." not in k and not k.endswith(_COUNTERS)}
+    if prefix == "":
+        found = {k for k in found if not k.startswith(("cls_head.", "neck."))}
+    missing, extra = sorted(set(expected) - found), sorted(found - set(expected))
+    # conv1's input channels vary (RGB 3, optical flow 10); everything else is the depth's.
+    shapes = [k for k in set(expected) & found if tuple(state[k].shape) != tuple(expected[k])
+              and not (k == prefix + "conv1.conv.weight" and state[k].shape[:1] + state[k].shape[2:] ==
+                       expected[k][:1] + expected[k][2:])]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensors of a ResNet-{match.group(1)} are missing (first: {missing[:_SHOW]})")
+    if extra:
+        parts.append(f"{len(extra)} tensors belong to no ResNet-{match.group(1)} module (first: {extra[:_SHOW]})")
+    if shapes:
+        k = sorted(shapes)[0]
+        parts.append(f"{len(shapes)} have other shapes (first: {k}: {tuple(state[k].shape)} vs {tuple(expected[k])})")
+    if parts:
+        raise CheckpointLayoutError(f"{source}: detected {layout}; " + "; ".join(parts) + ". Hint: the file was "
+                                    "edited or damaged; use the checkpoint as trained.")
+
+
 def _model_sites(model: nn.Module) -> List[Tuple[str, Optional[str]]]:
     """(module path of each shift site in the model's key space, the model's place) for every TSM network in it."""
     found = []
@@ -197,13 +281,19 @@ def _fit(state: StateDict, layout: CheckpointLayout, target: Dict[str, torch.Siz
         rest += [k for k in shapes if k not in body]
         keymap = {k: t for k, t in keymap.items() if k not in rest}
         shapes, left = [k for k in shapes if k in body], []
+    # BatchNorm's batch counter: older checkpoints lack it, some models do not keep it; it changes no output.
+    counters = [t for t in left if t.endswith(_COUNTERS)]
+    left = [t for t in left if t not in counters]
+    unplaced = [k for k in unplaced if not k.endswith(_COUNTERS)]
     if unplaced or left or shapes:
         raise _mismatch(source, layout, keymap, unplaced, left, shapes, state, target)
     if rest:
         log(logging.INFO, f"{source}: left out {len(rest)} checkpoint tensors the model has no place for "
                           f"({', '.join(rest[:_SHOW])})")
     _check_sites(layout, move, sites, source, state)
-    return {keymap[k]: v for k, v in state.items() if k in keymap}
+    fitted = {keymap[k]: v for k, v in state.items() if k in keymap and keymap[k] in target}
+    fitted.update({t: torch.tensor(0, dtype=torch.long) for t in counters})
+    return fitted
 
 
 def _mismatch(source, layout, keymap, unplaced, left, shapes, state, target) -> CheckpointLayoutError:
@@ -314,7 +404,10 @@ def convert_state_dict(state: StateDict, model: Optional[nn.Module] = None, sour
     """
     log = log or _log
     layout, converted = _detect(state, source)
+    _check_tensors(converted, source)
+    _check_norm_groups(converted, source)
     if model is None and model_state is None:
+        _check_resnet_keys(layout, converted, source)
         target = _reference_shapes(layout, converted)
         return (converted if target is None else _fit(converted, layout, target, [], source, log)), layout
     model_state = model.state_dict() if model_state is None else model_state

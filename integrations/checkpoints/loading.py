@@ -171,8 +171,8 @@ def read_checkpoint(path: str, *, source: str = "checkpoint", map_location: Any 
         hint = " Install mmengine to read checkpoints written by it." if _needs_mmengine(name) else ""
         raise CheckpointLoadError(
             f"{source}={path!r} holds Python objects beyond weights (weights_only=True refused the global "
-            f"{name}), so it was not loaded: unpickling it could run code.{hint} If you wrote the file "
-            f"yourself and want to resume training from it: `tsm-surgery train CONFIG --resume {path}`.",
+            f"{name}), so it was not loaded: unpickling it could run code.{hint} Never unpickle a file you did "
+            "not write yourself; checkpoints written by `tsm-surgery train` hold weights only and load as they are.",
             path, refused_global=name) from err
     except Exception as err:  # torch.load's errors for files that are no checkpoint vary widely
         raise _not_a_checkpoint(path, source, err) from err

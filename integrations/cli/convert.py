@@ -1,6 +1,7 @@
 """``tsm-surgery convert``: convert a timm/torchvision model and print its shift-site table."""
 
 import argparse
+import sys
 import time
 
 import torch
@@ -8,7 +9,7 @@ import torch
 import tsm_surgery
 from tsm_surgery.cli import positive_int
 from tsm_surgery.integrations.models import build_model
-from tsm_surgery.integrations.outputs import claim_outputs
+from tsm_surgery.integrations.outputs import atomic_outputs, claim_outputs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,8 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    outputs = [(args.out, "the converted module"), (args.graph, "its eval graph's code")]
-    claim_outputs([(path, role) for path, role in outputs if path], args.force)
+    roles = [(args.out, "the converted module"), (args.graph, "its eval graph's code")]
+    outputs = [(path, role) for path, role in roles if path]
+    claim_outputs(outputs, args.force)  # before anything slow; the files are replaced only once complete
     kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
     model = build_model(args.model, checkpoint=args.checkpoint, **kwargs)
     start = time.perf_counter()
@@ -37,11 +39,20 @@ def run(args: argparse.Namespace) -> int:
     print(tsm_surgery.site_table(net.sites))
     print(f"\n{len(net.sites)} sites shifted ({args.direction}, 1/{args.shift_div} each way, place={args.place}) "
           f"in {seconds:.2f} s; state_dict keys unchanged.")
+    if args.out and not args.checkpoint:
+        print("tsm-surgery convert: note: no --checkpoint, so the saved module has random weights; pass "
+              "--checkpoint FILE for trained ones", file=sys.stderr)
+    if not outputs:
+        return 0
+    with atomic_outputs(outputs, args.force) as temps:
+        paths = dict(zip([role for _, role in outputs], temps))
+        if args.out:
+            torch.save(net, paths["the converted module"])
+        if args.graph:
+            with open(paths["its eval graph's code"], "w") as f:
+                f.write(net.eval_graph.python_code("self").src)
     if args.out:
-        torch.save(net, args.out)
         print(f"saved the converted module to {args.out} (torch.load(..., weights_only=False), trusted files only)")
     if args.graph:
-        with open(args.graph, "w") as f:
-            f.write(net.eval_graph.python_code("self").src)
         print(f"wrote the eval graph's code to {args.graph}")
     return 0

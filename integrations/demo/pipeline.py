@@ -24,6 +24,7 @@ Example:
 """
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 
 from tsm_surgery.integrations.mmaction import compat
+from tsm_surgery.integrations.outputs import set_aside_outputs
 
 from . import synth_data
 from .report import format_table, plot_curves, stream_video
@@ -229,7 +231,7 @@ def _prepare_run_dir(out_dir: Optional[str], force: bool) -> Path:
     else:
         run_dir = Path(out_dir)
         synth_data.claim_out_dir(run_dir, force, ["data", "curves.png", "summary.json", *MODELS_TRAINED],
-                                 "leave --out-dir out to get a fresh work_dirs/demo/<timestamp>.")
+                                 "leave --out-dir out to get a fresh work_dirs/demo/<timestamp>.")  # removes nothing
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
@@ -258,52 +260,58 @@ def run_demo(out_dir: Optional[str] = None, epochs: int = DEFAULT_EPOCHS, videos
         config_path(name, config_dir)  # fail before generating data
     wall = time.time()
     run_dir = _prepare_run_dir(out_dir, force)
-    data_root = run_dir / "data"
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"tsm-surgery demo: run directory {run_dir}  (torch threads: {torch.get_num_threads()}, "
-          f"cores: {os.cpu_count()}, load average: {load:.1f})", flush=True)
+    owned = ["data", "curves.png", "summary.json", *MODELS_TRAINED]
+    # An explicit --out-dir --force: the previous run's files are set aside, and come back if this one fails.
+    replacing = set_aside_outputs([(str(run_dir / name), name) for name in owned], force) if out_dir is not None \
+        else contextlib.nullcontext()
+    with replacing:
+        data_root = run_dir / "data"
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        print(f"tsm-surgery demo: run directory {run_dir}  (torch threads: {torch.get_num_threads()}, "
+              f"cores: {os.cpu_count()}, load average: {load:.1f})", flush=True)
 
-    print(f"[1/4] generating {6 * videos_per_class} videos ({size}x{size} px, {frames} frames, seed {seed}) "
-          f"into {data_root}", flush=True)
-    start = time.time()
-    meta = synth_data.generate(data_root, videos_per_class=videos_per_class, size=size, frames=frames, seed=seed)
-    print(f"      done in {time.time() - start:.0f} s: " + ", ".join(f"{k} {v}" for k, v in meta["counts"].items()),
-          flush=True)
+        print(f"[1/4] generating {6 * videos_per_class} videos ({size}x{size} px, {frames} frames, seed {seed}) "
+              f"into {data_root}", flush=True)
+        start = time.time()
+        meta = synth_data.generate(data_root, videos_per_class=videos_per_class, size=size, frames=frames, seed=seed)
+        print(f"      done in {time.time() - start:.0f} s: " + ", ".join(f"{k} {v}" for k, v in meta["counts"].items()),
+              flush=True)
 
-    results: Dict[str, Dict] = {}
-    for i, name in enumerate(models):
-        print(f"[2/4] training {name} ({i + 1}/{len(models)}): {MODELS_TRAINED[name][1]}; {epochs} epochs", flush=True)
-        cfg = build_cfg(name, data_root, run_dir / name, epochs, seed, config_dir, batch_size)
-        results[name] = train_and_test(name, cfg)
-        m = results[name]["test"]
-        train_s = results[name]["train_s"]
-        print(f"      {name}: test top-1 {100 * m['pair/top1']:.1f}%  (train {train_s:.0f} s)", flush=True)
+        results: Dict[str, Dict] = {}
+        for i, name in enumerate(models):
+            print(f"[2/4] training {name} ({i + 1}/{len(models)}): {MODELS_TRAINED[name][1]}; {epochs} epochs",
+                  flush=True)
+            cfg = build_cfg(name, data_root, run_dir / name, epochs, seed, config_dir, batch_size)
+            results[name] = train_and_test(name, cfg)
+            m = results[name]["test"]
+            train_s = results[name]["train_s"]
+            print(f"      {name}: test top-1 {100 * m['pair/top1']:.1f}%  (train {train_s:.0f} s)", flush=True)
 
-    print("[3/4] test split results", flush=True)
-    print(format_table(results), flush=True)
-    plot_curves(results, run_dir / "curves.png")
-    print(f"      curves: {run_dir / 'curves.png'}", flush=True)
+        print("[3/4] test split results", flush=True)
+        print(format_table(results), flush=True)
+        plot_curves(results, run_dir / "curves.png")
+        print(f"      curves: {run_dir / 'curves.png'}", flush=True)
 
-    streamed = None
-    if stream and "tsm-uni" in results:
-        print("[4/4] streaming one test video frame by frame through the online uni TSM", flush=True)
-        streamed = _stream_one(results["tsm-uni"]["runner"], seed)
-    elif stream:
-        print("[4/4] streaming skipped: tsm-uni was not trained", flush=True)
+        streamed = None
+        if stream and "tsm-uni" in results:
+            print("[4/4] streaming one test video frame by frame through the online uni TSM", flush=True)
+            streamed = _stream_one(results["tsm-uni"]["runner"], seed)
+        elif stream:
+            print("[4/4] streaming skipped: tsm-uni was not trained", flush=True)
 
-    summary = {
-        "run_dir": str(run_dir), "wall_s": round(time.time() - wall, 1), "epochs": epochs, "seed": seed,
-        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "load_average_at_start": load, "data": meta,
-        "models": {name: {"config": str(config_path(name, config_dir)), "test": res["test"],
-                          "train_s": round(res["train_s"], 1), "test_s": round(res["test_s"], 1),
-                          "val_top1_per_epoch": [v for _, v in res["curves"]["val_top1"]]}
-                   for name, res in results.items()},
-        "stream": streamed,
-    }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"summary: {run_dir / 'summary.json'}; total {summary['wall_s']:.0f} s", flush=True)
-    return summary
+        summary = {
+            "run_dir": str(run_dir), "wall_s": round(time.time() - wall, 1), "epochs": epochs, "seed": seed,
+            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "load_average_at_start": load, "data": meta,
+            "models": {name: {"config": str(config_path(name, config_dir)), "test": res["test"],
+                              "train_s": round(res["train_s"], 1), "test_s": round(res["test_s"], 1),
+                              "val_top1_per_epoch": [v for _, v in res["curves"]["val_top1"]]}
+                       for name, res in results.items()},
+            "stream": streamed,
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"summary: {run_dir / 'summary.json'}; total {summary['wall_s']:.0f} s", flush=True)
+        return summary
 
 
 def _stream_one(runner, seed: int) -> Dict:

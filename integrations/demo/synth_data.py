@@ -41,12 +41,13 @@ import argparse
 import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from tsm_surgery.integrations.outputs import atomic_outputs
 
 __all__ = [
     "CLASSES",
@@ -261,7 +262,7 @@ def _split_of(index: int, count: int) -> str:
 
 
 def claim_out_dir(out: Path, force: bool, owned: Sequence[str], hint: str) -> None:
-    """Refuses a non-empty ``out`` unless ``force``; with ``force`` removes only the ``owned`` names.
+    """Refuses a non-empty ``out`` unless ``force``; removes nothing (the writer replaces ``owned`` when done).
 
     Args:
         out: the output directory (created by the caller).
@@ -276,12 +277,6 @@ def claim_out_dir(out: Path, force: bool, owned: Sequence[str], hint: str) -> No
             raise FileExistsError(f"{out} is not empty; refusing to overwrite it. This command writes "
                                   f"{', '.join(owned)} there, which belong together. Pass --force (force=True) "
                                   f"to replace them (nothing else in {out} is touched), or {hint}")
-        for name in owned:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
 
 
 def check_settings(videos_per_class: int, size: int, frames: int, seed: int) -> None:
@@ -332,6 +327,15 @@ def generate(out_dir: os.PathLike, videos_per_class: int = 80, size: int = 64, f
                          "(1 is the default motion) and noise_scale >= 0.")
     out = Path(out_dir)
     claim_out_dir(out, force, GENERATED, "choose an empty OUT_DIR.")
+    # Written to temporary paths in OUT_DIR and moved over the old files only when every video is there.
+    with atomic_outputs([(str(out / name), name) for name in GENERATED], force=True, folders=True) as temps:
+        meta = _generate_into(Path(os.path.dirname(temps[0])), videos_per_class, size, frames, seed, progress,
+                              motion_scale, noise_scale)
+    return meta
+
+
+def _generate_into(out: Path, videos_per_class: int, size: int, frames: int, seed: int,
+                   progress: Optional[Callable[[int, int], None]], motion_scale: float, noise_scale: float) -> Dict:
     for name in CLASSES:
         (out / "videos" / name).mkdir(parents=True, exist_ok=True)
 

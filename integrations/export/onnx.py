@@ -18,6 +18,7 @@ Example::
 import argparse
 import json
 import os
+import sys
 import time
 import warnings
 from typing import Any, Dict, List, Optional, Tuple
@@ -28,7 +29,7 @@ from torch import nn
 import tsm_surgery
 from tsm_surgery.cli import positive_int
 from tsm_surgery.integrations.models import build_model, default_frame_size
-from tsm_surgery.integrations.outputs import claim_outputs
+from tsm_surgery.integrations.outputs import atomic_outputs, claim_outputs
 
 __all__ = ["export_online", "export_offline", "output_files", "SIDECAR_FORMAT"]
 
@@ -165,15 +166,28 @@ def run(args: argparse.Namespace) -> int:
     model = build_model(args.model, checkpoint=args.checkpoint, **kwargs).eval()
     size = args.size or default_frame_size(model)
     frame_shape = (3, size, size)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if not args.checkpoint:
+        print("tsm-surgery export: note: no --checkpoint, so the exported network has random weights; pass "
+              "--checkpoint FILE for trained ones", file=sys.stderr)
     start = time.perf_counter()
     net = tsm_surgery.convert(model, args.n_segments, shift_div=args.shift_div, direction=direction,
                               example_input=torch.randn((1,) + frame_shape), inplace=True)
-    if args.online:
-        online = tsm_surgery.to_online(net, frame_shape=frame_shape, inplace=True)
-        io = export_online(online, path, args.batch_size, frame_shape, args.exporter)
-    else:
-        io = export_offline(net, path, frame_shape, args.exporter)
+    # The set (graph, weights, sidecar) is written to temporary paths and replaces the old one only when complete.
+    with atomic_outputs(outputs, args.force) as temps:
+        if args.online:
+            online = tsm_surgery.to_online(net, frame_shape=frame_shape, inplace=True)
+            io = export_online(online, temps[0], args.batch_size, frame_shape, args.exporter)
+        else:
+            io = export_offline(net, temps[0], frame_shape, args.exporter)
+        _write_sidecar(temps[-1], args, model, path, form, size, direction, net, io)
+    written = [p for p, _ in outputs if os.path.exists(p)]
+    print(f"wrote {', '.join(written)} ({form}, {len(net.sites)} shift sites, {args.exporter} exporter, "
+          f"{time.perf_counter() - start:.1f} s); they belong together")
+    return 0
+
+
+def _write_sidecar(side_path: str, args: argparse.Namespace, model: nn.Module, path: str, form: str, size: int,
+                   direction: str, net: "tsm_surgery.TSMNet", io: Dict[str, Any]) -> None:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     sidecar = {
         "format": SIDECAR_FORMAT,
@@ -194,10 +208,5 @@ def run(args: argparse.Namespace) -> int:
                             "at the next frame; initialise the caches with zeros")
     else:
         sidecar["usage"] = f"clips holds N clips of {args.n_segments} contiguous frames; N may vary"
-    side_path = outputs[-1][0]
     with open(side_path, "w") as f:
         json.dump(sidecar, f, indent=2)
-    written = [p for p, _ in outputs if os.path.exists(p)]
-    print(f"wrote {', '.join(written)} ({form}, {len(net.sites)} shift sites, {args.exporter} exporter, "
-          f"{time.perf_counter() - start:.1f} s); they belong together")
-    return 0
