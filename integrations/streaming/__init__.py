@@ -1,9 +1,5 @@
 """Running a TSM network online: sources, the frame loop, what is done with its outputs (docs/live.md).
 
-<<<<<<< HEAD
-* :mod:`.stream`: decode a video, preprocess each frame, run the online step, print top-k.
-* :mod:`.calibration`: decoded clips (a video directory, a data config, the demo videos) for int8 calibration.
-=======
 * :mod:`.sources`: files, capture devices and network URLs, each read by a thread, with the
   real-time drop policies and reconnection.
 * :mod:`.engine`: the :class:`~.engine.StepEngine` protocol (``init_state``, ``step``) that the
@@ -15,5 +11,5 @@
 * :mod:`.loop`: :class:`~.loop.FrameLoop`, sources through the batch to the outputs, with
   latency per part and real-time lag.
 * :mod:`.stream`: decoding a file, preprocessing, the models of ``tsm-surgery stream``.
->>>>>>> main
+* :mod:`.calibration`: decoded clips (a video directory, a data config, the demo videos) for int8 calibration.
 """
