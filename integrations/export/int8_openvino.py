@@ -70,6 +70,8 @@ def _leaves(op) -> list:
             found.append(fake_quantize_ranges(node))
         elif kind == "Constant":
             found.append(("constant", float(np.abs(node.get_data()).max())))
+        elif kind == "Broadcast" and node.input_value(0).get_node().get_type_name() == "Constant":
+            found.append(("constant", float(np.abs(node.input_value(0).get_node().get_data()).max())))  # zero slot
         else:
             found.append((kind, None))
     return found
