@@ -192,9 +192,11 @@ def _stream_vs_clip(target, name, clips, tmp_path):
     return worst, spread, reference
 
 
-_ET_GAP = pytest.mark.xfail(strict=False, reason="open: the ExecuTorch int8 step streamed over a clip differs "
-                            "from the int8 clip program by 1.1 on logits spanning 13.5 (MobileNetV2, 32 px); the cause (a "
-                            "quantizer pattern or XNNPACK op that the two graphs annotate differently) is not found yet")
+_ET_GAP = pytest.mark.xfail(
+    strict=False,
+    reason="open: the ExecuTorch int8 step streamed over a clip differs from the int8 clip program by 1.1 on "
+           "logits spanning 13.5 (MobileNetV2, 32 px); the cause (a quantizer pattern or XNNPACK op the two "
+           "graphs annotate differently) is not found yet")
 
 
 @pytest.mark.slow
