@@ -11,4 +11,5 @@
 * :mod:`.loop`: :class:`~.loop.FrameLoop`, sources through the batch to the outputs, with
   latency per part and real-time lag.
 * :mod:`.stream`: decoding a file, preprocessing, the models of ``tsm-surgery stream``.
+* :mod:`.calibration`: decoded clips (a video directory, a data config, the demo videos) for int8 calibration.
 """
