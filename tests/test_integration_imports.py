@@ -126,7 +126,8 @@ def test_no_private_core_attribute_is_used(path):
                                                                                                   "eval_graph")]
         called = node.func if isinstance(node, ast.Call) else None  # an fx graph is edited by calling its methods
         if isinstance(called, ast.Attribute) and called.attr in _GRAPH_EDITS \
-                and isinstance(called.value, ast.Attribute) and called.value.attr in ("train_graph", "eval_graph", "graph"):
+                and isinstance(called.value, ast.Attribute) \
+                and called.value.attr in ("train_graph", "eval_graph", "graph"):
             edits.append(f"{called.value.attr}.{called.attr}")
         if isinstance(node, ast.Constant) and node.value in ("temporal_shifts", "online_shifts"):
             edits.append(node.value)
