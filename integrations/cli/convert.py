@@ -7,6 +7,8 @@ import torch
 
 import tsm_surgery
 from tsm_surgery.cli import positive_int
+from tsm_surgery.integrations.checkpoints import check_checkpoint_layout, shift_for_checkpoint
+from tsm_surgery.integrations.checkpoints.loading import cli_log
 from tsm_surgery.integrations.models import build_model
 from tsm_surgery.integrations.outputs import claim_outputs
 
@@ -31,8 +33,10 @@ def run(args: argparse.Namespace) -> int:
     kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
     model = build_model(args.model, checkpoint=args.checkpoint, **kwargs)
     start = time.perf_counter()
-    net = tsm_surgery.convert(model, args.n_segments, shift_div=args.shift_div, direction=args.direction,
-                              place=args.place, select=args.select)
+    direction, slot = shift_for_checkpoint(args.checkpoint, args.direction, None, "--checkpoint", log=cli_log)
+    net = tsm_surgery.convert(model, args.n_segments, shift_div=args.shift_div, direction=direction,
+                              uni_slot=slot, place=args.place, select=args.select)
+    check_checkpoint_layout(args.checkpoint, net, "--checkpoint", log=cli_log)
     seconds = time.perf_counter() - start
     print(tsm_surgery.site_table(net.sites))
     print(f"\n{len(net.sites)} sites shifted ({args.direction}, 1/{args.shift_div} each way, place={args.place}) "

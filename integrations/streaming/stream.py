@@ -28,8 +28,8 @@ from torch import nn
 
 import tsm_surgery
 from tsm_surgery.cli import non_negative_int, positive_int
-from tsm_surgery.integrations.checkpoints import layout_adapter
-from tsm_surgery.integrations.checkpoints.loading import load_state_dict_file
+from tsm_surgery.integrations.checkpoints import check_checkpoint_layout, layout_adapter, shift_for_checkpoint
+from tsm_surgery.integrations.checkpoints.loading import cli_log, load_state_dict_file
 from tsm_surgery.integrations.models import build_model, default_frame_size
 
 __all__ = ["decode", "Preprocess", "add_arguments", "run"]
@@ -124,8 +124,10 @@ def _from_timm(args: argparse.Namespace) -> Tuple[nn.Module, Callable, Preproces
     pre = Preprocess(size, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
     # inplace: the converted and online networks reuse the 2D model's modules, so the
     # benchmark compares the same weights in the same memory.
+    _, slot = shift_for_checkpoint(args.checkpoint, "uni", args.uni_slot, "--checkpoint", log=cli_log)
     net = tsm_surgery.convert(model, n_segments=8, shift_div=args.shift_div, direction="uni",
-                              uni_slot=args.uni_slot, example_input=torch.zeros(1, 3, size, size), inplace=True)
+                              uni_slot=slot, example_input=torch.zeros(1, 3, size, size), inplace=True)
+    check_checkpoint_layout(args.checkpoint, net, "--checkpoint", log=cli_log)
     online = tsm_surgery.to_online(net, frame_shape=(3, size, size), inplace=True)
     return model, online, pre
 
@@ -212,9 +214,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="classifier size for --model (default: the model's own)")
     parser.add_argument("--shift-div", type=positive_int, default=8,
                         help="1/shift_div of the channels move (default 8)")
-    parser.add_argument("--uni-slot", choices=("past", "first"), default="past",
+    parser.add_argument("--uni-slot", choices=("past", "first"),
                         help="for --model: channels read from the previous frame: 'past' = [fold, 2*fold) "
-                             "(default), 'first' = [0, fold) as the paper's online demo (its checkpoint needs it)")
+                             "(default), 'first' = [0, fold) as the paper's online demo (default for its checkpoint)")
     parser.add_argument("--size", type=positive_int,
                         help="frame side after resize and centre crop (default: model's input size)")
     parser.add_argument("--topk", type=positive_int, default=5, help="classes printed per frame (default 5)")
