@@ -106,3 +106,13 @@ def test_import_into_an_unconverted_model_says_it_has_no_shift(caplog, bi_checkp
         state = import_tsm_checkpoint(bi_checkpoint, model)
     assert set(state) == set(model.state_dict())  # it loads: converting after loading is legitimate
     assert "no temporal shift" in caplog.text and "direction='bi'" in caplog.text
+
+
+def test_convert_takes_the_online_checkpoints_slot(capsys, online_checkpoint):
+    base = ["convert", "torchvision:mobilenet_v2", "--num-classes", "27", "--direction", "uni",
+            "--checkpoint", online_checkpoint]
+    assert main(base) == 0
+    err = capsys.readouterr().err
+    assert "note:" in err and "uni_slot='first'" in err and "warning" not in err
+    assert main(base + ["--uni-slot", "past"]) == 0
+    assert "warning:" in capsys.readouterr().err

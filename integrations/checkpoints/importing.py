@@ -389,8 +389,8 @@ def shift_for_checkpoint(checkpoint: Union[None, str, os.PathLike, dict], direct
         uni_slot = "past"
         if direction == "uni" and layout is not None and layout.direction == "uni" and layout.uni_slot:
             uni_slot = layout.uni_slot
-            (log or _log)(logging.WARNING, f"{source}: detected {layout}; it was trained with uni_slot={uni_slot!r}, "
-                                           f"so the model shifts that slot (choose another with --uni-slot).")
+            (log or _log)(logging.INFO, f"{source}: detected {layout}; it was trained with uni_slot={uni_slot!r}, "
+                                        f"so the model shifts that slot (choose another with --uni-slot).")
     return direction, uni_slot
 
 
