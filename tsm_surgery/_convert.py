@@ -8,6 +8,7 @@ import torch
 from torch import fx, nn
 
 from ._aliasing import plan_shift
+from ._fast_paths import add_fast_paths
 from ._graph import SHIFTS, module_key
 from ._index import GraphIndex
 from ._net import SizeVariants, TSMNet
@@ -182,6 +183,7 @@ def _specialise(net: TSMNet, root: nn.Module, settings: Dict, example_input: tor
     _shift_graphs(graphs, per_mode, indexes, net.place, getattr(net, SHIFTS),
                   lambda site: TemporalShift(net.n_segments, net.shift_div, net.direction, site.channel_dim,
                                              net.uni_slot))
+    add_fast_paths(graphs["train"], graphs["eval"], net)  # as TSMNet gives its first pair
     return _size_decisions(graphs), graphs["train"], graphs["eval"], per_mode["eval"]
 
 

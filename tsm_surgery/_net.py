@@ -5,6 +5,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import fx, nn
 
+from ._fast_paths import add_fast_paths, without_fast_paths
 from ._graph import SHIFTS, adopt_module_tree, deepcopy_graph_module, module_key, reduce_graph_module
 from ._recompute import in_graph_capture, install_recompute_scope
 from ._shift import TemporalShift, check_shift_args
@@ -36,13 +37,15 @@ class TSMNet(fx.GraphModule):
         holder = nn.Module()
         adopt_module_tree(holder, root)
         holder.add_module(SHIFTS, shifts)
+        # Per-site recompute hooks in training, in-place slot moves in eval (see _fast_paths).
+        add_fast_paths(train_graph, eval_graph, holder)
         super().__init__(holder, eval_graph, class_name=class_name or type(root).__name__ + "TSM")
         adopt_module_tree(self, holder)
         self.train_graph, self.eval_graph = train_graph, eval_graph
         self.sites = list(sites)
         self.place = place
         # Training memory: shift outputs saved by their consumers are rebuilt in backward
-        # instead of kept (see _recompute.recompute_shifts); `net.recompute_shifts = False` opts out.
+        # instead of kept (see _recompute); `net.recompute_shifts = False` opts out.
         install_recompute_scope(self)
         self.train(root.training)
 
@@ -90,9 +93,10 @@ class TSMNet(fx.GraphModule):
 
     def __prepare_scriptable__(self) -> fx.GraphModule:
         # torch.jit.script calls this first. TorchScript would compile the recompute scope's
-        # forward hooks, which are Python only (saved-tensor hooks do not exist in TorchScript),
-        # so it gets the current mode's graph over the same modules, without the hooks.
-        scriptable = fx.GraphModule(self, self.graph, class_name=type(self).__name__)
+        # forward hooks and the fast paths' calls, which are Python only (saved-tensor hooks and
+        # in-place slot moves do not exist in TorchScript), so it gets the current mode's plain
+        # graph over the same modules, without the hooks.
+        scriptable = fx.GraphModule(self, without_fast_paths(self.graph), class_name=type(self).__name__)
         scriptable.train(self.training)
         return scriptable
 

@@ -16,9 +16,9 @@ from torch.nn import functional as F
 
 from ._graph import ONLINE_SHIFTS, SHIFTS
 from ._recompute import in_graph_capture
-from ._shift import check_shift_args
+from ._shift import check_shift_args, restore_slots
 
-__all__ = ["OnlineShift", "rewrite"]
+__all__ = ["OnlineShift", "rewrite", "swap_consumer"]
 
 
 class OnlineShift(nn.Module):
@@ -135,6 +135,7 @@ def rewrite(graph: fx.Graph, keys: Sequence[str], root: nn.Module) -> fx.Graph:
     runs just before that layer and :func:`_restore_slot` just after it, so no other node can
     see the swapped activation.
     """
+    _drop_eval_swaps(graph)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise ValueError(
@@ -154,7 +155,7 @@ def rewrite(graph: fx.Graph, keys: Sequence[str], root: nn.Module) -> fx.Graph:
             raise RuntimeError(f"the eval graph has no shift node for {key!r}; was the network edited after convert?")
         shift = root.get_submodule(str(node.target))
         source, channel_dim, slot = node.args[0], shift.channel_dim, 1 if shift.uni_slot == "past" else 0
-        consumer = _swap_consumer(node, root)
+        consumer = swap_consumer(node, root)
         swap = consumer is not None and source.op != "placeholder"
         with graph.inserting_before(consumer if swap else node.next):
             pair = graph.call_module(f"{ONLINE_SHIFTS}.{key}", (source, cache, swap))
@@ -172,6 +173,15 @@ def rewrite(graph: fx.Graph, keys: Sequence[str], root: nn.Module) -> fx.Graph:
     return graph
 
 
+def _drop_eval_swaps(graph: fx.Graph) -> None:
+    """Removes the clip network's in-place slot moves (the online shifts make their own)."""
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is restore_slots:
+            graph.erase_node(node)
+        elif node.op == "call_module" and str(node.target).startswith(SHIFTS + ".") and node.kwargs:
+            node.kwargs = {}
+
+
 def _from_data(node: fx.Node) -> bool:
     """True when ``node`` depends on a graph input (an activation), not only on parameters."""
     stack, seen = [node], set()
@@ -186,7 +196,7 @@ def _from_data(node: fx.Node) -> bool:
     return False
 
 
-def _swap_consumer(node: fx.Node, root: nn.Module) -> Optional[fx.Node]:
+def swap_consumer(node: fx.Node, root: nn.Module) -> Optional[fx.Node]:
     """The single consumer of a shift node, if it may read a swapped-in-place input."""
     if len(node.users) != 1:
         return None

@@ -7,17 +7,25 @@ shift's input is alive anyway (it is the shortcut), so inside :func:`recompute_s
 tags its output with :func:`mark_recomputable` and the saved-tensor hooks store how to rebuild
 it instead of the tensor itself. This module knows nothing about the shift: it rebuilds any
 tagged tensor by calling the function it was tagged with.
+
+A converted network pays for this only at its shift sites: its forward turns tagging on
+(:func:`install_recompute_scope`), and its train graph opens the hooks right before each
+consumer of a shift output and closes them right after (:func:`open_site_hooks`,
+:func:`close_site_hooks`), so only what those consumers save goes through Python (a conv: its
+input and its weight). :func:`recompute_shifts` is the whole-forward form for hand-written
+models.
 """
 
 import contextlib
 import threading
 import weakref
-from typing import Callable, Dict, Iterator, List
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["recompute_shifts", "install_recompute_scope", "mark_recomputable", "in_graph_capture"]
+__all__ = ["recompute_shifts", "install_recompute_scope", "mark_recomputable", "in_graph_capture", "open_site_hooks",
+           "close_site_hooks"]
 
 _TAG = "_tsm_shift_of"
 
@@ -30,7 +38,10 @@ def in_graph_capture() -> bool:
 
 
 class _Recompute(threading.local):
-    depth = 0
+    depth = 0  # open scopes in which shift outputs are tagged
+
+    def __init__(self):
+        self.site_hooks: List[contextlib.AbstractContextManager] = []  # opened by open_site_hooks, not yet closed
 
 
 _RECOMPUTE = _Recompute()
@@ -135,9 +146,38 @@ def recompute_shifts() -> Iterator[None]:
         _RECOMPUTE.depth -= 1
 
 
+def _hooks_taken() -> bool:
+    """True when saved-tensor hooks are active already (the caller's checkpointing or offloading)."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
+def open_site_hooks() -> bool:
+    """Opens the saved-tensor hooks for one consumer of a shift output; True when it did.
+
+    A converted network's train graph calls this right before each consumer of a shift output
+    and :func:`close_site_hooks` right after it, so only the tensors that consumer saves go
+    through Python. It does nothing outside a forward that tags shift outputs, under
+    ``torch.compile`` and when other saved-tensor hooks are active.
+    """
+    if _RECOMPUTE.depth == 0 or torch.compiler.is_compiling() or _hooks_taken():
+        return False
+    hooks = torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
+    hooks.__enter__()
+    _RECOMPUTE.site_hooks.append(hooks)
+    return True
+
+
+def close_site_hooks(opened: bool) -> None:
+    """Closes what the matching :func:`open_site_hooks` opened."""
+    if opened and _RECOMPUTE.site_hooks:
+        _RECOMPUTE.site_hooks.pop().__exit__(None, None, None)
+
+
 class _OpenScopes(threading.local):
     def __init__(self):
-        self.by_module: Dict[int, List[contextlib.AbstractContextManager]] = {}
+        # per module: for each forward running, the number of site hooks open when it began,
+        # or None when that forward does not tag (recompute off, no grad, caller's hooks)
+        self.by_module: Dict[int, List[Optional[int]]] = {}
 
 
 # Saved-tensor hooks live on a per-thread stack, so the scopes a module's forward opened are
@@ -146,27 +186,37 @@ _OPEN_SCOPES = _OpenScopes()
 
 
 def _scope_enter(module: nn.Module, args) -> None:
-    if torch.compiler.is_compiling() or not getattr(module, "recompute_shifts", True):
+    if torch.compiler.is_compiling():
         return
-    scope = recompute_shifts()
-    scope.__enter__()
-    _OPEN_SCOPES.by_module.setdefault(id(module), []).append(scope)
+    tags = (getattr(module, "recompute_shifts", True) and torch.is_grad_enabled() and not in_graph_capture()
+            and not _hooks_taken())
+    _OPEN_SCOPES.by_module.setdefault(id(module), []).append(len(_RECOMPUTE.site_hooks) if tags else None)
+    if tags:
+        _RECOMPUTE.depth += 1
 
 
 def _scope_exit(module: nn.Module, args, output) -> None:
     if torch.compiler.is_compiling():
         return
     scopes = _OPEN_SCOPES.by_module.get(id(module))
-    if scopes:
-        scopes.pop().__exit__(None, None, None)
-        if not scopes:
-            del _OPEN_SCOPES.by_module[id(module)]
+    if not scopes:
+        return
+    opened_before = scopes.pop()
+    if not scopes:
+        del _OPEN_SCOPES.by_module[id(module)]
+    if opened_before is None:
+        return
+    _RECOMPUTE.depth -= 1
+    while len(_RECOMPUTE.site_hooks) > opened_before:  # left open by a consumer that raised
+        _RECOMPUTE.site_hooks.pop().__exit__(None, None, None)
 
 
 def install_recompute_scope(module: nn.Module) -> nn.Module:
-    """Runs every forward of ``module`` inside :func:`recompute_shifts` (``convert`` does this).
+    """Tags the shift outputs of every forward of ``module`` (``convert`` does this).
 
-    Set ``module.recompute_shifts = False`` to keep the shift outputs saved instead.
+    The hooks that store the tagged tensors as recipes are opened by the graph around each
+    shift output's consumer (:func:`open_site_hooks`). Set ``module.recompute_shifts = False``
+    to keep the shift outputs saved instead.
     """
     module.register_forward_pre_hook(_scope_enter)
     module.register_forward_hook(_scope_exit, always_call=True)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ._recompute import in_graph_capture, mark_recomputable, recording
 
-__all__ = ["temporal_shift", "TemporalShift", "DIRECTIONS", "UNI_SLOTS"]
+__all__ = ["temporal_shift", "TemporalShift", "DIRECTIONS", "UNI_SLOTS", "restore_slots"]
 
 DIRECTIONS = ("bi", "uni")
 UNI_SLOTS = ("past", "first")  # which channels a "uni" shift moves: [fold, 2*fold) or [0, fold)
@@ -221,6 +221,81 @@ def _shift_copy(v: Tensor, channel_dim: int, fold: int, direction: str, reverse:
     return out
 
 
+def _shift_slots_in_place(v: Tensor, channel_dim: int, fold: int, direction: str) -> Tensor:
+    """Shifts the moving slots of the dense ``(N, T, ...)`` view ``v`` in place; returns them as they were.
+
+    The returned scratch (the adjacent moving slots, one slot for ``"uni"``, two for ``"bi"``)
+    is what :func:`restore_slots` writes back. Moved data: the scratch copy, the shifted copy
+    back and the restore, each of ``2/shift_div`` of the tensor for ``"bi"``: 0.75 of a clone's
+    traffic, with no new full-size tensor.
+    """
+    frames = v.shape[1]
+    slots = _SLOTS[(direction, False)]
+    lo = min(slot for slot, _ in slots) * fold
+    scratch = v.narrow(channel_dim, lo, (max(slot for slot, _ in slots) + 1) * fold - lo).clone()
+    for slot, offset in slots:
+        src = scratch.narrow(channel_dim, slot * fold - lo, fold)
+        dst = v.narrow(channel_dim, slot * fold, fold)
+        if frames > 1:
+            read_from = 1 if offset > 0 else 0
+            write_to = 0 if offset > 0 else 1
+            dst.narrow(1, write_to, frames - 1).copy_(src.narrow(1, read_from, frames - 1))
+        dst.narrow(1, frames - 1 if offset > 0 else 0, 1).zero_()
+    return scratch
+
+
+_SWAPPED = "_tsm_swapped_slots"  # set on a tensor whose slots a shift moved in place: (scratch, how to find them)
+
+
+def _can_shift_in_place(x: Tensor) -> bool:
+    """In-place use of ``x`` is safe: no autograd, not a view of another tensor, dense memory."""
+    if torch.is_grad_enabled() or x.requires_grad or x._base is not None:
+        return False
+    if x.is_inference() and not torch.is_inference_mode_enabled():
+        return False  # torch refuses in-place writes to inference tensors outside inference mode
+    return x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+
+
+def restore_slots(x: Tensor) -> None:
+    """Puts back the slots a shift with ``swap=True`` moved in place in ``x`` (a no-op when it copied).
+
+    A converted network's eval graph calls it right after the one layer that reads the shift's
+    result, so every later reader of ``x`` (the shortcut) sees it bit for bit as it was.
+    """
+    if isinstance(x, torch.fx.Proxy):  # re-tracing a converted graph: keep the node
+        x.tracer.create_proxy("call_function", restore_slots, (x,), {})
+        return None
+    if in_graph_capture():
+        return None
+    swapped = getattr(x, _SWAPPED, None)
+    if swapped is None:
+        return None
+    delattr(x, _SWAPPED)
+    scratch, n_segments, channel_dim, lo = swapped
+    clips, dim = _clips(x, n_segments, channel_dim)
+    clips.narrow(dim, lo, scratch.shape[dim]).copy_(scratch)
+    return None
+
+
+def _clips(x: Tensor, n_segments: int, channel_dim: int):
+    """The ``(N, T, ...)`` view of ``x`` (of its NHWC view when ``x`` is channels_last) and its channel dim."""
+    channels_last = (channel_dim == 1 and x.dim() == 4 and not x.is_contiguous()
+                     and x.is_contiguous(memory_format=torch.channels_last))
+    if channels_last:
+        x = x.permute(0, 2, 3, 1)
+        channel_dim = 3
+    shape: List[int] = list(x.shape)
+    return x.reshape([shape[0] // n_segments, n_segments] + shape[1:]), channel_dim + 1
+
+
+def _swap_shift(x: Tensor, n_segments: int, fold: int, mode: str, channel_dim: int) -> Tensor:
+    clips, dim = _clips(x, n_segments, channel_dim)
+    scratch = _shift_slots_in_place(clips, dim, fold, mode)
+    lo = min(slot for slot, _ in _SLOTS[(mode, False)]) * fold
+    setattr(x, _SWAPPED, (scratch, n_segments, channel_dim, lo))
+    return x
+
+
 class _ShiftFunction(torch.autograd.Function):
     """The shift with a backward that is the reverse shift of the gradient; saves no tensor."""
 
@@ -253,7 +328,7 @@ def _compiling_not_exporting() -> bool:
 
 
 def _temporal_shift(x: Tensor, n_segments: int, shift_div: int, direction: str, channel_dim: int,
-                    uni_slot: str = "past", recompute: bool = True) -> Tensor:
+                    uni_slot: str = "past", recompute: bool = True, swap: bool = False) -> Tensor:
     source, original_dim = x, channel_dim
     if channel_dim < -x.dim() or channel_dim >= x.dim():
         raise ValueError(f"channel_dim={channel_dim} is out of range for a tensor of shape {list(x.shape)} "
@@ -268,6 +343,7 @@ def _temporal_shift(x: Tensor, n_segments: int, shift_div: int, direction: str, 
     # keeps the caller's memory format without an extra copy.
     channels_last = (channel_dim == 1 and x.dim() == 4 and not x.is_contiguous()
                      and x.is_contiguous(memory_format=torch.channels_last))
+    given_dim = channel_dim
     if channels_last:
         x = x.permute(0, 2, 3, 1)
         channel_dim = 3
@@ -276,6 +352,8 @@ def _temporal_shift(x: Tensor, n_segments: int, shift_div: int, direction: str, 
         out = _shift_flat_clips(x, n_segments, fold, mode, channel_dim)
     elif _use_functional_form():
         out = _shift_flat_clips(x, n_segments, fold, mode, channel_dim)
+    elif swap and _can_shift_in_place(source) and not hasattr(source, _SWAPPED):
+        return _swap_shift(source, n_segments, fold, mode, given_dim)
     else:
         clips = x.reshape([shape[0] // n_segments, n_segments] + shape[1:])
         out = _eager_shift(clips.contiguous(), channel_dim + 1, fold, mode).reshape(shape)
@@ -356,9 +434,27 @@ class TemporalShift(nn.Module):
         self.uni_slot = uni_slot
         self.recompute = True
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, swap: bool = False) -> Tensor:
+        """``swap=True`` (a converted eval graph's sites, see ``_fast_paths``) may move the slots of
+        ``x`` in place and return ``x`` itself; :func:`restore_slots` must then run on ``x`` right
+        after the one layer that reads the result. Without autograd only; otherwise a copy."""
         return _temporal_shift(x, self.n_segments, self.shift_div, self.direction, self.channel_dim, self.uni_slot,
-                               self.recompute)
+                               self.recompute, swap)
+
+    @staticmethod
+    def restore(x: Tensor) -> None:
+        """Undoes ``forward(x, swap=True)`` once the one reader of its result has run (see :func:`restore_slots`).
+
+        Example:
+            >>> shift, x = TemporalShift(n_segments=2, shift_div=4), torch.arange(8.).reshape(2, 4, 1, 1)
+            >>> with torch.no_grad():
+            ...     shifted = shift(x, swap=True)          # x itself, its slots moved
+            ...     total = shifted.sum()                  # the one reader: 4+0+2+3 + 0+1+6+7
+            ...     TemporalShift.restore(x)               # x is as it was
+            >>> total.item(), x.flatten().tolist()
+            (23.0, [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
+        """
+        restore_slots(x)
 
     def extra_repr(self) -> str:
         slot = f", uni_slot={self.uni_slot!r}" if self.direction == "uni" else ""

@@ -31,6 +31,7 @@ from .measure import (
     CONTROL,
     LiveTensorBytes,
     clock_for,
+    count_packs,
     cuda_time,
     faulted_mib,
     keep_freed_memory,
@@ -47,5 +48,5 @@ __all__ = [
     "Settings", "run_bench", "BenchResult", "render", "merge_sections",
     "TARGETS", "Target", "Figure", "figures", "verdict",
     "CONTROL", "paired_ratios", "min_time", "wall_time", "cuda_time", "clock_for", "peak_bytes",
-    "LiveTensorBytes", "keep_freed_memory", "faulted_mib", "ZeroFillShift",
+    "LiveTensorBytes", "count_packs", "keep_freed_memory", "faulted_mib", "ZeroFillShift",
 ]

@@ -44,6 +44,11 @@ class Target:
 TARGETS: Tuple[Target, ...] = (
     Target("op_eager", "<= 1%", "op-level shift cost <= 1%, eager", limit=0.01),
     Target("op_compiled", "<= 0.3%", "op-level shift cost <= 0.3%, torch.compile", limit=0.003),
+    Target("op_in_place_vs_clone", "<= 0.75x", "eval's in-place shift <= 0.75x a `clone` of the site inputs",
+           limit=0.75),
+    Target("op_compiled_vs_clone", "<= 1.00x", "compiled shift <= a compiled `clone` of the site inputs", limit=1.0),
+    # a conv consumer saves 2 tensors (input, weight), a LayerNorm 5 (input, weight, bias, mean, rstd)
+    Target("packs", "<= 5 per site", "tensors packed through Python per training step <= 5 per site", limit=5.0),
     Target("eval", "<= 1.02x", "eval <= 1.02x 2D", limit=1.02),
     Target("eval", "below mmaction", "eval below mmaction", against="mmaction"),
     Target("train", "<= 1.02x", "training step <= 1.02x 2D", limit=1.02),
@@ -105,6 +110,7 @@ def figures(r: BenchResult) -> List[Figure]:
     else:
         rows.append(_fractions("op_compiled", "op-level shift cost, torch.compile", {"ours": c.op_s / c.base_2d_s},
                                f"a compiled `clone`: {pct(c.copy_floor_s / c.base_2d_s)}"))
+    rows += _floor_rows(r)
     rows += [_ratios("eval", "eval latency vs 2D", r.eval), _ratios("train", "training step vs 2D", r.train)]
     if c is not None:
         rows.append(_ratios("eval_compiled", "eval latency, compiled, vs compiled 2D", c.eval))
@@ -120,6 +126,34 @@ def figures(r: BenchResult) -> List[Figure]:
                        {"ours": f"{conv.median_s:.2f} s (min {conv.min_s:.2f} s)", "mmaction": "n/a",
                         "zero-fill": "n/a", CONTROL: ""}, {"ours": conv.median_s}))
     return rows
+
+
+def _floor_rows(r: BenchResult) -> List[Figure]:
+    """The shift against the copy floor (a `clone` of the site inputs) in each mode, and the packs per step."""
+    rows = []
+    if r.op_in_place_s is not None:
+        ratio_ = r.op_in_place_s / r.copy_floor_s
+        rows.append(Figure("op_in_place_vs_clone", "eval's in-place shift (slots moved and put back) vs `clone`",
+                           _ours_only(times(ratio_)), {"ours": ratio_},
+                           note=f"in place {pct(r.op_in_place_s / r.base_2d_s)}, "
+                                f"clone {pct(r.copy_floor_s / r.base_2d_s)} of the 2D forward"))
+    eager = r.op_eager.get("ours")
+    if eager is not None:
+        rows.append(Figure("op_eager_vs_clone", "eager shift (a new tensor: training, autograd on) vs `clone`",
+                           _ours_only(times(eager / r.copy_floor_s)), {"ours": eager / r.copy_floor_s}))
+    c = r.compiled
+    compiled = None if c is None else c.op_s / c.copy_floor_s
+    rows.append(Figure("op_compiled_vs_clone", "compiled shift vs compiled `clone`", _ours_only(times(compiled)),
+                       {"ours": compiled}, note="" if c is not None else "not measured"))
+    if r.packs_per_step is not None:
+        per_site = r.packs_per_step / max(r.sites, 1)
+        rows.append(Figure("packs", "tensors packed through Python per training step",
+                           _ours_only(f"{r.packs_per_step} ({per_site:.1f} per site)"), {"ours": per_site}))
+    return rows
+
+
+def _ours_only(cell: str) -> Dict[str, str]:
+    return {"ours": cell, "mmaction": "", "zero-fill": "", CONTROL: ""}
 
 
 def _fractions(key: str, label: str, values: Dict[str, float], note: str) -> Figure:

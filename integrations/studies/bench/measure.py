@@ -15,6 +15,7 @@ import ctypes
 import random
 import resource
 import statistics
+import sys
 import time
 import weakref
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
@@ -25,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 __all__ = ["CONTROL", "Clock", "wall_time", "cuda_time", "clock_for", "paired_ratios", "min_time",
-           "LiveTensorBytes", "peak_bytes", "keep_freed_memory", "faulted_mib"]
+           "LiveTensorBytes", "count_packs", "peak_bytes", "keep_freed_memory", "faulted_mib"]
 
 # The A/A control: a deep copy of the baseline timed like the others. Its distance from 1.00x
 # is what the machine's noise alone does to a ratio.
@@ -104,6 +105,33 @@ def _quantile(sorted_values: Sequence[float], q: float) -> float:
 def min_time(fn: Callable[[], object], repeats: int, clock: Clock = wall_time) -> float:
     """The fastest of ``repeats`` calls of ``fn``, in seconds."""
     return min(clock(fn) for _ in range(max(1, repeats)))
+
+
+def count_packs(fn: Callable[[], object]) -> int:
+    """How many tensors the converted network's recompute hooks pack through Python while ``fn`` runs.
+
+    Counted from outside with the Python profiler: the calls of the pack hook that
+    ``tsm_surgery`` installs around the consumers of each shift output (one call per saved
+    tensor that goes through Python rather than staying inside autograd).
+    """
+    count = 0
+
+    def profile(frame, event, _arg):
+        nonlocal count
+        code = frame.f_code
+        if event == "call" and code.co_name == _PACK_HOOK[1] and frame.f_globals.get("__name__") == _PACK_HOOK[0]:
+            count += 1
+
+    previous = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(previous)
+    return count
+
+
+_PACK_HOOK = ("tsm_surgery._recompute", "_pack")  # module and name of the saved-tensor pack hook
 
 
 class LiveTensorBytes(TorchDispatchMode):

@@ -43,7 +43,8 @@ class ZeroFillShift(nn.Module):
         super().__init__()
         self.n_segments, self.shift_div = n_segments, shift_div
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, swap: bool = False) -> Tensor:
+        """``swap`` (passed by ours' eval graph at in-place sites) is ignored: this form always copies."""
         total, channels = x.shape[0], x.shape[1]
         fold = channels // self.shift_div
         clips = x.reshape(total // self.n_segments, self.n_segments, *x.shape[1:])

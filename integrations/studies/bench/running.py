@@ -28,6 +28,7 @@ from .breakdown import ConvertTimes, convert_times, profile_forward
 from .measure import (
     CONTROL,
     clock_for,
+    count_packs,
     faulted_mib,
     keep_freed_memory,
     min_time,
@@ -102,6 +103,8 @@ class BenchResult:
     base_2d_s: float  # fastest 2D eval forward seen: the op-level denominator
     op_eager: Dict[str, float]  # name -> summed per-site minimum of the shift, seconds
     copy_floor_s: float
+    op_in_place_s: Optional[float]  # ours' eval form: the slots moved in place and back, summed per-site minimum
+    packs_per_step: Optional[int]  # tensors ours' recompute hooks pack through Python in one training step
     eval: Paired
     train: Paired
     memory: Dict[str, Optional[int]]
@@ -171,6 +174,7 @@ def run_bench(settings: Settings) -> BenchResult:
     sites = shift_inputs(models["ours"], x_eval, run.autocast)
     base_2d = min_time(lambda: run.eval_call(models["2d"], x_eval), _base_repeats(settings), run.clock)
     op_eager, copy_floor = _op_level(run, models, sites, notes)
+    op_in_place = _op_in_place(run, sites)
     eval_res = run.paired({n: (lambda m=m: run.eval_call(m, x_eval)) for n, m in models.items()}, settings.rounds, 0)
     # The op-level denominator is the fastest 2D forward seen at all: on a shared machine a
     # short minimum series can fall in a busy moment and flatter the fraction.
@@ -180,11 +184,13 @@ def run_bench(settings: Settings) -> BenchResult:
     train_res = run.paired({n: (lambda m=m: run.train_call(m, x_train)) for n, m in models.items()},
                            settings.rounds, 1)
     memory = _memory(run, models, x_train)
+    packs = count_packs(lambda: run.train_call(models["ours"], x_train))
     for model in models.values():
         set_mode(model, False)
     result = BenchResult(
         settings=settings, machine=machine, batch=batch, sites=len(sites), agreement=agreement,
         shift_effect=shift_effect, base_2d_s=base_2d, op_eager=op_eager, copy_floor_s=copy_floor,
+        op_in_place_s=op_in_place, packs_per_step=packs,
         eval=eval_res, train=train_res, memory=memory, online=_online(run, models["2d"]),
         compiled=_compiled(run, models, sites, x_eval) if settings.compile else None,
         convert=convert_times(settings.convert_model, settings.frames, settings.convert_repeats),
@@ -260,6 +266,17 @@ def _op_level(run: _Run, models: Dict[str, nn.Module], sites: List[Tensor],
         floor = sum(min_time(lambda t=t: t.clone(memory_format=torch.preserve_format), repeats, run.clock)
                     for t in sites)
     return op_eager, floor
+
+
+def _op_in_place(run: _Run, sites: List[Tensor]) -> Optional[float]:
+    """Ours' eval form at each site: the moving slots shifted in place and put back (``swap=True``)."""
+    shift = tsm_surgery.TemporalShift(run.settings.frames, 8, "bi")
+
+    def swap_and_restore(t: Tensor) -> None:
+        tsm_surgery.TemporalShift.restore(shift(t, swap=True))
+
+    with torch.no_grad():
+        return sum(min_time(lambda t=t: swap_and_restore(t), run.settings.op_repeats, run.clock) for t in sites)
 
 
 def _memory(run: _Run, models: Dict[str, nn.Module], x: Tensor) -> Dict[str, Optional[int]]:
