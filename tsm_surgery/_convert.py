@@ -9,13 +9,14 @@ from torch import fx, nn
 
 from ._aliasing import plan_shift
 from ._boundary import input_sites
+from ._fast_paths import add_fast_paths
 from ._graph import SHIFTS, module_key
 from ._index import GraphIndex
-from ._net import TSMNet
+from ._net import SizeVariants, TSMNet
 from ._online import OnlineShift, OnlineTSM, to_online
 from ._shift import TemporalShift, check_shift_args
 from ._sites import ResidualSite, analyse_graph, default_example_input
-from ._tracer import LeafSpec, trace_train_and_eval
+from ._tracer import MODULE_PATH, LeafSpec, trace_train_and_eval
 
 __all__ = ["convert", "TSMNet", "PLACES"]
 
@@ -145,6 +146,79 @@ def _choose_sites(root: nn.Module, graphs: dict[str, fx.Graph], example_input: t
     return per_mode, indexes
 
 
+def _size_branches_without_sites(graphs: dict[str, fx.Graph], per_mode: dict[str, list[ResidualSite]]) -> list[str]:
+    """Paths of the modules that branch on the example input's size and hold no chosen site.
+
+    Rule: such a module is kept whole (a leaf), so it takes its own branch at every input size
+    (timm's ``ConvMlp`` pads small maps up to its kernel); traced into, its branch would be
+    frozen to the example's size. A site inside a size branch needs the traced branch.
+    """
+    whole: list[str] = []
+    for mode, graph in graphs.items():
+        nodes = {node.name: node for node in graph.nodes}
+        site_paths = [nodes[name].meta.get(MODULE_PATH, "") for site in per_mode[mode]
+                      for name in (site.join, *site.branch_consumers) if name in nodes]
+        for path, _ in getattr(graph, "size_guards", ()):
+            inside = any(p == path or p.startswith(path + ".") for p in site_paths)
+            if path and not inside and path not in whole:
+                whole.append(path)
+    return whole
+
+
+def _trace_sites(root: nn.Module, leaf_modules: Sequence[LeafSpec], example_input: torch.Tensor, select: Select,
+                 candidates: Candidates, model: nn.Module):
+    """Both graphs traced on ``example_input``, with the sites chosen in each and their analyses."""
+    graphs = dict(zip(("train", "eval"), trace_train_and_eval(root, leaf_modules, example_input)))
+    per_mode, indexes = _choose_sites(root, graphs, example_input, select, candidates, model)
+    whole = _size_branches_without_sites(graphs, per_mode)
+    if whole:  # trace again with them kept whole: they then run their own branch at any input size
+        graphs = dict(zip(("train", "eval"), trace_train_and_eval(root, [*leaf_modules, *whole], example_input)))
+        per_mode, indexes = _choose_sites(root, graphs, example_input, select, candidates, model)
+    return graphs, per_mode, indexes
+
+
+def _shift_graphs(graphs: dict[str, fx.Graph], per_mode: dict[str, list[ResidualSite]],
+                  indexes: dict[str, GraphIndex], place: str, shifts: nn.ModuleDict,
+                  make_shift: Callable[[ResidualSite], TemporalShift]) -> None:
+    """Inserts a shift at every chosen site of both graphs, adding the sites' modules ``shifts`` lacks."""
+    for site in per_mode["eval"]:
+        key = module_key(site.name)
+        if key in shifts:
+            continue
+        shift = make_shift(site)
+        if site.channels < shift.shift_div:
+            raise ValueError(f"site {site.name!r} has {site.channels} channels, fewer than "
+                             f"shift_div={shift.shift_div}. Hint: lower shift_div or leave the site out with select=.")
+        shifts[key] = shift
+    recompute = [_insert_shifts(indexes[mode], per_mode[mode], place) for mode in ("train", "eval")]
+    for site in per_mode["eval"]:
+        # A site whose input is written after the shift (x.add_(branch(x))) keeps its shifted copy.
+        placed = shifts[module_key(site.name)]
+        assert isinstance(placed, TemporalShift)
+        placed.recompute = placed.recompute and all(flags[site.name] for flags in recompute)
+
+
+def _size_decisions(graphs: dict[str, fx.Graph]) -> tuple:
+    """The branches both graphs took on the example's size; empty when nothing branched on it."""
+    return tuple(tuple(getattr(graphs[mode], "size_guards", ())) for mode in ("train", "eval")) \
+        if any(getattr(g, "size_guards", ()) for g in graphs.values()) else ()
+
+
+def _specialise(net: TSMNet, root: nn.Module, settings: dict, example_input: torch.Tensor):
+    """``net``'s graphs for the branches ``example_input``'s size takes: traced again from ``root``, its 2D model."""
+    # Tensors held by the root itself (not a child) may have been replaced on the net by .to(): share them again.
+    root._parameters.update({k: v for k, v in net._parameters.items() if k in root._parameters})
+    root._buffers.update({k: v for k, v in net._buffers.items() if k in root._buffers})
+    candidates = _site_rule(settings["no_residual"], settings.get("shift_inputs"), net.shift_div)
+    graphs, per_mode, indexes = _trace_sites(root, settings["leaf_modules"], example_input, settings["select"],
+                                             candidates, root)
+    _shift_graphs(graphs, per_mode, indexes, net.place, getattr(net, SHIFTS),
+                  lambda site: TemporalShift(net.n_segments, net.shift_div, net.direction, site.channel_dim,
+                                             net.uni_slot))
+    add_fast_paths(graphs["train"], graphs["eval"], net)  # as TSMNet gives its first pair
+    return _size_decisions(graphs), graphs["train"], graphs["eval"], per_mode["eval"]
+
+
 def convert(
     model: nn.Module,
     n_segments: int = 8,
@@ -221,23 +295,17 @@ def convert(
     _check_settings(model, direction, place, online, no_residual)
     root = model if inplace else copy.deepcopy(model)
     example_input = default_example_input(root) if example_input is None else example_input
-    train_graph, eval_graph = trace_train_and_eval(root, leaf_modules, example_input)
     candidates = _site_rule(no_residual, shift_inputs, shift_div)
-    per_mode, indexes = _choose_sites(root, {"train": train_graph, "eval": eval_graph}, example_input, select,
-                                      candidates, model)
+    graphs, per_mode, indexes = _trace_sites(root, leaf_modules, example_input, select, candidates, model)
     shifts = nn.ModuleDict()
-    for site in per_mode["eval"]:
-        if site.channels < shift_div:
-            raise ValueError(f"site {site.name!r} has {site.channels} channels, fewer than shift_div={shift_div}. "
-                             "Hint: lower shift_div or leave the site out with select=.")
-        shifts[module_key(site.name)] = TemporalShift(n_segments, shift_div, direction, site.channel_dim, uni_slot)
-    recompute = [_insert_shifts(indexes[mode], per_mode[mode], place) for mode in ("train", "eval")]
-    for site in per_mode["eval"]:
-        # A site whose input is written after the shift (x.add_(branch(x))) keeps its shifted copy.
-        shift = shifts[module_key(site.name)]
-        assert isinstance(shift, TemporalShift)
-        shift.recompute = all(flags[site.name] for flags in recompute)
-    net = TSMNet(root, train_graph, eval_graph, shifts, per_mode["eval"], place)
+    _shift_graphs(graphs, per_mode, indexes, place, shifts,
+                  lambda site: TemporalShift(n_segments, shift_div, direction, site.channel_dim, uni_slot))
+    net = TSMNet(root, graphs["train"], graphs["eval"], shifts, per_mode["eval"], place)
+    decisions = _size_decisions(graphs)
+    if decisions:  # a site lies inside a branch on the input size: one graph pair per branch decision
+        settings = {"leaf_modules": list(leaf_modules), "select": select, "no_residual": no_residual,
+                    "shift_inputs": shift_inputs}
+        net.size_variants = SizeVariants(_specialise, root, settings, decisions)
     if online:
         return to_online(net, frame_shape=tuple(example_input.shape[1:]), inplace=True)
     return net

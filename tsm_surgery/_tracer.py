@@ -87,6 +87,9 @@ def _timm_registries() -> tuple[list[type], list[Callable]]:
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
+MODULE_PATH = "tsm_module_path"  # node.meta key: the module whose forward created the node ("" for the root)
+
+
 class TraceError(RuntimeError):
     """A module could not be traced symbolically."""
 
@@ -137,6 +140,8 @@ class SiteTracer(fx.Tracer):
         super().__init__(autowrap_functions=functions, param_shapes_constant=True)
         self.module_path_stack: list[str] = []
         self.failed_path: str | None = None
+        # Each branch decided on the example's size: (the module path holding it, the branch taken).
+        self.size_guards: list[tuple[str, bool]] = []
 
     def is_leaf_module(self, module: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(module, self.leaf_types) or module_qualified_name in self.leaf_paths:
@@ -190,9 +195,16 @@ class SiteTracer(fx.Tracer):
         where = self.module_path_stack[-1] if self.module_path_stack else "forward"
         message = (f"'{where}' was traced for inputs of size {tuple(self.example_input.shape[1:])}, and this input "
                    "takes another branch there. Hint: convert again with example_input= of this size.")
-        condition = obj if taken else self.create_proxy("call_function", operator.not_, (obj,), {})
+        # `== False`, not operator.not_: tracing the generated code again (copies, pickles) must not call bool() on it
+        condition = obj if taken else self.create_proxy("call_function", operator.eq, (obj, False), {})
         self.create_proxy("call_function", torch._assert, (condition, message), {})
+        self.size_guards.append((self.module_path_stack[-1] if self.module_path_stack else "", taken))
         return taken
+
+    def create_node(self, *args, **kwargs) -> fx.Node:
+        node = super().create_node(*args, **kwargs)
+        node.meta[MODULE_PATH] = self.module_path_stack[-1] if self.module_path_stack else ""
+        return node
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
         return attr_val if self._evaluating else super().getattr(attr, attr_val, parameter_proxy_cache)
@@ -295,6 +307,7 @@ def trace(model: nn.Module, extra_leaf_modules: Sequence[LeafSpec] = (),
             if concrete:
                 _drop_concrete_placeholders(graph, concrete)
             graph.kept_whole = tuple(kept_whole)  # type: ignore[attr-defined]  # timm-registered classes that had to stay one node
+            graph.size_guards = tuple(tracer.size_guards)  # type: ignore[attr-defined]
             return graph
         except Exception as caught:
             err = caught

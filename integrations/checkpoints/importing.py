@@ -45,8 +45,8 @@ from torch import nn
 from .layouts import DETECTORS, LAYOUTS, CheckpointLayout, StateDict, tv_to_mm_resnet
 from .loading import read_checkpoint
 
-__all__ = ["import_tsm_checkpoint", "convert_state_dict", "layout_adapter", "detect_layout", "read_state_dict",
-           "CheckpointLayout", "CheckpointLayoutError", "LAYOUTS"]
+__all__ = ["import_tsm_checkpoint", "check_checkpoint_layout", "shift_for_checkpoint", "convert_state_dict",
+           "layout_adapter", "detect_layout", "read_state_dict", "CheckpointLayout", "CheckpointLayoutError", "LAYOUTS"]
 
 logger = logging.getLogger(__name__)
 
@@ -444,6 +444,81 @@ def layout_adapter(model: nn.Module | None = None, source: str = "checkpoint", l
     return adapt
 
 
+def _no_shift_note(layout: CheckpointLayout, model: nn.Module, source: str, log: Log) -> None:
+    """A TSM checkpoint loaded into a model without any shift runs as a 2D network: say so."""
+    if layout.shifts and not _shift_settings(model):
+        log(logging.WARNING, f"{source}: detected {layout}, {len(layout.shifts)} shifted blocks; the model has no "
+                             f"temporal shift, so it computes other outputs than the checkpoint's model until it is "
+                             f"converted with {_settings_text(layout.direction, layout.uni_slot)}.")
+
+
+def _settings_text(direction: str, uni_slot: str | None) -> str:
+    return f"direction={direction!r}" + (f", uni_slot={uni_slot!r}" if uni_slot else "")
+
+
+def _known_layout(checkpoint: str | os.PathLike | dict) -> tuple[CheckpointLayout | None, StateDict, str]:
+    state, source = read_state_dict(checkpoint)
+    try:
+        layout, _ = _detect(state, source)
+    except CheckpointLayoutError:
+        return None, state, source  # plain 2D weights in the model's own keys, or unknown: the strict loader judges
+    return layout, state, source
+
+
+def shift_for_checkpoint(checkpoint: str | os.PathLike | dict | None, direction: str, uni_slot: str | None,
+                         source: str = "checkpoint", log: Log | None = None) -> tuple[str, str]:
+    """The ``(direction, uni_slot)`` to convert with, given the shift the checkpoint was trained with.
+
+    ``uni_slot=None`` means the user chose none: a ``"uni"`` model then takes the slot the
+    checkpoint's model was trained with (the paper's online MobileNetV2: ``"first"``) and says so;
+    otherwise ``"past"``. A slot the user chose is kept (:func:`check_checkpoint_layout` warns).
+
+    Example:
+        >>> shift_for_checkpoint(None, "uni", None)
+        ('uni', 'past')
+    """
+    layout = _known_layout(checkpoint)[0] if checkpoint is not None else None
+    if uni_slot is None:
+        uni_slot = "past"
+        if direction == "uni" and layout is not None and layout.direction == "uni" and layout.uni_slot:
+            uni_slot = layout.uni_slot
+            (log or _log)(logging.INFO, f"{source}: detected {layout}; it was trained with uni_slot={uni_slot!r}, "
+                                        f"so the model shifts that slot (choose another with --uni-slot).")
+    return direction, uni_slot
+
+
+def check_checkpoint_layout(checkpoint: str | os.PathLike | dict | None, model: nn.Module,
+                            source: str = "checkpoint", log: Log | None = None) -> CheckpointLayout | None:
+    """Checks a TSM checkpoint's shift (direction, slot, shifted blocks) against the model that will run it.
+
+    The one check for every path that loads weights before converting (``stream``, ``export``,
+    ``convert --checkpoint``): call it with the converted (or online) model. Blocks shifted
+    elsewhere than in the checkpoint's model raise; another direction or slot is logged as a
+    warning (a bi-trained model cannot stream). A plain 2D checkpoint passes.
+
+    Returns:
+        The detected layout, or ``None`` for weights of no known TSM layout.
+
+    Raises:
+        CheckpointLayoutError: the model shifts other blocks than the checkpoint's model.
+    """
+    if checkpoint is None:
+        return None
+    layout, state, _ = _known_layout(checkpoint)
+    if layout is None:
+        return None
+    log = log or _log
+    plain = _plain_model(model)
+    convert_state_dict(state, plain, source, log=log)
+    _no_shift_note(layout, plain, source, log)
+    return layout
+
+
+def _plain_model(model: nn.Module) -> nn.Module:
+    """The clip network behind an online one (its keys and sites are what a checkpoint is fitted to)."""
+    return getattr(model, "net", None) if isinstance(getattr(model, "net", None), nn.Module) else model
+
+
 def import_tsm_checkpoint(path_or_state_dict: str | os.PathLike | dict,
                           model: nn.Module | None = None) -> StateDict:
     """Reads an MMAction2 or paper-repo TSM checkpoint and returns it in this project's keys.
@@ -471,5 +546,7 @@ def import_tsm_checkpoint(path_or_state_dict: str | os.PathLike | dict,
     """
     state, source = read_state_dict(path_or_state_dict)
     converted, layout = convert_state_dict(state, model, source)
+    if model is not None:
+        _no_shift_note(layout, model, source, _log)
     logger.info("%s: imported %s", source, layout)
     return converted

@@ -27,9 +27,11 @@ Example:
 """
 
 import importlib.util
+import logging
 import os
 import pickle
 import re
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -38,7 +40,7 @@ import torch
 from torch import nn
 
 __all__ = ["read_checkpoint", "state_dict_of", "match_state_dict", "load_state_dict_file", "CheckpointLoadError",
-           "CheckpointMismatchError", "Adapter"]
+           "CheckpointMismatchError", "Adapter", "cli_log"]
 
 # adapt(checkpoint state_dict, model state_dict) -> checkpoint state_dict in the model's layout
 Adapter = Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
@@ -283,3 +285,8 @@ def load_state_dict_file(path: str, model: nn.Module, *, source: str = "checkpoi
     state = match_state_dict(state, model.state_dict(), path=path, source=source, adapt=adapt)
     model.load_state_dict(state, strict=True)
     return model
+
+
+def cli_log(level: int, message: str) -> None:
+    """The ``log(level, message)`` of the verbs: one line on stderr, ``warning:`` or ``note:``."""
+    print(f"{'warning' if level >= logging.WARNING else 'note'}: {message}", file=sys.stderr)

@@ -27,6 +27,8 @@ import torch
 
 import tsm_surgery
 from tsm_surgery.cli import positive_int
+from tsm_surgery.integrations.checkpoints import check_checkpoint_layout, shift_for_checkpoint
+from tsm_surgery.integrations.checkpoints.loading import cli_log
 from tsm_surgery.integrations.export import SUFFIX, TARGETS, export_set, target_module
 from tsm_surgery.integrations.export.artifacts import require_target
 from tsm_surgery.integrations.models import build_model, default_frame_size
@@ -51,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="1/shift_div of the channels move (default 8)")
     parser.add_argument("--direction", choices=("bi", "uni"),
                         help="offline only; default bi (online is always uni)")
+    parser.add_argument("--uni-slot", choices=("past", "first"),
+                        help="with a uni shift: channels read from the previous frame: 'past' = [fold, 2*fold) "
+                             "(default), 'first' = [0, fold) as the paper's online demo (default for its checkpoint)")
     parser.add_argument("--checkpoint", help="2D or converted state_dict, loaded with weights_only=True")
     parser.add_argument("--num-classes", type=positive_int, help="classifier size (default: the model's own)")
     parser.add_argument("--size", type=positive_int, help="frame height and width (default: the model's input size)")
@@ -73,6 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
+    if args.uni_slot and (args.direction == "bi" or (not args.online and args.direction is None)):
+        raise ValueError("--uni-slot applies to a uni shift: use it with --online or --direction uni.")
     if args.online and args.direction == "bi":
         raise ValueError("--direction bi: --online needs the uni-directional shift (a bi network reads "
                          "future frames); drop --direction bi or use --offline.")
@@ -102,13 +109,15 @@ def run(args: argparse.Namespace) -> int:
         print("tsm-surgery export: note: no --checkpoint, so the exported network has random weights; pass "
               "--checkpoint FILE for trained ones", file=sys.stderr)
     start = time.perf_counter()
+    direction, slot = shift_for_checkpoint(args.checkpoint, direction, args.uni_slot, "--checkpoint", log=cli_log)
     net = tsm_surgery.convert(model, args.n_segments, shift_div=args.shift_div, direction=direction,
-                              example_input=torch.randn((1,) + frame_shape), inplace=True)
+                              uni_slot=slot, example_input=torch.randn((1,) + frame_shape), inplace=True)
+    check_checkpoint_layout(args.checkpoint, net, "--checkpoint", log=cli_log)
     network = tsm_surgery.to_online(net, frame_shape=frame_shape, inplace=True) if args.online else net
     cfg = getattr(model, "pretrained_cfg", None) or {}
     metadata = {
         "model": args.model, "checkpoint": args.checkpoint, "shift_div": args.shift_div, "direction": direction,
-        "slot": "past", "n_segments": None if args.online else args.n_segments, "input_size": size,
+        "slot": slot, "n_segments": None if args.online else args.n_segments, "input_size": size,
         "preprocess": {"size": size, "mean": list(cfg.get("mean", (0.485, 0.456, 0.406))),
                        "std": list(cfg.get("std", (0.229, 0.224, 0.225))), "scale": "RGB in [0, 1]"},
     }

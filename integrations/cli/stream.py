@@ -61,9 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="classifier size for --model (default: the model's own)")
     parser.add_argument("--shift-div", type=positive_int, default=8,
                         help="1/shift_div of the channels move (default 8)")
-    parser.add_argument("--uni-slot", choices=("past", "first"), default="past",
+    parser.add_argument("--uni-slot", choices=("past", "first"),
                         help="for --model: channels read from the previous frame: 'past' = [fold, 2*fold) "
-                             "(default), 'first' = [0, fold) as the paper's online demo (its checkpoint needs it)")
+                             "(default), 'first' = [0, fold) as the paper's online demo (default for its checkpoint)")
     parser.add_argument("--size", type=frame_size,
                         help=f"frame side after centre crop and resize (default: model's input size; at most "
                              f"{MAX_FRAME_SIZE})")

@@ -57,6 +57,22 @@ def _build_timm(name: str, kwargs: dict[str, Any]) -> nn.Module:
         raise
 
 
+class _TorchvisionFeatures(nn.Module):
+    """The ``features`` part of a torchvision classifier, kept under that name.
+
+    Recognizer2D keeps the whole torchvision model and runs ``backbone.features``, so a TSN
+    checkpoint names its weights ``backbone.features.<...>``; holding the part under the same
+    attribute gives the wrapped backbone those keys (``features.conv0.weight``, not ``conv0.weight``).
+    """
+
+    def __init__(self, features: nn.Module) -> None:
+        super().__init__()
+        self.features = features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
 def _build_torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
     import torchvision
     from torchvision.models.feature_extraction import create_feature_extractor
@@ -67,8 +83,8 @@ def _build_torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
         raise KeyError(f"model.backbone.backbone.type='torchvision.{name}': {err}. Hint: "
                        "torchvision.models.list_models() lists the names.") from err
     if hasattr(model, "features"):
-        # The convolutional part, as Recognizer2D uses for torchvision backbones.
-        return model.features
+        # The convolutional part, as Recognizer2D runs it (backbone.features), under the same name.
+        return _TorchvisionFeatures(model.features)
     if hasattr(model, "layer4"):
         # ResNet family: everything up to the last stage; module names (keys) are kept.
         return create_feature_extractor(model, {"layer4": "features"})

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import tsm_surgery
-from tsm_surgery.integrations.checkpoints import layout_adapter
-from tsm_surgery.integrations.checkpoints.loading import load_state_dict_file
+from tsm_surgery.integrations.checkpoints import check_checkpoint_layout, layout_adapter, shift_for_checkpoint
+from tsm_surgery.integrations.checkpoints.loading import cli_log, load_state_dict_file
 from tsm_surgery.integrations.models import build_model, default_frame_size
 
 from .engine import TorchEngine
@@ -148,8 +148,10 @@ def _from_timm(args: argparse.Namespace) -> Models:
     pre = Preprocess(size, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
     # inplace: the converted and online networks reuse the 2D model's modules, so the
     # benchmark compares the same weights in the same memory.
+    _, slot = shift_for_checkpoint(args.checkpoint, "uni", args.uni_slot, "--checkpoint", log=cli_log)
     net = tsm_surgery.convert(model, n_segments=8, shift_div=args.shift_div, direction="uni",
-                              uni_slot=args.uni_slot, example_input=torch.zeros(1, 3, size, size), inplace=True)
+                              uni_slot=slot, example_input=torch.zeros(1, 3, size, size), inplace=True)
+    check_checkpoint_layout(args.checkpoint, net, "--checkpoint", log=cli_log)
     online = tsm_surgery.to_online(net, frame_shape=(3, size, size), inplace=True)
     return Models(model, online, None, pre)
 
