@@ -120,10 +120,6 @@ def test_openvino_bf16_is_a_precision_of_its_own(exported):
 
 # --- rank 4 and no ScatterND, in every exported graph ---------------------------------------------
 
-OFFLINE_5D = pytest.mark.xfail(strict=True, reason="the offline shift views the batch as (N, T, C, H, W); the core "
-                               "change to rank-4 offline graphs (issue 17 item 8) has not landed")
-
-
 def _networks(form, spec=MBV2):
     model = _model(spec)
     net = tsm_surgery.convert(model, n_segments=SEGMENTS, direction="uni").eval()
@@ -181,19 +177,19 @@ def _assert_rank4(ranks, ops):
     assert not scatter, scatter
 
 
-@pytest.mark.parametrize("form", ["online", pytest.param("offline", marks=OFFLINE_5D)])
+@pytest.mark.parametrize("form", ["online", "offline"])
 @pytest.mark.parametrize("exporter", ["legacy", pytest.param("dynamo", marks=SLOW)])
 def test_onnx_graphs_are_rank4_without_scatter(tmp_path, form, exporter):
     module, args = _networks(form)
     _assert_rank4(*_onnx_ranks(module, args, tmp_path / "g.onnx", exporter))
 
 
-@pytest.mark.parametrize("form", ["online", pytest.param("offline", marks=OFFLINE_5D)])
+@pytest.mark.parametrize("form", ["online", "offline"])
 def test_openvino_graphs_are_rank4_without_scatter(form):
     _assert_rank4(*_openvino_ranks(*_networks(form)))
 
 
-@pytest.mark.parametrize("form", ["online", pytest.param("offline", marks=OFFLINE_5D)])
+@pytest.mark.parametrize("form", ["online", "offline"])
 def test_executorch_programs_are_rank4_without_scatter(form):
     pytest.importorskip("executorch.exir")
     _assert_rank4(*_program_ranks(*_networks(form)))
