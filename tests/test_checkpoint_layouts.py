@@ -82,10 +82,10 @@ def test_export_takes_the_checkpoints_slot_and_has_uni_slot(tmp_path, capsys, on
     argv = ["export", *MOBILENET, "--checkpoint", online_checkpoint, "--exporter", "legacy", "--output", str(out)]
     assert main(argv) == 0
     assert "uni_slot='first'" in capsys.readouterr().err
-    assert json.loads(out.with_suffix(".json").read_text())["uni_slot"] == "first"
+    assert json.loads(out.with_suffix(".json").read_text())["slot"] == "first"
     assert main(argv + ["--uni-slot", "past", "--force"]) == 0
     assert "warning:" in capsys.readouterr().err
-    assert json.loads(out.with_suffix(".json").read_text())["uni_slot"] == "past"
+    assert json.loads(out.with_suffix(".json").read_text())["slot"] == "past"
     assert main(argv + ["--offline", "--uni-slot", "first", "--force"]) == 1  # a bi network has no uni slot
     assert "--uni-slot applies to a uni shift" in capsys.readouterr().err
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from torch import fx, nn
 
+from ._fast_paths import add_fast_paths, without_fast_paths
 from ._index import GraphIndex
 from ._net import TSMNet
 from ._sites import ResidualSite
@@ -149,9 +150,13 @@ def insert_module(net: TSMNet, name: str, module: nn.Module, *, at: str, where: 
     owner = net.get_submodule(parent) if parent else net
     if hasattr(owner, attr):
         raise ValueError(f"{name!r} is already an attribute of the network; choose another name.")
-    for graph in (net.train_graph, net.eval_graph):  # both checked before either is written
+    # The boundary is found on the plain graphs: the fast paths' marker nodes belong to no module.
+    plain = [without_fast_paths(graph) for graph in (net.train_graph, net.eval_graph)]
+    for graph in plain:  # both checked before either is written
         _boundary(graph, at, where, _members(graph, at))
     owner.add_module(attr, module)
-    for graph in (net.train_graph, net.eval_graph):
+    for graph in plain:
         _insert_call(graph, at, name, where)
-    net.recompile()
+    add_fast_paths(plain[0], plain[1], net)
+    net.train_graph, net.eval_graph = plain
+    net.train(net.training)

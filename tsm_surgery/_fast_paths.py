@@ -87,7 +87,16 @@ def add_fast_paths(train_graph: fx.Graph, eval_graph: fx.Graph, root: nn.Module)
 
 
 def swapped_sites(graph: fx.Graph) -> list:
-    """Targets of the shift nodes of ``graph`` that move their slots in place."""
+    """Targets of the shift nodes of ``graph`` that move their slots in place.
+
+    Example:
+        >>> import torchvision, tsm_surgery
+        >>> net = tsm_surgery.convert(torchvision.models.resnet18(), n_segments=4)
+        >>> len(swapped_sites(net.eval_graph)) == len(net.sites)  # each branch's first conv reads its block input
+        True
+        >>> swapped_sites(without_fast_paths(net.eval_graph))
+        []
+    """
     return [str(n.target) for n in _shift_nodes(graph) if n.kwargs.get("swap")]
 
 
