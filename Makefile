@@ -13,6 +13,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(PY) -m mypy
 	$(PY) -m pytest -q -n 2
 
 test-all: $(STAMP)
@@ -30,5 +31,5 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check uv
-	$(VENV)/bin/uv pip install --python $(PY) -e '.[timm,mmaction,export,test]' $(TORCH)
+	$(VENV)/bin/uv pip install --python $(PY) -e '.[timm,mmaction,export,deploy,test]' $(TORCH)
 	touch $(STAMP)

@@ -13,16 +13,16 @@ import torch
 
 pytest.importorskip("mmaction")
 
-from test_mmaction_data import make_dataset, write_config, write_video  # noqa: E402
+from utils import make_dataset, write_config, write_video
 
-from tsm_surgery.cli import main  # noqa: E402
-from tsm_surgery.integrations.checkpoints.loading import (  # noqa: E402
+from tsm_surgery.cli import main
+from tsm_surgery.integrations.checkpoints.loading import (
     CheckpointLoadError,
     CheckpointMismatchError,
     load_state_dict_file,
 )
-from tsm_surgery.integrations.mmaction.checkpoint import TRUST_ENV, trusted_resume  # noqa: E402
-from tsm_surgery.integrations.training import runner as api  # noqa: E402
+from tsm_surgery.integrations.mmaction.checkpoint import TRUST_ENV, trusted_resume
+from tsm_surgery.integrations.training import runner as api
 
 
 class Marker:

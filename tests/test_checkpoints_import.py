@@ -186,7 +186,7 @@ def test_mmaction_stock_round_trip(stock, tmp_path):
     pytest.importorskip("mmaction")
     from mmengine.registry import init_default_scope
 
-    import tsm_surgery.integrations.mmaction  # noqa: F401
+    import tsm_surgery.integrations.mmaction
 
     init_default_scope("mmaction")
     source_cfg, ours_cfg, channels = STOCK[stock]
@@ -213,7 +213,7 @@ def test_paper_resnet_into_mmaction_recognizer_and_back(tmp_path):
     pytest.importorskip("mmaction")
     from mmengine.registry import init_default_scope
 
-    import tsm_surgery.integrations.mmaction  # noqa: F401
+    import tsm_surgery.integrations.mmaction
 
     init_default_scope("mmaction")
     paper, path, _ = _paper_pair(tmp_path, 18)
@@ -313,7 +313,7 @@ def test_pretrained_and_fine_tuning_accept_paper_checkpoints(tmp_path):
     from tsm_surgery.integrations.checkpoints import convert_state_dict
 
     init_default_scope("mmaction")
-    paper, path, _ = _paper_pair(tmp_path, 18)
+    _, path, _ = _paper_pair(tmp_path, 18)
     backbone = MODELS.build(dict(type="TSMSurgeryBackbone", num_segments=T, pretrained=str(path),
                                  backbone=dict(type="ResNet", depth=18)))
     backbone.init_weights()

@@ -10,10 +10,10 @@ import torch
 pytest.importorskip("mmaction")
 pytest.importorskip("mmengine")
 
-from mmengine.config import Config  # noqa: E402
+from mmengine.config import Config
 
-import tsm_surgery.integrations.mmaction  # noqa: E402,F401  (compat + registration)
-from tsm_surgery.integrations.mmaction.clip_length import frames_per_clip, sync_clip_length  # noqa: E402
+import tsm_surgery.integrations.mmaction  # noqa: F401  (compat + registration)
+from tsm_surgery.integrations.mmaction.clip_length import frames_per_clip, sync_clip_length
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Files starting with "_" are base fragments other configs inherit, not configs of their own.

@@ -9,13 +9,12 @@ import ast
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, Set
 
 CORE = Path(__file__).resolve().parents[1] / "tsm_surgery"
 MODULES = sorted(p.stem for p in CORE.glob("*.py") if p.stem != "__init__")
 
 
-def _imports(name: str) -> Set[str]:
+def _imports(name: str) -> set[str]:
     """Absolute names this module imports; relative imports are resolved inside the package."""
     tree = ast.parse((CORE / f"{name}.py").read_text())
     found = set()
@@ -30,7 +29,7 @@ def _imports(name: str) -> Set[str]:
     return found
 
 
-def _internal_graph() -> Dict[str, Set[str]]:
+def _internal_graph() -> dict[str, set[str]]:
     return {name: {i.split(".")[1] for i in _imports(name) if i.startswith("tsm_surgery.")} for name in MODULES}
 
 
@@ -45,7 +44,7 @@ def test_core_imports_only_torch_and_the_standard_library():
 def test_core_has_no_import_cycle():
     graph = _internal_graph()
     assert set().union(*graph.values()) <= set(MODULES)
-    done: Set[str] = set()
+    done: set[str] = set()
 
     def visit(name, path):
         assert name not in path, f"import cycle: {' -> '.join(path + [name])}"

@@ -286,7 +286,7 @@ AMP_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 def test_runner_trains_and_evaluates_on_cuda(tmp_path, amp):
     pytest.importorskip("mmaction")
     from mmengine.config import Config
-    from test_mmaction_data import make_dataset, write_config
+    from utils import make_dataset, write_config
 
     from tsm_surgery.integrations.training import runner as api
 

@@ -176,3 +176,43 @@ def test_export_sidecar_cannot_land_on_the_graph(tmp_path, capsys):
                  "--output", str(target)]) == 1
     assert "would overwrite the ONNX graph" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def _graph_ranks(path):
+    """{value name: rank} of every value of the ONNX graph after shape inference, and its op types."""
+    import onnx
+    from onnx import shape_inference
+
+    graph = shape_inference.infer_shapes(onnx.load(str(path))).graph
+    ranks = {}
+    for value in [*graph.input, *graph.value_info, *graph.output]:
+        tensor = value.type.tensor_type
+        ranks[value.name] = len(tensor.shape.dim) if tensor.HasField("shape") else None
+    ranks.update({init.name: len(init.dims) for init in graph.initializer})
+    return ranks, {node.op_type for node in graph.node}
+
+
+@pytest.mark.parametrize("exporter", ["legacy", pytest.param("dynamo", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("form", ["offline-bi", "offline-uni-first", "online"])
+@torch.no_grad()
+def test_exported_graphs_are_rank_4_without_scatter(tmp_path, exporter, form):
+    """NNAPI, CoreML and MNN take tensors of rank 4 at most and no ScatterND: every value of the
+    graph, not only its inputs and outputs, has a known rank <= 4, and the graph still computes
+    the eager network's numbers."""
+    path = tmp_path / f"{form}.onnx"
+    if form == "online":
+        online = _online()
+        export_online(online, str(path), batch_size=1, frame_shape=FRAME, exporter=exporter)
+    else:
+        direction, slot = ("bi", "past") if form == "offline-bi" else ("uni", "first")
+        net = tsm_surgery.convert(_model(), n_segments=4, direction=direction, uni_slot=slot).eval()
+        export_offline(net, str(path), frame_shape=FRAME, exporter=exporter)
+        x = torch.randn(8, *FRAME)
+        assert _rel(_session(path).run(None, {"clips": x.numpy()})[0], net(x)) <= RTOL
+    ranks, ops = _graph_ranks(path)
+    assert len(ranks) > 100
+    unknown = [name for name, rank in ranks.items() if rank is None]
+    assert not unknown, unknown[:5]
+    five_d = {name: rank for name, rank in ranks.items() if rank > 4}
+    assert not five_d, list(five_d.items())[:5]
+    assert "ScatterND" not in ops

@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("mmaction")
 
-from tsm_surgery.integrations.mmaction import compat  # noqa: E402
+from tsm_surgery.integrations.mmaction import compat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

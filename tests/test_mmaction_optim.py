@@ -8,12 +8,12 @@ import torch
 pytest.importorskip("mmaction")
 pytest.importorskip("timm")
 
-from mmaction.registry import MODELS, OPTIM_WRAPPER_CONSTRUCTORS  # noqa: E402
-from mmengine.config import Config  # noqa: E402
-from mmengine.registry import init_default_scope  # noqa: E402
+from mmaction.registry import MODELS, OPTIM_WRAPPER_CONSTRUCTORS
+from mmengine.config import Config
+from mmengine.registry import init_default_scope
 
-import tsm_surgery.integrations.mmaction  # noqa: E402,F401
-from tsm_surgery.integrations.mmaction import sync_clip_length  # noqa: E402
+import tsm_surgery.integrations.mmaction  # noqa: F401
+from tsm_surgery.integrations.mmaction import sync_clip_length
 
 init_default_scope("mmaction")
 

@@ -7,14 +7,14 @@ import torch
 
 pytest.importorskip("mmaction")
 
-from mmaction.models.backbones import ResNet, ResNetTSM  # noqa: E402
-from mmaction.registry import MODELS  # noqa: E402
-from mmengine.registry import init_default_scope  # noqa: E402
-from utils import randomize_norms  # noqa: E402
+from mmaction.models.backbones import ResNet, ResNetTSM
+from mmaction.registry import MODELS
+from mmengine.registry import init_default_scope
+from utils import randomize_norms
 
-import tsm_surgery  # noqa: E402
-import tsm_surgery.integrations.mmaction  # noqa: E402,F401
-from tsm_surgery.integrations.mmaction import TSMSurgeryBackbone  # noqa: E402
+import tsm_surgery
+import tsm_surgery.integrations.mmaction
+from tsm_surgery.integrations.mmaction import TSMSurgeryBackbone
 
 init_default_scope("mmaction")
 

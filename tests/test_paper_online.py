@@ -91,7 +91,7 @@ def test_our_uni_slot_is_another_layout(paper_checkpoint, caplog):
 def test_stream_verb_runs_the_paper_online_checkpoint(paper_checkpoint, tmp_path, capsys):
     """`tsm-surgery stream --model torchvision:mobilenet_v2 --checkpoint <paper online> --uni-slot first`."""
     pytest.importorskip("av")
-    from test_mmaction_data import write_video
+    from utils import write_video
 
     from tsm_surgery.cli import main
 

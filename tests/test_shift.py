@@ -172,7 +172,7 @@ def test_one_fx_node_when_traced():
 
     gm = fx.symbolic_trace(UsesOp())
     calls = [n for n in gm.graph.nodes if n.op == "call_function"]
-    assert [n.target for n in calls][0] is temporal_shift and len(calls) == 2
+    assert calls[0].target is temporal_shift and len(calls) == 2
     x = torch.randn(8, 16, 3, 3)
     torch.testing.assert_close(gm(x), temporal_shift(x, 4, 8, "uni") * 2)
 

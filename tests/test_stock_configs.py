@@ -15,16 +15,17 @@ import torch
 
 pytest.importorskip("mmaction")
 
-import mmaction  # noqa: E402
-from mmaction.registry import MODELS  # noqa: E402
-from mmaction.structures import ActionDataSample  # noqa: E402
-from mmengine.config import Config  # noqa: E402
-from mmengine.optim import OptimWrapper  # noqa: E402
-from mmengine.registry import init_default_scope  # noqa: E402
-from utils import randomize_norms  # noqa: E402
+import mmaction
+from mmaction.registry import MODELS
+from mmaction.structures import ActionDataSample
+from mmengine.config import Config
+from mmengine.optim import OptimWrapper
+from mmengine.registry import init_default_scope
+from utils import randomize_norms
 
-import tsm_surgery.integrations.mmaction  # noqa: E402,F401
-from tsm_surgery.integrations.mmaction import STOCK_EQUIVALENTS  # noqa: E402
+import tsm_surgery
+import tsm_surgery.integrations.mmaction
+from tsm_surgery.integrations.mmaction import STOCK_EQUIVALENTS
 
 init_default_scope("mmaction")
 
@@ -357,3 +358,57 @@ def test_wrapped_tsn_url_checkpoint_is_read_from_the_cache_weights_only(tmp_path
     torch.save({"conv1.weight": _Evil()}, cached)
     with pytest.raises(CheckpointLoadError, match="system"):
         MODELS.build(cfg).init_weights()
+
+
+# --- TSN checkpoints load into the wrapped stock TSN configs unchanged -------------------------
+
+# densenet161 takes minutes on two shared cores; densenet121 is the same torchvision class and layout
+# (type, the head's input channels).
+SMALL_TSN_VARIANTS = {"torchvision.densenet161": ("torchvision.densenet121", 1024)}
+
+
+def _tsn_pair(stock_path: str, frames: int, small: bool):
+    """The stock TSN recognizer and its wrapped form, the stock one with random weights."""
+    model = _wrapped_tsn(stock_path, frames)
+    inner = model["backbone"]["backbone"]
+    if small:
+        inner["type"], model["cls_head"]["in_channels"] = SMALL_TSN_VARIANTS[inner["type"]]
+    stock_cfg = copy.deepcopy(model)
+    # Recognizer2D builds mmcls.<type> with mmcls only; mmpretrain is mmcls renamed, as the plugin reads it.
+    stock_cfg["backbone"] = dict(inner, type=re.sub(r"^mmcls\.", "mmpretrain.", inner["type"]))
+    stock, ours = MODELS.build(stock_cfg), MODELS.build(model)
+    _random_weights(stock)
+    return stock, ours
+
+
+def _switch_shifts_off(model: torch.nn.Module) -> int:
+    shifts = [m for m in model.modules() if isinstance(m, tsm_surgery.TemporalShift)]
+    for shift in shifts:
+        shift.forward = lambda x, **kwargs: x  # swap=True asks for an in-place move: none here either
+    return len(shifts)
+
+
+TSN_KEY_CASES = [pytest.param(p, False, marks=pytest.mark.slow) if any(s in p for s in SLOW_TSN) else (p, False)
+                 for p in TSN_CONFIGS]
+TSN_KEY_CASES += [(p, True) for p in TSN_CONFIGS if "dense161" in p]
+
+
+@pytest.mark.parametrize(("stock_path", "small"), TSN_KEY_CASES,
+                         ids=_ids(TSN_CONFIGS) + [f"{i}-small" for i in _ids(TSN_CONFIGS) if "dense161" in i])
+def test_wrapped_stock_tsn_config_has_the_tsn_keys_and_outputs(stock_path, small):
+    """A TSN checkpoint of the stock config loads unchanged into the wrapped config, and with the
+    shifts switched off the wrapped recognizer computes the TSN recognizer's numbers."""
+    frames = 2
+    stock, ours = _tsn_pair(stock_path, frames, small)
+    stock_state = stock.state_dict()
+    assert set(ours.state_dict()) == set(stock_state)
+    ours.load_state_dict(stock_state, strict=True)
+    assert _switch_shifts_off(ours) > 0
+    stock.eval(), ours.eval()
+    channels = _first_channels(stock.backbone)
+    size = _tsn_size(stock_path)
+    x = torch.randn(1, frames, channels, size, size)
+    with torch.no_grad():
+        want, have = stock.extract_feat(x, stage="head")[0], ours.extract_feat(x, stage="head")[0]
+    assert have.shape == want.shape
+    assert (have - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())

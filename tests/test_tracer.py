@@ -2,6 +2,7 @@
 
 import copy
 import math
+import pickle
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from tsm_surgery import convert, find_residual_sites
+from tsm_surgery import TemporalShift, convert, find_residual_sites
 from tsm_surgery._tracer import TraceError, trace
 
 
@@ -143,9 +144,15 @@ def test_branches_on_spatial_sizes_are_decided_on_the_example_and_guarded():
         net = convert(model, 2, example_input=image).eval()
         clip = torch.randn(4, 3, size, size)
         assert not torch.allclose(net(clip), model(clip))
-    with pytest.raises(AssertionError, match=r"'1' was traced for inputs of size \(3, 6, 6\).*example_input="):
-        net(torch.randn(2, 3, 4, 4))  # the fast path's size: the padded graph refuses it
-    assert net(torch.randn(2, 3, 10, 10)).shape == (2, 8, 10, 10)  # another size on the same branch runs
+    # The fast path's size: the net traces its 2D model again at that size, as a conversion there would.
+    clip = torch.randn(4, 3, 4, 4)
+    fast = convert(model, 2, example_input=clip[:1]).eval()
+    copied, pickled = copy.deepcopy(net), pickle.loads(pickle.dumps(net))
+    with torch.no_grad():
+        for served in (net, copied, pickled):
+            torch.testing.assert_close(served(clip), fast(clip))
+    assert net(torch.randn(2, 3, 10, 10)).shape == (2, 8, 10, 10)  # another size on the padded branch
+    assert len(set(net.size_variants.served.values())) == 2
 
 
 def test_branches_on_values_or_the_batch_size_still_fail():
@@ -159,3 +166,30 @@ def test_branches_on_values_or_the_batch_size_still_fail():
 
     with pytest.raises(TraceError, match="BranchOnValue"):
         trace(nn.Sequential(nn.Conv2d(3, 8, 1), BranchOnValue()), example_input=image)
+
+
+@pytest.mark.parametrize(("name", "sizes", "branchings"), [
+    ("vgg11", (96, 224, 64), 2),  # pre_logits pads maps under 7x7 (96 and 64) and holds a first_conv site
+    ("tiny_vit_5m_224", (56, 64, 224), 3),  # a block attends in one window when its map is the window
+])
+def test_a_converted_network_serves_every_input_size(monkeypatch, name, sizes, branchings):
+    """Converted with the default example (224), a network whose shifted sites lie inside branches on
+    the input size runs every size. Two references: a network converted directly at that size (its
+    numbers with the shifts), and the 2D model itself with the shifts switched off, whose eager
+    forward takes its own branches (equal frames would not do: the shift zero-fills the clip ends)."""
+    timm = pytest.importorskip("timm")
+    from utils import randomize_norms
+
+    model = randomize_norms(timm.create_model(name, num_classes=5)).eval()
+    kwargs = {"no_residual": "first_conv"} if name == "vgg11" else {}
+    net = convert(model, 2, **kwargs).eval()
+    clips = {size: torch.randn(4, 3, size, size) for size in sizes}
+    with torch.no_grad():
+        served = {size: net(clip) for size, clip in clips.items()}
+        for size, clip in clips.items():
+            direct = convert(model, 2, example_input=clip[:1], **kwargs).eval()
+            torch.testing.assert_close(served[size], direct(clip))
+        assert len(set(net.size_variants.served.values())) == branchings
+        monkeypatch.setattr(TemporalShift, "forward", lambda self, x, **kwargs: x)
+        for size in reversed(sizes):  # back and forth between the graphs
+            torch.testing.assert_close(net(clips[size]), model(clips[size]))

@@ -14,6 +14,7 @@ Example:
     torch.Size([8, 1000])
 """
 
+from ._boundary import insert_module
 from ._convert import TSMNet, convert
 from ._online import OnlineTSM, to_online
 from ._shift import TemporalShift, temporal_shift
@@ -22,6 +23,7 @@ from ._tracer import TraceError, leaf_modules, notrace_functions, register_leaf_
 
 __all__ = [
     "convert",
+    "insert_module",
     "find_residual_sites",
     "site_table",
     "temporal_shift",

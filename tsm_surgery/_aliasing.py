@@ -18,8 +18,8 @@ see writes inside leaf modules. Aliases are tensors sharing a storage in that ru
 """
 
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Set, Tuple
 
 from torch import fx
 
@@ -49,18 +49,17 @@ def writes_in_place(node: fx.Node, index: GraphIndex) -> bool:
     return False
 
 
-def _storage(index: GraphIndex, node) -> Optional[int]:
+def _storage(index: GraphIndex, node) -> int | None:
     view = index.views.get(node) if isinstance(node, fx.Node) else None
     return view[0] if view else None
 
 
-def _written(node: fx.Node, index: GraphIndex) -> Set[int]:
+def _written(node: fx.Node, index: GraphIndex) -> set[int]:
     """The storages ``node`` writes."""
     keys = {_storage(index, i) for i in index.writes.get(node, ())}
     if node.args and writes_in_place(node, index):
         keys.add(_storage(index, node.args[0]))
-    keys.discard(None)
-    return keys
+    return {k for k in keys if k is not None}
 
 
 def _same_tensor(index: GraphIndex, a: fx.Node, b: fx.Node) -> bool:
@@ -83,8 +82,8 @@ class ShiftPlan:
 
     source: fx.Node
     before: fx.Node
-    readers: Tuple[fx.Node, ...]
-    names: Tuple[fx.Node, ...]
+    readers: tuple[fx.Node, ...]
+    names: tuple[fx.Node, ...]
     recompute: bool = True
 
 
@@ -120,7 +119,7 @@ def plan_shift(index: GraphIndex, site: str, fork: fx.Node, readers: Sequence[fx
     trunk, plain = _split_branch_start(index, fork, list(readers), writers)
     if not plain:
         raise _refusal(site, trunk[-1], "and nothing on the branch reads the result")
-    first, last = min(plain, key=index.position.get), max(plain, key=index.position.get)
+    first, last = min(plain, key=index.position.__getitem__), max(plain, key=index.position.__getitem__)
     reads = [i for r in plain for i in r.all_input_nodes if _storage(index, i) == key]
     for node in reads:
         if not _same_tensor(index, node, fork):
@@ -132,14 +131,15 @@ def plan_shift(index: GraphIndex, site: str, fork: fx.Node, readers: Sequence[fx
                 index.reaches(r, i) for r in plain for i in w.all_input_nodes if _storage(index, i) == key):
             raise _refusal(site, w, "through a view the branch made of it")
     late = any(index.position[w] > index.position[first] for w in writers)
-    return ShiftPlan(max(reads, key=index.position.get), first, tuple(plain), tuple(dict.fromkeys(reads)), not late)
+    source = max(reads, key=index.position.__getitem__)
+    return ShiftPlan(source, first, tuple(plain), tuple(dict.fromkeys(reads)), not late)
 
 
-def _split_branch_start(index: GraphIndex, fork: fx.Node, plain: List[fx.Node],
-                        writers: List[fx.Node]) -> Tuple[List[fx.Node], List[fx.Node]]:
+def _split_branch_start(index: GraphIndex, fork: fx.Node, plain: list[fx.Node],
+                        writers: list[fx.Node]) -> tuple[list[fx.Node], list[fx.Node]]:
     """Splits the branch start into trunk (in-place ops whose result is the fork, and what feeds
     them, such as a gate's pooling) and the readers of the result."""
-    trunk: List[fx.Node] = []
+    trunk: list[fx.Node] = []
     changed = True
     while changed:
         changed = False
@@ -153,7 +153,7 @@ def _split_branch_start(index: GraphIndex, fork: fx.Node, plain: List[fx.Node],
     return trunk + feeding, [r for r in plain if r not in feeding]
 
 
-def _check_block(index: GraphIndex, site: str, fork: fx.Node, writers: List[fx.Node]) -> None:
+def _check_block(index: GraphIndex, site: str, fork: fx.Node, writers: list[fx.Node]) -> None:
     """``place="block"`` rewires every consumer of the fork, so writes through them stay consistent;
     only an older name of the same tensor (the input of the op that made the fork) can diverge."""
     if not writers:

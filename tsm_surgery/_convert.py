@@ -2,29 +2,33 @@
 
 import copy
 import fnmatch
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import fx, nn
 
 from ._aliasing import plan_shift
+from ._boundary import input_sites
+from ._fast_paths import add_fast_paths
 from ._graph import SHIFTS, module_key
 from ._index import GraphIndex
-from ._net import TSMNet
+from ._net import SizeVariants, TSMNet
 from ._online import OnlineShift, OnlineTSM, to_online
 from ._shift import TemporalShift, check_shift_args
 from ._sites import ResidualSite, analyse_graph, default_example_input
-from ._tracer import LeafSpec, trace_train_and_eval
+from ._tracer import MODULE_PATH, LeafSpec, trace_train_and_eval
 
 __all__ = ["convert", "TSMNet", "PLACES"]
 
 PLACES = ("residual", "block")
 NO_RESIDUAL = ("error", "first_conv")  # policies for networks without a residual join
 
-Select = Union[None, str, Sequence[str], Callable[[ResidualSite], bool]]
+Select = str | Sequence[str] | Callable[[ResidualSite], bool] | None
+# (a graph's index, its classified joins) -> the sites that may be shifted
+Candidates = Callable[[GraphIndex, list[ResidualSite]], list[ResidualSite]]
 
 
-def _select_sites(sites: List[ResidualSite], select: Select) -> List[ResidualSite]:
+def _select_sites(sites: list[ResidualSite], select: Select) -> list[ResidualSite]:
     if select is None:
         return sites
     if callable(select):
@@ -33,7 +37,7 @@ def _select_sites(sites: List[ResidualSite], select: Select) -> List[ResidualSit
     return [s for s in sites if any(fnmatch.fnmatchcase(s.name, p) for p in patterns)]
 
 
-def _insert_shifts(index: GraphIndex, sites: List[ResidualSite], place: str) -> Dict[str, bool]:
+def _insert_shifts(index: GraphIndex, sites: list[ResidualSite], place: str) -> dict[str, bool]:
     """Inserts each site's shift where :func:`plan_shift` puts it; returns which sites may recompute it."""
     graph = index.nodes[0].graph
     nodes = {node.name: node for node in index.nodes}
@@ -48,7 +52,11 @@ def _insert_shifts(index: GraphIndex, sites: List[ResidualSite], place: str) -> 
     return {site.name: plan.recompute for site, plan in zip(sites, plans)}
 
 
-def _no_sites_error(model: nn.Module, found: List[ResidualSite], select: Select) -> ValueError:
+def _no_sites_error(model: nn.Module, found: list[ResidualSite], select: Select, candidates: Candidates) -> ValueError:
+    if isinstance(candidates, _InputSites) and not found:
+        return ValueError(f"no module matched by shift_inputs={candidates.patterns} takes a tensor with "
+                          "shift_div or more channels. Hint: shift_inputs takes glob patterns over module paths, "
+                          "matched segment by segment ('stage[1-9].*'); see dict(model.named_modules()).")
     if found:
         names = ", ".join(s.name for s in found[:6]) + (" ..." if len(found) > 6 else "")
         return ValueError(f"select={select!r} matched none of the {len(found)} residual sites ({names}). "
@@ -88,19 +96,42 @@ def _check_settings(model: nn.Module, direction: str, place: str, online: bool, 
         )
 
 
-def _choose_sites(root: nn.Module, graphs: Dict[str, fx.Graph], example_input: torch.Tensor, select: Select,
-                  no_residual: str, model: nn.Module) -> Tuple[Dict[str, List[ResidualSite]], Dict[str, GraphIndex]]:
+class _InputSites:
+    """The candidates of ``shift_inputs``: the inputs of the modules the patterns match."""
+
+    def __init__(self, patterns: list[str], shift_div: int):
+        self.patterns, self.shift_div = patterns, shift_div
+
+    def __call__(self, index: GraphIndex, found: list[ResidualSite]) -> list[ResidualSite]:
+        return input_sites(index, self.patterns, self.shift_div)
+
+
+def _site_rule(no_residual: str, shift_inputs: str | Sequence[str] | None, shift_div: int) -> Candidates:
+    """Which of a graph's sites may be shifted: residual ones (block entries as the fallback), or module inputs."""
+    if shift_inputs is not None:
+        return _InputSites([shift_inputs] if isinstance(shift_inputs, str) else list(shift_inputs), shift_div)
+
+    def residual(index: GraphIndex, found: list[ResidualSite]) -> list[ResidualSite]:
+        sites = [s for s in found if s.kind == "residual"]
+        if not sites and no_residual == "first_conv":
+            sites = [s for s in found if s.kind == "first_conv"]
+        return sites
+
+    return residual
+
+
+def _choose_sites(root: nn.Module, graphs: dict[str, fx.Graph], example_input: torch.Tensor, select: Select,
+                  candidates: Candidates, model: nn.Module
+                  ) -> tuple[dict[str, list[ResidualSite]], dict[str, GraphIndex]]:
     """The sites to shift in each mode's graph (the eval graph's choice, found again in the train
     graph), and each graph's analysis."""
     per_mode, indexes = {}, {}
     for mode, graph in graphs.items():
         indexes[mode], found = analyse_graph(root, graph, example_input)
-        residual = [s for s in found if s.kind == "residual"]
-        if not residual and no_residual == "first_conv":
-            residual = [s for s in found if s.kind == "first_conv"]
-        chosen = _select_sites(residual, select)
+        allowed = candidates(indexes[mode], found)
+        chosen = _select_sites(allowed, select)
         if not chosen:
-            raise _no_sites_error(model, residual, select)
+            raise _no_sites_error(model, allowed, select, candidates)
         per_mode[mode] = chosen
     # The eval graph decides the sites; the train graph shifts the same ones. Joins only the
     # train graph has (an auxiliary head, a train-only branch) stay unshifted.
@@ -115,6 +146,79 @@ def _choose_sites(root: nn.Module, graphs: Dict[str, fx.Graph], example_input: t
     return per_mode, indexes
 
 
+def _size_branches_without_sites(graphs: dict[str, fx.Graph], per_mode: dict[str, list[ResidualSite]]) -> list[str]:
+    """Paths of the modules that branch on the example input's size and hold no chosen site.
+
+    Rule: such a module is kept whole (a leaf), so it takes its own branch at every input size
+    (timm's ``ConvMlp`` pads small maps up to its kernel); traced into, its branch would be
+    frozen to the example's size. A site inside a size branch needs the traced branch.
+    """
+    whole: list[str] = []
+    for mode, graph in graphs.items():
+        nodes = {node.name: node for node in graph.nodes}
+        site_paths = [nodes[name].meta.get(MODULE_PATH, "") for site in per_mode[mode]
+                      for name in (site.join, *site.branch_consumers) if name in nodes]
+        for path, _ in getattr(graph, "size_guards", ()):
+            inside = any(p == path or p.startswith(path + ".") for p in site_paths)
+            if path and not inside and path not in whole:
+                whole.append(path)
+    return whole
+
+
+def _trace_sites(root: nn.Module, leaf_modules: Sequence[LeafSpec], example_input: torch.Tensor, select: Select,
+                 candidates: Candidates, model: nn.Module):
+    """Both graphs traced on ``example_input``, with the sites chosen in each and their analyses."""
+    graphs = dict(zip(("train", "eval"), trace_train_and_eval(root, leaf_modules, example_input)))
+    per_mode, indexes = _choose_sites(root, graphs, example_input, select, candidates, model)
+    whole = _size_branches_without_sites(graphs, per_mode)
+    if whole:  # trace again with them kept whole: they then run their own branch at any input size
+        graphs = dict(zip(("train", "eval"), trace_train_and_eval(root, [*leaf_modules, *whole], example_input)))
+        per_mode, indexes = _choose_sites(root, graphs, example_input, select, candidates, model)
+    return graphs, per_mode, indexes
+
+
+def _shift_graphs(graphs: dict[str, fx.Graph], per_mode: dict[str, list[ResidualSite]],
+                  indexes: dict[str, GraphIndex], place: str, shifts: nn.ModuleDict,
+                  make_shift: Callable[[ResidualSite], TemporalShift]) -> None:
+    """Inserts a shift at every chosen site of both graphs, adding the sites' modules ``shifts`` lacks."""
+    for site in per_mode["eval"]:
+        key = module_key(site.name)
+        if key in shifts:
+            continue
+        shift = make_shift(site)
+        if site.channels < shift.shift_div:
+            raise ValueError(f"site {site.name!r} has {site.channels} channels, fewer than "
+                             f"shift_div={shift.shift_div}. Hint: lower shift_div or leave the site out with select=.")
+        shifts[key] = shift
+    recompute = [_insert_shifts(indexes[mode], per_mode[mode], place) for mode in ("train", "eval")]
+    for site in per_mode["eval"]:
+        # A site whose input is written after the shift (x.add_(branch(x))) keeps its shifted copy.
+        placed = shifts[module_key(site.name)]
+        assert isinstance(placed, TemporalShift)
+        placed.recompute = placed.recompute and all(flags[site.name] for flags in recompute)
+
+
+def _size_decisions(graphs: dict[str, fx.Graph]) -> tuple:
+    """The branches both graphs took on the example's size; empty when nothing branched on it."""
+    return tuple(tuple(getattr(graphs[mode], "size_guards", ())) for mode in ("train", "eval")) \
+        if any(getattr(g, "size_guards", ()) for g in graphs.values()) else ()
+
+
+def _specialise(net: TSMNet, root: nn.Module, settings: dict, example_input: torch.Tensor):
+    """``net``'s graphs for the branches ``example_input``'s size takes: traced again from ``root``, its 2D model."""
+    # Tensors held by the root itself (not a child) may have been replaced on the net by .to(): share them again.
+    root._parameters.update({k: v for k, v in net._parameters.items() if k in root._parameters})
+    root._buffers.update({k: v for k, v in net._buffers.items() if k in root._buffers})
+    candidates = _site_rule(settings["no_residual"], settings.get("shift_inputs"), net.shift_div)
+    graphs, per_mode, indexes = _trace_sites(root, settings["leaf_modules"], example_input, settings["select"],
+                                             candidates, root)
+    _shift_graphs(graphs, per_mode, indexes, net.place, getattr(net, SHIFTS),
+                  lambda site: TemporalShift(net.n_segments, net.shift_div, net.direction, site.channel_dim,
+                                             net.uni_slot))
+    add_fast_paths(graphs["train"], graphs["eval"], net)  # as TSMNet gives its first pair
+    return _size_decisions(graphs), graphs["train"], graphs["eval"], per_mode["eval"]
+
+
 def convert(
     model: nn.Module,
     n_segments: int = 8,
@@ -123,13 +227,14 @@ def convert(
     direction: str = "bi",
     place: str = "residual",
     select: Select = None,
-    example_input: Optional[torch.Tensor] = None,
+    example_input: torch.Tensor | None = None,
     leaf_modules: Sequence[LeafSpec] = (),
     inplace: bool = False,
     online: bool = False,
     no_residual: str = "error",
     uni_slot: str = "past",
-) -> Union[TSMNet, OnlineTSM]:
+    shift_inputs: str | Sequence[str] | None = None,
+) -> TSMNet | OnlineTSM:
     """Turns a 2D image network into a Temporal Shift Module video network.
 
     The network is traced with ``torch.fx``; at every residual join found by
@@ -160,6 +265,12 @@ def convert(
             Inception, LCNet): ``"error"`` raises (the default); ``"first_conv"`` shifts the
             tensor entering the first layer(s) of each block instead (sites of kind
             ``"first_conv"``; see :func:`find_residual_sites`).
+        shift_inputs: glob pattern(s) over module paths, matched segment by segment
+            (``"stage[1-9].*"`` is a stage's children): shift the input of each matching module,
+            for the operations inside it, instead of residual branches. The rule of networks
+            whose blocks sum parallel branches without a residual join (MobileOne): a shift
+            outside the block keeps the block reparameterisable. A module whose input has fewer
+            channels than ``shift_div`` (the image) is left out. ``select`` filters these sites too.
 
     Returns:
         A :class:`TSMNet` whose ``state_dict()`` keys are exactly ``model``'s, with no added
@@ -184,20 +295,17 @@ def convert(
     _check_settings(model, direction, place, online, no_residual)
     root = model if inplace else copy.deepcopy(model)
     example_input = default_example_input(root) if example_input is None else example_input
-    train_graph, eval_graph = trace_train_and_eval(root, leaf_modules, example_input)
-    per_mode, indexes = _choose_sites(root, {"train": train_graph, "eval": eval_graph}, example_input, select,
-                             no_residual, model)
+    candidates = _site_rule(no_residual, shift_inputs, shift_div)
+    graphs, per_mode, indexes = _trace_sites(root, leaf_modules, example_input, select, candidates, model)
     shifts = nn.ModuleDict()
-    for site in per_mode["eval"]:
-        if site.channels < shift_div:
-            raise ValueError(f"site {site.name!r} has {site.channels} channels, fewer than shift_div={shift_div}. "
-                             "Hint: lower shift_div or leave the site out with select=.")
-        shifts[module_key(site.name)] = TemporalShift(n_segments, shift_div, direction, site.channel_dim, uni_slot)
-    recompute = [_insert_shifts(indexes[mode], per_mode[mode], place) for mode in ("train", "eval")]
-    for site in per_mode["eval"]:
-        # A site whose input is written after the shift (x.add_(branch(x))) keeps its shifted copy.
-        shifts[module_key(site.name)].recompute = all(flags[site.name] for flags in recompute)
-    net = TSMNet(root, train_graph, eval_graph, shifts, per_mode["eval"], place)
+    _shift_graphs(graphs, per_mode, indexes, place, shifts,
+                  lambda site: TemporalShift(n_segments, shift_div, direction, site.channel_dim, uni_slot))
+    net = TSMNet(root, graphs["train"], graphs["eval"], shifts, per_mode["eval"], place)
+    decisions = _size_decisions(graphs)
+    if decisions:  # a site lies inside a branch on the input size: one graph pair per branch decision
+        settings = {"leaf_modules": list(leaf_modules), "select": select, "no_residual": no_residual,
+                    "shift_inputs": shift_inputs}
+        net.size_variants = SizeVariants(_specialise, root, settings, decisions)
     if online:
         return to_online(net, frame_shape=tuple(example_input.shape[1:]), inplace=True)
     return net

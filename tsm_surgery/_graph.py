@@ -7,7 +7,7 @@ copied and pickled. It is the only place that touches private ``torch.fx`` API.
 
 import copy
 import re
-from typing import Callable, Dict, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import fx, nn
@@ -59,11 +59,13 @@ def _graph_source(graph: fx.Graph) -> str:
 
 def _graph_from_source(src: str, tree: nn.Module) -> fx.Graph:
     # Like GraphModule's own pickling: trace the generated code again over the module tree.
-    return _deserialize_graph_module(_forward_from_src(src, {}), dict(tree.__dict__)).graph
+    module = _deserialize_graph_module(_forward_from_src(src, {}), dict(tree.__dict__))
+    assert isinstance(module, fx.GraphModule)
+    return module.graph
 
 
-def reduce_graph_module(module: nn.Module, graphs: Sequence[fx.Graph], rebuild: Rebuild, args: Tuple,
-                        state: Dict[str, object]) -> Tuple:
+def reduce_graph_module(module: nn.Module, graphs: Sequence[fx.Graph], rebuild: Rebuild, args: tuple,
+                        state: dict[str, object]) -> tuple:
     """``__reduce__`` for a network of fx graphs over one module tree.
 
     fx graphs do not pickle; their generated code does. On load the tree is unpickled, each
@@ -74,14 +76,14 @@ def reduce_graph_module(module: nn.Module, graphs: Sequence[fx.Graph], rebuild: 
     return (_restore, (rebuild, module_tree(module), sources, args, state))
 
 
-def _restore(rebuild: Rebuild, tree: nn.Module, sources: Sequence[str], args: Tuple, state: Dict[str, object]):
+def _restore(rebuild: Rebuild, tree: nn.Module, sources: Sequence[str], args: tuple, state: dict[str, object]):
     net = rebuild(tree, [_graph_from_source(src, tree) for src in sources], *args)
     net.__dict__.update(state)
     return net
 
 
-def deepcopy_graph_module(module: nn.Module, graphs: Sequence[fx.Graph], rebuild: Rebuild, args: Tuple,
-                          state: Dict[str, object], memo: dict) -> nn.Module:
+def deepcopy_graph_module(module: nn.Module, graphs: Sequence[fx.Graph], rebuild: Rebuild, args: tuple,
+                          state: dict[str, object], memo: dict) -> nn.Module:
     """``__deepcopy__`` counterpart of :func:`reduce_graph_module`: same parts, copied instead of pickled."""
     tree = copy.deepcopy(module_tree(module), memo)
     net = rebuild(tree, [copy.deepcopy(g) for g in graphs], *copy.deepcopy(args, memo))

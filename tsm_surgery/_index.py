@@ -5,7 +5,8 @@ Nothing here writes to the graph: shapes are recorded by a small interpreter int
 """
 
 import operator
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -13,8 +14,8 @@ from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_leaves
 
-Shape = Tuple[int, ...]
-View = Optional[Tuple[int, int, Tuple[int, ...]]]
+Shape = tuple[int, ...]
+View = tuple[int, int, tuple[int, ...]] | None
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
@@ -36,9 +37,9 @@ class Recording(NamedTuple):
         writes: the input nodes whose tensors the node changed in place (their version counter moved).
     """
 
-    shapes: Dict[fx.Node, Optional[Shape]]
-    views: Dict[fx.Node, View]
-    writes: Dict[fx.Node, Tuple[fx.Node, ...]]
+    shapes: dict[fx.Node, Shape | None]
+    views: dict[fx.Node, View]
+    writes: dict[fx.Node, tuple[fx.Node, ...]]
 
 
 class _Recorder(fx.Interpreter):
@@ -49,7 +50,7 @@ class _Recorder(fx.Interpreter):
     the run ends, so no storage is freed and reused: storage identities stay unique.
     """
 
-    def __init__(self, gm: fx.GraphModule, fake_mode: Optional[FakeTensorMode] = None):
+    def __init__(self, gm: fx.GraphModule, fake_mode: FakeTensorMode | None = None):
         super().__init__(gm, garbage_collect_values=False)
         self.fake_mode = fake_mode
         self.recording = Recording({}, {}, {})
@@ -108,7 +109,7 @@ def is_layer(node: fx.Node) -> bool:
     return node.op == "call_module" or (node.op == "call_function" and node.target in _LAYER_FUNCTIONS)
 
 
-def module_path(node: fx.Node) -> Optional[str]:
+def module_path(node: fx.Node) -> str | None:
     """The module a node belongs to: a called module's path, else the innermost module whose forward made it."""
     if node.op == "call_module":
         return str(node.target)
@@ -141,14 +142,14 @@ class GraphIndex:
         batch: the example input's batch size; frames live in that dim (``None``: unknown).
     """
 
-    def __init__(self, graph: fx.Graph, modules: Dict[str, nn.Module], recording: Recording, batch: Optional[int]):
+    def __init__(self, graph: fx.Graph, modules: dict[str, nn.Module], recording: Recording, batch: int | None):
         self.nodes = list(graph.nodes)
         self.modules = modules
         self.shapes, self.views, self.writes = recording
         self.batch = batch
         self.position = {node: i for i, node in enumerate(self.nodes)}
-        self.ancestors: Dict[fx.Node, int] = {}
-        self.from_input: Dict[fx.Node, bool] = {}
+        self.ancestors: dict[fx.Node, int] = {}
+        self.from_input: dict[fx.Node, bool] = {}
         for node in self.nodes:
             bits = 0
             data = node.op == "placeholder"
@@ -158,13 +159,13 @@ class GraphIndex:
             self.ancestors[node] = bits
             self.from_input[node] = data
 
-    def shape(self, node) -> Optional[Shape]:
+    def shape(self, node) -> Shape | None:
         return self.shapes.get(node) if isinstance(node, fx.Node) else None
 
     def is_mixing(self, node: fx.Node) -> bool:
         """Convolutions, linear layers and matrix products; norms, scales and activations are not."""
         if node.op == "call_module":
-            return any(p.dim() >= 2 for p in self.modules[node.target].parameters())
+            return any(p.dim() >= 2 for p in self.modules[str(node.target)].parameters())
         if node.op == "call_function":
             return node.target in _MIXING_FUNCTIONS
         return node.op == "call_method" and node.target in _MIXING_METHODS
@@ -173,7 +174,7 @@ class GraphIndex:
         """True when ``target`` is ``source`` or depends on it."""
         return source is target or bool(self.ancestors[target] >> self.position[source] & 1)
 
-    def fork(self, a: fx.Node, b: fx.Node) -> Optional[fx.Node]:
+    def fork(self, a: fx.Node, b: fx.Node) -> fx.Node | None:
         """The latest node both ``a`` and ``b`` depend on."""
         common = (self.ancestors[a] | 1 << self.position[a]) & (self.ancestors[b] | 1 << self.position[b])
         return self.nodes[common.bit_length() - 1] if common else None
@@ -187,7 +188,7 @@ class GraphIndex:
                 depth[node] = max(inputs) + self.is_mixing(node)
         return depth.get(end, 0)
 
-    def branch_nodes(self, fork: fx.Node, end: fx.Node) -> List[fx.Node]:
+    def branch_nodes(self, fork: fx.Node, end: fx.Node) -> list[fx.Node]:
         lo, hi = self.position[fork], self.position[end]
         return [n for n in self.nodes[lo + 1: hi + 1] if self.reaches(fork, n) and self.reaches(n, end)]
 
@@ -204,12 +205,12 @@ class GraphIndex:
             return -1
         return default
 
-    def _first_layer_channels(self, branch: Sequence[fx.Node]) -> Optional[Tuple[int, bool]]:
+    def _first_layer_channels(self, branch: Sequence[fx.Node]) -> tuple[int, bool] | None:
         """Input channels of the first parametrised module on the branch, and whether it reads the last dim."""
         for node in branch:
             if node.op != "call_module":
                 continue
-            module = self.modules[node.target]
+            module = self.modules[str(node.target)]
             for attr in ("in_channels", "in_features", "num_features", "normalized_shape"):
                 value = getattr(module, attr, None)
                 if value is not None:

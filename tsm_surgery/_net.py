@@ -1,18 +1,19 @@
 """``TSMNet``: the clip network :func:`convert` returns."""
 
-from typing import Dict, List, Optional
+from collections.abc import Callable
 
+import torch
 from torch import fx, nn
 
 from ._fast_paths import add_fast_paths, without_fast_paths
 from ._graph import SHIFTS, adopt_module_tree, deepcopy_graph_module, module_key, reduce_graph_module
-from ._recompute import install_recompute_scope
+from ._recompute import in_graph_capture, install_recompute_scope
 from ._shift import TemporalShift, check_shift_args
 from ._sites import ResidualSite
 
-__all__ = ["TSMNet"]
+__all__ = ["TSMNet", "SizeVariants"]
 
-_COPIED_ATTRIBUTES = ("recompute_shifts",)  # user settings kept by copy and pickle
+_COPIED_ATTRIBUTES = ("recompute_shifts", "size_variants")  # kept by copy and pickle
 
 
 class TSMNet(fx.GraphModule):
@@ -27,12 +28,14 @@ class TSMNet(fx.GraphModule):
         shift_div, direction, uni_slot, place: the conversion settings.
     """
 
+    size_variants: "SizeVariants | None"  # set by convert when a site lies inside a branch on the input size
+
     # TorchScript compiles properties; these read Python containers and are not part of forward.
-    __jit_unused_properties__ = [*fx.GraphModule.__jit_unused_properties__, "n_segments", "shift_div", "direction",
-                                 "uni_slot"]
+    __jit_unused_properties__ = [*fx.GraphModule.__jit_unused_properties__, "n_segments", "shift_div",  # noqa: RUF012
+                                 "direction", "uni_slot"]
 
     def __init__(self, root: nn.Module, train_graph: fx.Graph, eval_graph: fx.Graph,
-                 shifts: nn.ModuleDict, sites: List[ResidualSite], place: str, class_name: Optional[str] = None):
+                 shifts: nn.ModuleDict, sites: list[ResidualSite], place: str, class_name: str | None = None):
         holder = nn.Module()
         adopt_module_tree(holder, root)
         holder.add_module(SHIFTS, shifts)
@@ -48,13 +51,19 @@ class TSMNet(fx.GraphModule):
         install_recompute_scope(self)
         self.train(root.training)
 
+    def __call__(self, *args, **kwargs):
+        variants = self.__dict__.get("size_variants")
+        if variants is not None and args and isinstance(args[0], torch.Tensor) and not in_graph_capture():
+            variants.serve(self, args[0])
+        return super().__call__(*args, **kwargs)
+
     def train(self, mode: bool = True):
         graph = self.train_graph if mode else self.eval_graph
         if self.graph is not graph:
             self.graph = graph
         return super().train(mode)
 
-    def shift_modules(self) -> Dict[str, TemporalShift]:
+    def shift_modules(self) -> dict[str, TemporalShift]:
         """Site name -> its :class:`TemporalShift` module."""
         return {site.name: getattr(self, SHIFTS)[module_key(site.name)] for site in self.sites}
 
@@ -107,7 +116,49 @@ class TSMNet(fx.GraphModule):
         return reduce_graph_module(self, graphs, _rebuild, args, state)
 
 
-def _rebuild(tree: nn.Module, graphs: List[fx.Graph], sites: List[ResidualSite], place: str,
+def _rebuild(tree: nn.Module, graphs: list[fx.Graph], sites: list[ResidualSite], place: str,
              class_name: str) -> TSMNet:
     shifts = tree._modules.pop(SHIFTS)
+    assert isinstance(shifts, nn.ModuleDict)
     return TSMNet(tree, graphs[0], graphs[1], shifts, sites, place, class_name)
+
+
+class SizeVariants:
+    """A network's graphs, one pair per branch its 2D model takes on the input size.
+
+    A module may branch on the spatial size (timm's TinyViT block attends in one window when the
+    map is the window's size and pads and partitions it otherwise). Tracing keeps the branch the
+    example input took; where a shifted site lies inside such a branch, the network traces its
+    2D model again the first time an input size is seen, keeps one pair of graphs per branch
+    decision and runs the pair of each input's size, as ``torch.compile`` specialises again when
+    a guard fails. Copies and pickles keep the active pair and trace the others again when needed.
+
+    Attributes:
+        decisions: the active pair's branch decisions; ``served`` maps input sizes to decisions.
+    """
+
+    def __init__(self, specialise: Callable, root: nn.Module, settings: dict, decisions: tuple):
+        self.specialise, self.root, self.settings = specialise, root, settings
+        self.decisions = decisions
+        self.graphs: dict[tuple, tuple] = {}
+        self.served: dict[tuple, tuple] = {}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "graphs": {}, "served": {}}  # fx graphs neither copy nor pickle: traced again
+
+    def serve(self, net: TSMNet, x: torch.Tensor) -> None:
+        """Makes ``net`` run the graphs for ``x``'s size, tracing them on a first frame of it when new."""
+        size = tuple(x.shape[1:])
+        decisions = self.served.get(size)
+        if decisions is None:
+            with torch.no_grad():
+                decisions, *graphs = self.specialise(net, self.root, self.settings, x[:1].detach())
+            if decisions != self.decisions:
+                self.graphs.setdefault(decisions, tuple(graphs))
+            self.served[size] = decisions
+        if decisions != self.decisions:
+            self.graphs[self.decisions] = (net.train_graph, net.eval_graph, net.sites)
+            net.train_graph, net.eval_graph, sites = self.graphs[decisions]
+            net.sites = list(sites)
+            self.decisions = decisions
+            net.train(net.training)

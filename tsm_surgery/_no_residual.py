@@ -15,7 +15,6 @@ shifted.
 """
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
 
 from torch import fx
 
@@ -41,8 +40,8 @@ class BlockEntry:
 
     block: str
     entry: str
-    first_readers: Tuple[str, ...]
-    other_readers: Tuple[str, ...]
+    first_readers: tuple[str, ...]
+    other_readers: tuple[str, ...]
     shape: Shape
     channels: int
     channel_dim: int
@@ -52,15 +51,15 @@ def _parent(path: str) -> str:
     return path.rsplit(".", 1)[0] if "." in path else ""
 
 
-def _inside(path: Optional[str], block: str) -> bool:
+def _inside(path: str | None, block: str) -> bool:
     return path is not None and (block == "" or path == block or path.startswith(block + "."))
 
 
-def _blocks(mixing: List[fx.Node]) -> Dict[str, List[fx.Node]]:
+def _blocks(mixing: list[fx.Node]) -> dict[str, list[fx.Node]]:
     """Block path -> its mixing layers, in graph order."""
     owners = {n: module_path(n) or "" for n in mixing}
-    under: Dict[str, set] = {}
-    children: Dict[str, int] = {}
+    under: dict[str, set] = {}
+    children: dict[str, int] = {}
     for owner in set(owners.values()):
         parts = owner.split(".") if owner else []
         for k in range(len(parts)):
@@ -73,13 +72,13 @@ def _blocks(mixing: List[fx.Node]) -> Dict[str, List[fx.Node]]:
             path = _parent(path)
         return owner if not path or children.get(path, 0) >= _FLAT_SEQUENCE else path
 
-    blocks: Dict[str, List[fx.Node]] = {}
+    blocks: dict[str, list[fx.Node]] = {}
     for node in mixing:
         blocks.setdefault(block_of(owners[node]), []).append(node)
     return blocks
 
 
-def _entry_of(index: GraphIndex, layer: fx.Node, block: str) -> Tuple[fx.Node, fx.Node]:
+def _entry_of(index: GraphIndex, layer: fx.Node, block: str) -> tuple[fx.Node, fx.Node]:
     """Walks back from a first layer through the block's plain ops: (the entering tensor, its reader)."""
     reader, data = layer, layer.all_input_nodes[0]
     while (data.op != "placeholder" and len(data.all_input_nodes) == 1 and len(data.users) == 1
@@ -100,14 +99,14 @@ def _shiftable(index: GraphIndex, data: fx.Node, mixing_bits: int) -> bool:
     return per_sample not in shape[1:]  # pooled features (a squeeze-excite input, a head): no extent
 
 
-def block_entries(index: GraphIndex) -> List[BlockEntry]:
+def block_entries(index: GraphIndex) -> list[BlockEntry]:
     """One entry per block (or group of sibling blocks), in graph order of the entering tensor."""
     mixing = [n for n in index.nodes if index.is_mixing(n) and n.all_input_nodes]
     mixing_bits = 0
     for node in mixing:
         mixing_bits |= 1 << index.position[node]
-    readers: Dict[Tuple[str, fx.Node], List[fx.Node]] = {}
-    entry_blocks: Dict[Tuple[str, fx.Node], List[str]] = {}
+    readers: dict[tuple[str, fx.Node], list[fx.Node]] = {}
+    entry_blocks: dict[tuple[str, fx.Node], list[str]] = {}
     for block, nodes in _blocks(mixing).items():
         for node in nodes:
             if any(index.reaches(other, node) for other in nodes if other is not node):
@@ -127,6 +126,7 @@ def block_entries(index: GraphIndex) -> List[BlockEntry]:
         blocks = entry_blocks[(key, data)]
         block = common_prefix(blocks) if len(blocks) > 1 else blocks[0]
         shape = index.shape(data)
+        assert shape is not None, data  # entries are chosen among tensors with a shape
         layers = [n for n in mixing if any(index.reaches(f, n) for f in firsts)][:1]
         channel_dim = index.channel_dim(shape, layers)
         entries.append(BlockEntry(

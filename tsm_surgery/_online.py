@@ -15,7 +15,8 @@ and it exports to ONNX and ``torch.export``.
 """
 
 import copy
-from typing import Dict, List, Optional, Sequence, Tuple
+import threading
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, fx, nn
@@ -34,7 +35,10 @@ from ._online_graph import OnlineShift, describe, rewrite
 
 __all__ = ["to_online", "OnlineTSM", "OnlineShift"]
 
-State = Dict[str, Tensor]
+State = dict[str, Tensor]
+_SHARED = ("one OnlineTSM is being fed from two threads at once ({what} while another call runs): its caches hold "
+           "one set of streams, and interleaved frames would mix them. Hint: give each thread its own copy "
+           "(copy.deepcopy(online)), or call online.step(frames, state) with a state per thread.")
 _STREAM_ATTRIBUTES = ("_state", "_stream", "_cache_specs")  # the running streams, kept by copy and pickle
 
 
@@ -68,7 +72,7 @@ class OnlineTSM(nn.Module):
             (``None``: the example input ``convert`` saw).
 
     Example:
-        >>> import torchvision
+        >>> import torchvision, tsm_surgery
         >>> net = tsm_surgery.convert(torchvision.models.resnet18(), n_segments=8, direction="uni")
         >>> online = to_online(net)
         >>> online(torch.randn(2, 3, 64, 64)).shape          # 2 streams, one frame each
@@ -77,12 +81,15 @@ class OnlineTSM(nn.Module):
         >>> out, state = online.step(torch.randn(2, 3, 64, 64), state)
     """
 
+    _step_module: fx.GraphModule  # set in __init__, outside nn.Module's registry
+    _busy: threading.Lock  # likewise
+
     def __init__(self, root: nn.Module, graph: fx.Graph, sites: Sequence, shift_div: int,
-                 frame_shape: Optional[Sequence[int]] = None):
+                 frame_shape: Sequence[int] | None = None):
         super().__init__()
         adopt_module_tree(self, root)
         self.sites = list(sites)
-        self.state_names: List[str] = [s.name for s in self.sites]
+        self.state_names: list[str] = [s.name for s in self.sites]
         self.shift_div = int(shift_div)
         self.frame_shape = None if frame_shape is None else tuple(int(d) for d in frame_shape)
         self.graph = graph
@@ -92,9 +99,11 @@ class OnlineTSM(nn.Module):
         for attr in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
             step.__dict__[attr] = self.__dict__[attr]
         object.__setattr__(self, "_step_module", step)  # not a registered child: no duplicate keys
-        self._state: Optional[State] = None
-        self._stream: Optional[Tuple] = None
-        self._cache_specs: Dict[Tuple, List[Tuple[Tuple[int, ...], torch.dtype]]] = {}
+        self._state: State | None = None
+        self._stream: tuple | None = None
+        self._cache_specs: dict[tuple, list[tuple[tuple[int, ...], torch.dtype]]] = {}
+        # Held while forward or reset runs: a second thread is refused, never made to wait (and never mixed in).
+        object.__setattr__(self, "_busy", threading.Lock())
         self.eval()
 
     def train(self, mode: bool = True) -> "OnlineTSM":
@@ -121,7 +130,7 @@ class OnlineTSM(nn.Module):
         """
         return self._step_module
 
-    def _specs(self, frame_shape: Optional[Tuple[int, ...]]) -> List[Tuple[Tuple[int, ...], torch.dtype]]:
+    def _specs(self, frame_shape: tuple[int, ...] | None) -> list[tuple[tuple[int, ...], torch.dtype]]:
         """Per-site cache shape without the batch, and dtype, for frames of ``frame_shape``."""
         if frame_shape is None:
             frame_shape = self.frame_shape
@@ -155,8 +164,8 @@ class OnlineTSM(nn.Module):
         param = next((p for p in self.parameters() if p.is_floating_point()), None)
         return torch.get_default_dtype() if param is None else param.dtype
 
-    def init_state(self, batch_size: int, device=None, dtype: Optional[torch.dtype] = None,
-                   frame_shape: Optional[Sequence[int]] = None) -> State:
+    def init_state(self, batch_size: int, device=None, dtype: torch.dtype | None = None,
+                   frame_shape: Sequence[int] | None = None) -> State:
         """Zero caches for ``batch_size`` new streams: the state before the first frame.
 
         Args:
@@ -173,6 +182,8 @@ class OnlineTSM(nn.Module):
             site's channel dimension).
 
         Example:
+            >>> import torchvision, tsm_surgery
+            >>> online = tsm_surgery.convert(torchvision.models.resnet18(), direction="uni", online=True)
             >>> state = online.init_state(1, frame_shape=(3, 64, 64))
             >>> list(state) == online.state_names
             True
@@ -186,7 +197,7 @@ class OnlineTSM(nn.Module):
         return {name: torch.zeros((int(batch_size),) + shape, device=device, dtype=dtype or spec_dtype)
                 for name, (shape, spec_dtype) in zip(self.state_names, specs)}
 
-    def step(self, frames: Tensor, state: State) -> Tuple[Tensor, State]:
+    def step(self, frames: Tensor, state: State) -> tuple[Tensor, State]:
         """One time step with explicit state; neither argument is modified.
 
         Args:
@@ -202,6 +213,8 @@ class OnlineTSM(nn.Module):
                 device), or misses sites.
 
         Example:
+            >>> import torchvision, tsm_surgery
+            >>> online = tsm_surgery.convert(torchvision.models.resnet18(), direction="uni", online=True)
             >>> state = online.init_state(1, frame_shape=(3, 64, 64))
             >>> for frame in torch.randn(4, 1, 3, 64, 64):
             ...     out, state = online.step(frame, state)
@@ -222,12 +235,25 @@ class OnlineTSM(nn.Module):
 
     # ------------------------------------------------------------------ internal state
     def forward(self, frames: Tensor) -> Tensor:
-        """Runs one time step of every stream and keeps the caches (see :meth:`reset`)."""
+        """Runs one time step of every stream and keeps the caches (see :meth:`reset`).
+
+        Raises:
+            RuntimeError: another thread is inside ``forward`` or :meth:`reset` of this object.
+        """
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError(_SHARED.format(what="a frame arrived"))
+        try:
+            return self._advance(frames)
+        finally:
+            self._busy.release()
+
+    def _advance(self, frames: Tensor) -> Tensor:
         stream = (tuple(frames.shape), frames.dtype, frames.device)
         if self._state is None:
             self._state = self.init_state(frames.shape[0], frames.device, frame_shape=tuple(frames.shape[1:]))
             self._stream = stream
         elif stream != self._stream:
+            assert self._stream is not None  # set with the state
             raise ValueError(
                 f"this frame is {describe(frames)} but the running streams got {_describe_stream(self._stream)}. "
                 "Hint: call online.reset() to start new streams with the new input."
@@ -236,7 +262,7 @@ class OnlineTSM(nn.Module):
         self._state = {k: v.detach() for k, v in state.items()}
         return out
 
-    def reset(self, mask: Optional[Tensor] = None) -> None:
+    def reset(self, mask: Tensor | None = None) -> None:
         """Starts streams again: all of them, or those where ``mask`` is true.
 
         Args:
@@ -245,11 +271,23 @@ class OnlineTSM(nn.Module):
                 the next frame may have any batch or size.
 
         Example:
+            >>> import torchvision, tsm_surgery
+            >>> online = tsm_surgery.convert(torchvision.models.resnet18(), direction="uni", online=True)
+            >>> _ = online(torch.randn(2, 3, 64, 64))        # two running streams
             >>> online.reset(torch.tensor([True, False]))   # stream 0 starts a new video
         """
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError(_SHARED.format(what="reset() was called"))
+        try:
+            self._reset(mask)
+        finally:
+            self._busy.release()
+
+    def _reset(self, mask: Tensor | None) -> None:
         if mask is None or self._state is None:
             self._state, self._stream = None, None
             return
+        assert self._stream is not None  # set with the state
         mask = torch.as_tensor(mask)
         batch = self._stream[0][0]
         if mask.dtype != torch.bool or mask.shape != (batch,):
@@ -260,7 +298,7 @@ class OnlineTSM(nn.Module):
                        for k, v in self._state.items()}
 
     @property
-    def state(self) -> Optional[State]:
+    def state(self) -> State | None:
         """The internal-state form's current caches (``None`` before the first frame)."""
         return self._state
 
@@ -277,16 +315,16 @@ class OnlineTSM(nn.Module):
         return deepcopy_graph_module(self, graphs, _rebuild, args, state, memo)
 
 
-def _rebuild(tree: nn.Module, graphs: List[fx.Graph], sites: Sequence, shift_div: int, frame_shape) -> OnlineTSM:
+def _rebuild(tree: nn.Module, graphs: list[fx.Graph], sites: Sequence, shift_div: int, frame_shape) -> OnlineTSM:
     return OnlineTSM(tree, graphs[0], sites, shift_div, frame_shape)
 
 
-def _describe_stream(stream: Tuple) -> str:
+def _describe_stream(stream: tuple) -> str:
     shape, dtype, device = stream
     return f"shape {shape} {str(dtype).replace('torch.', '')} on {device}"
 
 
-def to_online(net: TSMNet, *, frame_shape: Optional[Sequence[int]] = None, inplace: bool = False) -> OnlineTSM:
+def to_online(net: TSMNet, *, frame_shape: Sequence[int] | None = None, inplace: bool = False) -> OnlineTSM:
     """Turns a uni-directional :class:`TSMNet` into a network that runs one frame at a time.
 
     Args:
@@ -302,7 +340,7 @@ def to_online(net: TSMNet, *, frame_shape: Optional[Sequence[int]] = None, inpla
         ValueError: ``net`` shifts in both directions (its frames need future frames).
 
     Example:
-        >>> import timm
+        >>> import timm, tsm_surgery
         >>> net = tsm_surgery.convert(timm.create_model("resnet18"), n_segments=8, direction="uni")
         >>> online = to_online(net)
         >>> scores = [online(frame) for frame in torch.randn(5, 1, 3, 64, 64)]  # frame by frame

@@ -10,7 +10,7 @@ does: FX records ``+=`` as ``+``, which would allocate one more activation per b
 """
 
 import operator
-from typing import Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, fx, nn
@@ -50,7 +50,7 @@ class OnlineShift(nn.Module):
         self.uni_slot = uni_slot
         self.slot = 1 if uni_slot == "past" else 0  # the moving slot's first channel, in folds
 
-    def forward(self, x: Tensor, cache: Optional[Tensor], swap: bool = False) -> Tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, cache: Tensor | None, swap: bool = False) -> tuple[Tensor, Tensor]:
         """``swap=True`` lets the shift write the cache into ``x`` itself when that is safe (see
         :func:`_restore_slot`, which must then run right after the one consumer of the result)."""
         dim = self.channel_dim % x.dim()
@@ -202,7 +202,7 @@ def rewrite(graph: fx.Graph, keys: Sequence[str], root: nn.Module) -> fx.Graph:
         graph.erase_node(node)
         if swap:
             with graph.inserting_after(consumer):
-                graph.call_function(_restore_slot, (source, shifted, new_cache, channel_dim, slot))
+                graph.call_function(_restore_slot, (source, shifted, new_cache, channel_dim, slot))  # type: ignore[arg-type]
     _join_in_place(graph, root)
     output = next(n for n in graph.nodes if n.op == "output")
     output.args = ((output.args[0], *new_caches),)
@@ -233,7 +233,7 @@ def _from_data(node: fx.Node) -> bool:
     return False
 
 
-def swap_consumer(node: fx.Node, root: nn.Module) -> Optional[fx.Node]:
+def swap_consumer(node: fx.Node, root: nn.Module) -> fx.Node | None:
     """The single consumer of a shift node, if it may read a swapped-in-place input."""
     if len(node.users) != 1:
         return None

@@ -19,7 +19,7 @@ models.
 import contextlib
 import threading
 import weakref
-from typing import Callable, Dict, Iterator, List, Optional
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -41,7 +41,7 @@ class _Recompute(threading.local):
     depth = 0  # open scopes in which shift outputs are tagged
 
     def __init__(self):
-        self.site_hooks: List[contextlib.AbstractContextManager] = []  # opened by open_site_hooks, not yet closed
+        self.site_hooks: list[contextlib.AbstractContextManager] = []  # opened by open_site_hooks, not yet closed
 
 
 _RECOMPUTE = _Recompute()
@@ -65,7 +65,7 @@ def mark_recomputable(out: Tensor, source: Tensor, fn: Callable[..., Tensor], *a
 class _Recipe:
     """What a saved tagged tensor becomes: its source, the source's version and how to rebuild it."""
 
-    __slots__ = ("source", "version", "fn", "args")
+    __slots__ = ("args", "fn", "source", "version")
 
     def __init__(self, source: Tensor, version: int, fn: Callable[..., Tensor], args):
         self.source, self.version, self.fn, self.args = source, version, fn, args
@@ -177,7 +177,7 @@ class _OpenScopes(threading.local):
     def __init__(self):
         # per module: for each forward running, the number of site hooks open when it began,
         # or None when that forward does not tag (recompute off, no grad, caller's hooks)
-        self.by_module: Dict[int, List[Optional[int]]] = {}
+        self.by_module: dict[int, list[int | None]] = {}
 
 
 # Saved-tensor hooks live on a per-thread stack, so the scopes a module's forward opened are

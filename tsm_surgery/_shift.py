@@ -23,7 +23,6 @@ Three forms compute the same tensor, each where it is cheapest:
 
 import math
 import numbers
-from typing import List
 
 import torch
 from torch import Tensor, nn
@@ -116,6 +115,33 @@ def _shift_frames(v: Tensor, channel_dim: int, fold: int, direction: str) -> Ten
     future = v.narrow(channel_dim, 0, fold)
     from_future = torch.cat([future.narrow(1, 1, frames - 1), first], dim=1)
     return torch.cat([from_future, from_past, rest], dim=channel_dim)
+
+
+def _product(sizes: list[int]) -> int:
+    """``math.prod`` for TorchScript, which does not compile it."""
+    total = 1
+    for size in sizes:
+        total *= size
+    return total
+
+
+def _shift_flat_clips(x: Tensor, n_segments: int, fold: int, direction: str, channel_dim: int) -> Tensor:
+    """The views + cat form on a clip view of rank 4 at most, for exporters and mobile runtimes.
+
+    NNAPI, CoreML and MNN take tensors of rank 4 at most, and a ``(N, T, C, H, W)`` view would
+    put a 5-D value around every shift of an exported graph. The frames of a clip are contiguous
+    in the batch, so the dimensions before and after the channels can be merged: ``(N*T, C, H, W)``
+    is shifted as ``(N, T, C, H*W)``, ``(N*T, L, C)`` tokens as ``(N, T, L, C)``.
+    """
+    shape: list[int] = list(x.shape)
+    view: list[int] = [shape[0] // n_segments, n_segments]
+    if channel_dim > 1:
+        view.append(_product(shape[1:channel_dim]))
+    view.append(shape[channel_dim])
+    if channel_dim < len(shape) - 1:
+        view.append(_product(shape[channel_dim + 1:]))
+    out = _shift_frames(x.reshape(view), 3 if channel_dim > 1 else 2, fold, direction)
+    return out.reshape(shape)
 
 
 def _shift_selecting(x: Tensor, n_segments: int, fold: int, direction: str, channel_dim: int) -> Tensor:
@@ -257,7 +283,7 @@ def _clips(x: Tensor, n_segments: int, channel_dim: int):
     if channels_last:
         x = x.permute(0, 2, 3, 1)
         channel_dim = 3
-    shape: List[int] = list(x.shape)
+    shape: list[int] = list(x.shape)
     return x.reshape([shape[0] // n_segments, n_segments] + shape[1:]), channel_dim + 1
 
 
@@ -273,12 +299,12 @@ class _ShiftFunction(torch.autograd.Function):
     """The shift with a backward that is the reverse shift of the gradient; saves no tensor."""
 
     @staticmethod
-    def forward(ctx, v: Tensor, channel_dim: int, fold: int, direction: str) -> Tensor:  # type: ignore[override]
+    def forward(ctx, v: Tensor, channel_dim: int, fold: int, direction: str) -> Tensor:
         ctx.channel_dim, ctx.fold, ctx.direction = channel_dim, fold, direction
         return _shift_copy(v, channel_dim, fold, direction, reverse=False)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx, grad: Tensor):
         if not grad.is_contiguous():
             grad = grad.contiguous()
         return _shift_copy(grad, ctx.channel_dim, ctx.fold, ctx.direction, reverse=True), None, None, None
@@ -320,17 +346,16 @@ def _temporal_shift(x: Tensor, n_segments: int, shift_div: int, direction: str, 
     if channels_last:
         x = x.permute(0, 2, 3, 1)
         channel_dim = 3
-    shape: List[int] = list(x.shape)
-    clips = x.reshape([shape[0] // n_segments, n_segments] + shape[1:])
+    shape: list[int] = list(x.shape)
     if torch.jit.is_scripting():  # a literal check: TorchScript then skips compiling the eager branch
-        out = _shift_frames(clips, channel_dim + 1, fold, mode)
+        out = _shift_flat_clips(x, n_segments, fold, mode, channel_dim)
     elif _use_functional_form():
-        out = _shift_frames(clips, channel_dim + 1, fold, mode)
+        out = _shift_flat_clips(x, n_segments, fold, mode, channel_dim)
     elif swap and _can_shift_in_place(source) and not hasattr(source, _SWAPPED):
         return _swap_shift(source, n_segments, fold, mode, given_dim)
     else:
-        out = _eager_shift(clips.contiguous(), channel_dim + 1, fold, mode)
-    out = out.reshape(shape)
+        clips = x.reshape([shape[0] // n_segments, n_segments] + shape[1:])
+        out = _eager_shift(clips.contiguous(), channel_dim + 1, fold, mode).reshape(shape)
     out = out.permute(0, 3, 1, 2) if channels_last else out
     if not torch.jit.is_scripting():
         if recompute and recording() and out.requires_grad and not _use_functional_form():

@@ -16,8 +16,9 @@ instead: the tensor entering the first layer(s) of each block, shifted only on r
 """
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Literal, NamedTuple, Optional, Sequence, Tuple, get_args
+from typing import Literal, NamedTuple, get_args
 
 import torch
 from torch import fx, nn
@@ -29,8 +30,8 @@ from ._tracer import LeafSpec, trace
 __all__ = ["ResidualSite", "SiteKind", "KINDS", "SHIFTED_KINDS", "find_residual_sites", "site_table"]
 
 SiteKind = Literal["residual", "first_conv", "multi_branch", "internal", "broadcast"]
-KINDS: Tuple[SiteKind, ...] = get_args(SiteKind)
-SHIFTED_KINDS: Tuple[SiteKind, ...] = ("residual", "first_conv")  # the kinds convert may shift
+KINDS: tuple[SiteKind, ...] = get_args(SiteKind)
+SHIFTED_KINDS: tuple[SiteKind, ...] = ("residual", "first_conv")  # the kinds convert may shift
 
 
 @dataclass(frozen=True)
@@ -58,11 +59,11 @@ class ResidualSite:
     kind: SiteKind
     join: str
     fork: str
-    branch_consumers: Tuple[str, ...] = ()
-    shortcut_consumers: Tuple[str, ...] = ()
+    branch_consumers: tuple[str, ...] = ()
+    shortcut_consumers: tuple[str, ...] = ()
     channels: int = 0
     channel_dim: int = 1
-    shape: Tuple[int, ...] = ()
+    shape: tuple[int, ...] = ()
     branch_depth: int = 0
     shortcut_depth: int = 0
     reason: str = field(default="", compare=False)
@@ -75,9 +76,9 @@ class _Join(NamedTuple):
     scope: str = ""
 
 
-def _not_a_join(index: GraphIndex, a: fx.Node, b: fx.Node, fork: Optional[fx.Node]) -> Optional[Tuple[SiteKind, str]]:
+def _not_a_join(index: GraphIndex, a: fx.Node, b: fx.Node, fork: fx.Node | None) -> tuple[SiteKind, str] | None:
     """Why the sum of ``a`` and ``b`` cannot be a block residual, or ``None`` if it may be one."""
-    shapes = {index.shape(a), index.shape(b)}
+    shapes = {index.shape(a) or (), index.shape(b) or ()}
     if not (index.from_input[a] and index.from_input[b]):
         return "broadcast", "one operand does not come from the input (a parameter or constant)"
     if len(shapes) != 1:
@@ -85,7 +86,7 @@ def _not_a_join(index: GraphIndex, a: fx.Node, b: fx.Node, fork: Optional[fx.Nod
     fork_shape = index.shape(fork)
     if fork_shape is None:
         return "internal", "the operands do not fork from one tensor"
-    join_shape = index.shape(a)
+    join_shape = index.shape(a) or ()
     if len(fork_shape) != len(join_shape):
         return "internal", (f"the sum has rank {len(join_shape)} but its fork rank {len(fork_shape)}: "
                             "a sum inside a layer (split heads), not a block residual")
@@ -95,17 +96,17 @@ def _not_a_join(index: GraphIndex, a: fx.Node, b: fx.Node, fork: Optional[fx.Nod
     return None
 
 
-def _kind_by_depth(deep: int, shallow: int, shortcut_is_fork: bool, multi: bool) -> Tuple[SiteKind, str]:
+def _kind_by_depth(deep: int, shallow: int, shortcut_is_fork: bool, multi: bool) -> tuple[SiteKind, str]:
     if deep >= 2 and shallow <= 1:
         return "residual", ""
     if deep == 1 and shallow == 0 and shortcut_is_fork and not multi:
         return "residual", ""  # one layer wrapped in an identity residual (ConvMixer, conv position encodings)
-    if deep == 1 and shallow <= 1 or multi:
+    if (deep == 1 and shallow <= 1) or multi:
         return "multi_branch", "parallel single-layer branches (re-parameterisable sum), not a block residual"
     return "internal", f"mixing depths {deep} and {shallow}: a sum inside a block, not a residual join"
 
 
-def _classify(index: GraphIndex, join: fx.Node, kinds: Dict[fx.Node, SiteKind]) -> Optional[_Join]:
+def _classify(index: GraphIndex, join: fx.Node, kinds: dict[fx.Node, SiteKind]) -> _Join | None:
     """Classifies one addition; ``kinds`` holds the additions classified before it."""
     operands = [a for a in join.args[:2] if isinstance(a, fx.Node)]
     if len(operands) != 2 or any(index.shape(a) is None for a in operands):
@@ -115,7 +116,8 @@ def _classify(index: GraphIndex, join: fx.Node, kinds: Dict[fx.Node, SiteKind]) 
     base = dict(join=join.name, fork=fork.name if fork is not None else "")
     early = _not_a_join(index, a, b, fork)
     if early is not None:
-        return _Join(ResidualSite(name=join.name, kind=early[0], reason=early[1], **base))
+        return _Join(ResidualSite(name=join.name, kind=early[0], reason=early[1], join=base["join"], fork=base["fork"]))
+    assert fork is not None  # _not_a_join refuses operands without a common fork
     depth_a, depth_b = index.depth(fork, a), index.depth(fork, b)
     branch, shortcut = (a, b) if depth_a >= depth_b else (b, a)
     deep, shallow = max(depth_a, depth_b), min(depth_a, depth_b)
@@ -130,6 +132,7 @@ def _classify(index: GraphIndex, join: fx.Node, kinds: Dict[fx.Node, SiteKind]) 
     on_branch = [u for u in fork.users if u not in on_shortcut and index.reaches(u, branch)]
     scope = common_prefix([p for p in map(module_path, mixing) if p])
     fork_shape = index.shape(fork)
+    assert fork_shape is not None  # _not_a_join refuses a fork without a shape
     channel_dim = index.channel_dim(fork_shape, branch_nodes)
     site = ResidualSite(
         name=module_path(join) or scope or join.name, kind=kind, reason=reason,
@@ -137,7 +140,7 @@ def _classify(index: GraphIndex, join: fx.Node, kinds: Dict[fx.Node, SiteKind]) 
         shortcut_consumers=tuple(u.name for u in on_shortcut),
         channels=int(fork_shape[channel_dim]) if len(fork_shape) > 1 else 0,
         channel_dim=channel_dim if channel_dim == 1 else -1,
-        shape=fork_shape, branch_depth=deep, shortcut_depth=shallow, **base,
+        shape=fork_shape, branch_depth=deep, shortcut_depth=shallow, join=base["join"], fork=base["fork"],
     )
     return _Join(site, scope)
 
@@ -151,14 +154,14 @@ def _entry_site(entry: BlockEntry) -> ResidualSite:
     )
 
 
-def _unique_names(joins: List[_Join]) -> List[ResidualSite]:
+def _unique_names(joins: list[_Join]) -> list[ResidualSite]:
     """Names a join by the module whose forward adds; several joins in one module (a ViT block's
     attention and MLP residuals) by the module holding each branch's layers; ``#k`` otherwise."""
-    counts: Dict[str, int] = {}
+    counts: dict[str, int] = {}
     for join in joins:
         counts[join.site.name] = counts.get(join.site.name, 0) + 1
     sites = [site if counts[site.name] == 1 or not scope else replace(site, name=scope) for site, scope in joins]
-    seen: Dict[Tuple[bool, str], int] = {}
+    seen: dict[tuple[bool, str], int] = {}
     out = []
     for site in sites:  # shifted sites are numbered among themselves: other joins never rename them
         key = (site.kind in SHIFTED_KINDS, site.name)
@@ -168,10 +171,10 @@ def _unique_names(joins: List[_Join]) -> List[ResidualSite]:
     return out
 
 
-def classify_joins(index: GraphIndex) -> List[ResidualSite]:
+def classify_joins(index: GraphIndex) -> list[ResidualSite]:
     """Every addition of ``index``'s graph, classified; the no-residual entries when no join is residual."""
-    joins: List[_Join] = []
-    kinds: Dict[fx.Node, SiteKind] = {}
+    joins: list[_Join] = []
+    kinds: dict[fx.Node, SiteKind] = {}
     for node in index.nodes:
         join = _classify(index, node, kinds) if is_add(node) else None
         if join is not None:
@@ -187,12 +190,13 @@ def default_example_input(model: nn.Module) -> torch.Tensor:
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     size = tuple(cfg.get("input_size", (3, 224, 224)))
     param = next(iter(model.parameters()), None)
-    kwargs = {"device": param.device, "dtype": param.dtype} if param is not None and param.is_floating_point() else {}
-    return torch.randn((1,) + size, **kwargs)
+    if param is not None and param.is_floating_point():
+        return torch.randn((1, *size), device=param.device, dtype=param.dtype)
+    return torch.randn((1, *size))
 
 
 def analyse_graph(root: nn.Module, graph: fx.Graph,
-                  example_input: torch.Tensor) -> Tuple[GraphIndex, List[ResidualSite]]:
+                  example_input: torch.Tensor) -> tuple[GraphIndex, list[ResidualSite]]:
     """Records shapes through ``graph`` (with ``root`` in eval mode) and classifies every addition.
 
     Nothing is written to ``graph`` or ``root``; ``root``'s train/eval mode is restored. The
@@ -219,12 +223,12 @@ def analyse_graph(root: nn.Module, graph: fx.Graph,
 
 def find_residual_sites(
     model: nn.Module,
-    example_input: Optional[torch.Tensor] = None,
+    example_input: torch.Tensor | None = None,
     *,
     leaf_modules: Sequence[LeafSpec] = (),
     all_joins: bool = False,
     train: bool = False,
-) -> List[ResidualSite]:
+) -> list[ResidualSite]:
     """Lists the residual joins ``convert`` would shift, without changing anything.
 
     The model is deep-copied, traced with ``torch.fx`` (honouring the leaf registry and timm's

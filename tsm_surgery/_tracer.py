@@ -11,7 +11,8 @@ import functools
 import inspect
 import operator
 import sys
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import torch
 from torch import fx, nn
@@ -20,10 +21,10 @@ from ._shift import TemporalShift
 
 __all__ = ["register_leaf_module", "register_notrace_function", "leaf_modules", "notrace_functions", "TraceError"]
 
-LeafSpec = Union[Type[nn.Module], str]
+LeafSpec = type[nn.Module] | str
 
-_LEAF_MODULES: Dict[LeafSpec, str] = {}
-_NOTRACE_FUNCTIONS: Dict[Callable, str] = {}
+_LEAF_MODULES: dict[LeafSpec, str] = {}
+_NOTRACE_FUNCTIONS: dict[Callable, str] = {}
 
 
 def register_leaf_module(module: LeafSpec, reason: str) -> LeafSpec:
@@ -59,12 +60,12 @@ def register_notrace_function(fn: Callable, reason: str) -> Callable:
     return fn
 
 
-def leaf_modules() -> Dict[LeafSpec, str]:
+def leaf_modules() -> dict[LeafSpec, str]:
     """The registered leaf modules with their reasons (a copy)."""
     return dict(_LEAF_MODULES)
 
 
-def notrace_functions() -> Dict[Callable, str]:
+def notrace_functions() -> dict[Callable, str]:
     """The registered notrace functions with their reasons (a copy)."""
     return dict(_NOTRACE_FUNCTIONS)
 
@@ -72,7 +73,7 @@ def notrace_functions() -> Dict[Callable, str]:
 register_leaf_module(TemporalShift, "the shift itself: one node, so a converted model can be traced again")
 
 
-def _timm_registries() -> Tuple[List[type], List[Callable]]:
+def _timm_registries() -> tuple[list[type], list[Callable]]:
     # `import timm` loads timm.layers._fx with timm's layers; read it only if timm is loaded.
     fx_registry = sys.modules.get("timm.layers._fx")
     if fx_registry is None:
@@ -86,22 +87,29 @@ def _timm_registries() -> Tuple[List[type], List[Callable]]:
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
+MODULE_PATH = "tsm_module_path"  # node.meta key: the module whose forward created the node ("" for the root)
+
+
 class TraceError(RuntimeError):
     """A module could not be traced symbolically."""
 
 
-def _reads_only_sizes(node: fx.Node, values: Dict[fx.Node, object]) -> bool:
+def _reads_only_sizes(node: fx.Node, values: dict[fx.Node, Any]) -> bool:
     """Whether ``node`` is computed from tensor sizes other than the batch (dim 0) and constants,
     with operators and ``math`` functions only."""
     if node.op == "call_function" and node.target is getattr:
         return node.args[1] in ("shape", "ndim")  # a whole shape: only its non-batch items may be read
     if node.op == "call_method" and node.target in ("size", "dim"):
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        return node.target == "dim" or dim is None or (isinstance(dim, int) and dim % values[node.args[0]].dim() != 0)
-    source = node.args[0] if node.args else None
-    if node.op == "call_function" and node.target is operator.getitem and isinstance(values.get(source), torch.Size):
+        if node.target == "dim" or dim is None:
+            return True
+        return isinstance(dim, int) and dim % values[cast(fx.Node, node.args[0])].dim() != 0
+    source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    if node.op == "call_function" and node.target is operator.getitem and source is not None \
+            and isinstance(values.get(source), torch.Size):
         index = node.args[1]
-        return isinstance(index, int) and index % len(values[source]) != 0 and _reads_only_sizes(source, values)
+        return isinstance(index, int) and source is not None and index % len(values[source]) != 0 \
+            and _reads_only_sizes(source, values)
     if node.op == "call_function" and getattr(node.target, "__module__", None) in ("_operator", "operator", "math"):
         return all(_reads_only_sizes(arg, values) for arg in node.all_input_nodes)
     return False
@@ -116,9 +124,9 @@ class SiteTracer(fx.Tracer):
     instead of computing something else. Branches on values or on the batch size still fail.
     """
 
-    def __init__(self, extra_leaf_modules: Sequence[LeafSpec] = (), example_input: Optional[torch.Tensor] = None):
+    def __init__(self, extra_leaf_modules: Sequence[LeafSpec] = (), example_input: torch.Tensor | None = None):
         self.example_input = example_input
-        self._values: Dict[fx.Node, object] = {}
+        self._values: dict[fx.Node, Any] = {}
         self._evaluating = False
         timm_modules, timm_functions = _timm_registries()
         # timm registers whole blocks (NormFreeBlock, TinyVitBlock, MobileVitBlock) for its
@@ -130,8 +138,10 @@ class SiteTracer(fx.Tracer):
         self.leaf_paths = {leaf for leaf in leaves if isinstance(leaf, str)}
         functions = tuple(_NOTRACE_FUNCTIONS) + tuple(timm_functions)
         super().__init__(autowrap_functions=functions, param_shapes_constant=True)
-        self.module_path_stack: List[str] = []
-        self.failed_path: Optional[str] = None
+        self.module_path_stack: list[str] = []
+        self.failed_path: str | None = None
+        # Each branch decided on the example's size: (the module path holding it, the branch taken).
+        self.size_guards: list[tuple[str, bool]] = []
 
     def is_leaf_module(self, module: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(module, self.leaf_types) or module_qualified_name in self.leaf_paths:
@@ -141,16 +151,17 @@ class SiteTracer(fx.Tracer):
             return True
         return super().is_leaf_module(module, module_qualified_name)
 
-    def _run_node(self, node: fx.Node) -> object:
+    def _run_node(self, node: fx.Node) -> Any:
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), self._values.__getitem__)
         if node.op == "placeholder":  # the input, then the arguments fixed to their defaults
             return self.example_input if not self._values else (args[0] if args else None)
         if node.op == "get_attr":
-            return functools.reduce(getattr, node.target.split("."), self.root)
+            return functools.reduce(getattr, str(node.target).split("."), self.root)
         if node.op == "call_module":
-            return self.root.get_submodule(node.target)(*args, **kwargs)
+            return self.root.get_submodule(str(node.target))(*args, **kwargs)
         if node.op == "call_method":
-            return getattr(args[0], node.target)(*args[1:], **kwargs)
+            return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+        assert callable(node.target)
         return node.target(*args, **kwargs)
 
     def _value_of(self, target: fx.Node) -> object:
@@ -184,9 +195,16 @@ class SiteTracer(fx.Tracer):
         where = self.module_path_stack[-1] if self.module_path_stack else "forward"
         message = (f"'{where}' was traced for inputs of size {tuple(self.example_input.shape[1:])}, and this input "
                    "takes another branch there. Hint: convert again with example_input= of this size.")
-        condition = obj if taken else self.create_proxy("call_function", operator.not_, (obj,), {})
+        # `== False`, not operator.not_: tracing the generated code again (copies, pickles) must not call bool() on it
+        condition = obj if taken else self.create_proxy("call_function", operator.eq, (obj, False), {})
         self.create_proxy("call_function", torch._assert, (condition, message), {})
+        self.size_guards.append((self.module_path_stack[-1] if self.module_path_stack else "", taken))
         return taken
+
+    def create_node(self, *args, **kwargs) -> fx.Node:
+        node = super().create_node(*args, **kwargs)
+        node.meta[MODULE_PATH] = self.module_path_stack[-1] if self.module_path_stack else ""
+        return node
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
         return attr_val if self._evaluating else super().getattr(attr, attr_val, parameter_proxy_cache)
@@ -206,7 +224,7 @@ class SiteTracer(fx.Tracer):
             self.module_path_stack.pop()
 
 
-def _default_arguments(model: nn.Module) -> Dict[str, object]:
+def _default_arguments(model: nn.Module) -> dict[str, object]:
     """The forward's parameters after the first that have defaults (masks, flags), fixed to them.
 
     Rule: the converted network takes one tensor, the frames. Optional extras such as
@@ -222,7 +240,7 @@ def _default_arguments(model: nn.Module) -> Dict[str, object]:
     return {p.name: p.default for p in params[1:] if p.kind in named and p.default is not P.empty}
 
 
-def _drop_concrete_placeholders(graph: fx.Graph, concrete: Dict[str, object]) -> None:
+def _drop_concrete_placeholders(graph: fx.Graph, concrete: dict[str, object]) -> None:
     """Removes the placeholders fx keeps for concrete arguments, with the checks it adds on them."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder"][1:]
     dead = set(placeholders)
@@ -236,7 +254,7 @@ def _drop_concrete_placeholders(graph: fx.Graph, concrete: Dict[str, object]) ->
             graph.erase_node(node)
 
 
-def _failed_soft_leaf(model: nn.Module, tracer: "SiteTracer") -> Optional[type]:
+def _failed_soft_leaf(model: nn.Module, tracer: "SiteTracer") -> type | None:
     """The innermost timm-registered module class on the failing call path, if any."""
     path = tracer.failed_path
     if not path or not tracer.soft_leaf_types:
@@ -270,7 +288,7 @@ def check_leaf_modules(model: nn.Module, specs: Sequence[LeafSpec]) -> None:
 
 
 def trace(model: nn.Module, extra_leaf_modules: Sequence[LeafSpec] = (),
-          example_input: Optional[torch.Tensor] = None) -> fx.Graph:
+          example_input: torch.Tensor | None = None) -> fx.Graph:
     """Traces ``model.forward`` in the model's current train/eval mode.
 
     With ``example_input``, branches on spatial sizes are decided on it (see :class:`SiteTracer`).
@@ -281,14 +299,15 @@ def trace(model: nn.Module, extra_leaf_modules: Sequence[LeafSpec] = (),
     """
     check_leaf_modules(model, extra_leaf_modules)
     concrete = _default_arguments(model)
-    kept_whole: List[type] = []
+    kept_whole: list[type] = []
     while True:
-        tracer = SiteTracer(list(extra_leaf_modules) + kept_whole, example_input)
+        tracer = SiteTracer([*extra_leaf_modules, *kept_whole], example_input)
         try:
             graph = tracer.trace(model, concrete_args=concrete or None)
             if concrete:
                 _drop_concrete_placeholders(graph, concrete)
-            graph.kept_whole = tuple(kept_whole)  # timm-registered classes that had to stay one node
+            graph.kept_whole = tuple(kept_whole)  # type: ignore[attr-defined]  # timm-registered classes that had to stay one node
+            graph.size_guards = tuple(tracer.size_guards)  # type: ignore[attr-defined]
             return graph
         except Exception as caught:
             err = caught
@@ -315,7 +334,7 @@ def trace(model: nn.Module, extra_leaf_modules: Sequence[LeafSpec] = (),
 
 
 def trace_train_and_eval(model: nn.Module, extra_leaf_modules: Sequence[LeafSpec] = (),
-                         example_input: Optional[torch.Tensor] = None) -> Tuple[fx.Graph, fx.Graph]:
+                         example_input: torch.Tensor | None = None) -> tuple[fx.Graph, fx.Graph]:
     """Traces the train and the eval graph; the model's mode is restored afterwards.
 
     Code that reads ``self.training`` in Python (drop path, auxiliary heads) is specialised at

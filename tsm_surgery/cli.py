@@ -12,27 +12,28 @@ anywhere after the verb) shows the traceback instead.
 import argparse
 import importlib
 import sys
-from typing import List, Optional
 
 __all__ = ["main", "build_parser", "positive_int", "non_negative_int", "VERBS"]
 
 # verb -> (module defining add_arguments/run, one-line help)
 VERBS = {
-    "demo": ("tsm_surgery.integrations.demo.pipeline",
+    "demo": ("tsm_surgery.integrations.cli.demo",
              "train TSN vs TSM on the embedded synthetic videos, then stream"),
-    "synth-data": ("tsm_surgery.integrations.demo.synth_data", "generate the temporal-reasoning video dataset"),
-    "train": ("tsm_surgery.integrations.training.runner", "train an MMAction2 config with mmengine's Runner"),
+    "synth-data": ("tsm_surgery.integrations.cli.synth_data", "generate the temporal-reasoning video dataset"),
+    "train": ("tsm_surgery.integrations.cli.train", "train an MMAction2 config with mmengine's Runner"),
     "test": ("tsm_surgery.integrations.cli.test", "evaluate an MMAction2 config and checkpoint"),
     "convert": ("tsm_surgery.integrations.cli.convert", "convert a model and print its shift-site table"),
     "import-checkpoint": ("tsm_surgery.integrations.cli.import_checkpoint",
                           "convert an MMAction2 or paper-repo TSM checkpoint to this project's keys"),
-    "stream": ("tsm_surgery.integrations.streaming.stream", "run a video frame by frame through an online TSM model"),
-    "export": ("tsm_surgery.integrations.export.onnx", "export an online or offline TSM model to ONNX"),
+    "stream": ("tsm_surgery.integrations.cli.stream",
+               "run videos, cameras and network streams frame by frame through an online TSM model"),
+    "export": ("tsm_surgery.integrations.cli.export",
+               "export an online or offline TSM model for onnxruntime, OpenVINO or ExecuTorch"),
     "bench": ("tsm_surgery.integrations.cli.bench", "benchmark the shift against the 2D model and the peers"),
     "coverage": ("tsm_surgery.integrations.cli.coverage", "convert timm/torchvision models and report coverage"),
-    "ablate": ("tsm_surgery.integrations.studies.ablate",
+    "ablate": ("tsm_surgery.integrations.cli.ablate",
                "shift proportion x placement: latency and accuracy, with a plot"),
-    "efficiency": ("tsm_surgery.integrations.studies.efficiency",
+    "efficiency": ("tsm_surgery.integrations.cli.efficiency",
                    "FLOPs, params, latency of TSM against TSN and 3D networks"),
 }
 
@@ -85,7 +86,7 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {message} (run with --debug for the traceback)"
 
 
-def _run_verb(verb: str, rest: List[str]) -> int:
+def _run_verb(verb: str, rest: list[str]) -> int:
     module_name, help_text = VERBS[verb]
     try:
         module = importlib.import_module(module_name)
@@ -98,7 +99,7 @@ def _run_verb(verb: str, rest: List[str]) -> int:
     return int(module.run(verb_parser.parse_args(rest)) or 0)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = False
     while argv and argv[0] == "--debug":

@@ -5,5 +5,5 @@
 * :mod:`.importing`: those layouts converted to this project's keys (``import-checkpoint``).
 """
 
-from .importing import *  # noqa: F401,F403
+from .importing import *  # noqa: F403
 from .importing import __all__  # noqa: F401

@@ -36,16 +36,17 @@ Example:
 
 import logging
 import os
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+import re
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-from .layouts import DETECTORS, LAYOUTS, CheckpointLayout, StateDict
+from .layouts import DETECTORS, LAYOUTS, CheckpointLayout, StateDict, tv_to_mm_resnet
 from .loading import read_checkpoint
 
-__all__ = ["import_tsm_checkpoint", "convert_state_dict", "layout_adapter", "detect_layout", "read_state_dict",
-           "CheckpointLayout", "CheckpointLayoutError", "LAYOUTS"]
+__all__ = ["import_tsm_checkpoint", "check_checkpoint_layout", "shift_for_checkpoint", "convert_state_dict",
+           "layout_adapter", "detect_layout", "read_state_dict", "CheckpointLayout", "CheckpointLayoutError", "LAYOUTS"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class CheckpointLayoutError(ValueError):
     """A checkpoint of no known layout, or one whose weights do not fit the model."""
 
 
-def read_state_dict(path_or_state_dict: Union[str, os.PathLike, dict]) -> Tuple[StateDict, str]:
+def read_state_dict(path_or_state_dict: str | os.PathLike | dict) -> tuple[StateDict, str]:
     """Reads a checkpoint file (``weights_only=True``) or takes a dict; returns its tensors and a name.
 
     A ``state_dict`` or ``model`` entry (mmengine's and the paper's files) is used when present.
@@ -85,7 +86,7 @@ def read_state_dict(path_or_state_dict: Union[str, os.PathLike, dict]) -> Tuple[
     return dict(obj), source
 
 
-def _detect(state: StateDict, source: str) -> Tuple[CheckpointLayout, StateDict]:
+def _detect(state: StateDict, source: str) -> tuple[CheckpointLayout, StateDict]:
     stripped = state
     if all(k.startswith("module.") for k in state):  # saved from DataParallel / DistributedDataParallel
         stripped = {k[len("module."):]: v for k, v in state.items()}
@@ -105,7 +106,7 @@ def _detect(state: StateDict, source: str) -> Tuple[CheckpointLayout, StateDict]
         "load it as it is.")
 
 
-def detect_layout(path_or_state_dict: Union[str, os.PathLike, dict]) -> CheckpointLayout:
+def detect_layout(path_or_state_dict: str | os.PathLike | dict) -> CheckpointLayout:
     """Which layout a checkpoint has (see ``LAYOUTS``), with a one-line description.
 
     Raises:
@@ -115,7 +116,7 @@ def detect_layout(path_or_state_dict: Union[str, os.PathLike, dict]) -> Checkpoi
     return _detect(state, source)[0]
 
 
-def _reference_shapes(layout: CheckpointLayout, state: StateDict) -> Optional[Dict[str, torch.Size]]:
+def _reference_shapes(layout: CheckpointLayout, state: StateDict) -> dict[str, torch.Size] | None:
     """The torchvision model a paper checkpoint maps onto, as key -> shape (built on the meta device)."""
     if layout.name == "mmaction2":
         return None
@@ -137,7 +138,90 @@ def _reference_shapes(layout: CheckpointLayout, state: StateDict) -> Optional[Di
     return shapes
 
 
-def _model_sites(model: nn.Module) -> List[Tuple[str, Optional[str]]]:
+_COUNTERS = ("num_batches_tracked",)  # integer buffers a checkpoint may hold, or lack (older torch)
+
+
+def _tensor_problem(key: str, value: torch.Tensor) -> str | None:
+    if value.is_meta:
+        return "is on the meta device (a shape without data)"
+    if value.layout != torch.strided:
+        return f"is a {str(value.layout).replace('torch.', '')} tensor, not a dense one"
+    if value.is_complex():
+        return f"is complex ({value.dtype})"
+    if key.rsplit(".", 1)[-1] in _COUNTERS:
+        return None if not value.is_floating_point() else f"is a counter with dtype {value.dtype}"
+    if not value.is_floating_point():
+        return f"has dtype {str(value.dtype).replace('torch.', '')}, not a floating-point one"
+    if not bool(torch.isfinite(value).all()):
+        return "holds NaN or infinite values"
+    return None
+
+
+def _check_tensors(state: StateDict, source: str) -> None:
+    """Real storage, dense, floating point (counters aside), finite: what any weight must be."""
+    for key, value in state.items():
+        problem = _tensor_problem(key, value)
+        if problem:
+            raise CheckpointLayoutError(f"{source}: tensor {key!r} {problem}; weights are dense, finite floating-point "
+                                        "tensors. Hint: the file is damaged or not a trained model's checkpoint.")
+
+
+def _check_norm_groups(state: StateDict, source: str) -> None:
+    """A norm layer's weight, bias and running statistics have one length, that of the conv before it."""
+    for mean_key in [k for k in state if k.endswith(".running_mean")]:
+        owner = mean_key[: -len(".running_mean")]
+        shapes = {leaf: tuple(state[f"{owner}.{leaf}"].shape) for leaf in ("weight", "bias", "running_mean",
+                  "running_var") if f"{owner}.{leaf}" in state}
+        conv = re.sub(r"\.bn$", ".conv.weight", owner)  # MMAction2's ConvModule: X.conv then X.bn
+        if conv != owner + ".conv.weight" and conv in state and state[conv].dim() > 1:
+            shapes[conv] = (state[conv].shape[0],)
+        if len(set(shapes.values())) > 1:
+            raise CheckpointLayoutError(f"{source}: the norm layer {owner!r} has inconsistent shapes {shapes}. "
+                                        "Hint: the file was edited or damaged; use the checkpoint as trained.")
+
+
+def _check_resnet_keys(layout: CheckpointLayout, state: StateDict, source: str) -> None:
+    """An MMAction2 ResNetTSM checkpoint has exactly the keys of a ResNet of its depth (no model needed)."""
+    if layout.arch == "ResNetTSM":  # the block counts gave no depth: a stage lost (or gained) blocks
+        counts = tuple(len({m.group(1) for k in state if (m := re.search(rf"(?:^|\.)layer{i}\.(\d+)\.", k))})
+                       for i in range(1, 5))
+        raise CheckpointLayoutError(f"{source}: detected {layout}; its blocks per stage {counts} are no ResNet "
+                                    "depth's (18: 2, 2, 2, 2; 34 and 50: 3, 4, 6, 3; 101: 3, 4, 23, 3; 152: 3, 8, "
+                                    "36, 3). Hint: the file was edited or damaged; use the checkpoint as trained.")
+    match = re.match(r"ResNetTSM \(depth (\d+)\)", layout.arch)
+    try:
+        import torchvision
+    except ImportError:
+        return
+    if not match:
+        return
+    prefix = "backbone." if any(k.startswith("backbone.") for k in state) else ""
+    with torch.device("meta"):
+        reference = getattr(torchvision.models, f"resnet{match.group(1)}")()
+    expected = {prefix + tv_to_mm_resnet(k): v.shape for k, v in reference.state_dict().items()
+                if not k.startswith("fc.") and not k.endswith(_COUNTERS)}
+    found = {k for k in state if k.startswith(prefix) and "non_local_block." not in k and not k.endswith(_COUNTERS)}
+    if prefix == "":
+        found = {k for k in found if not k.startswith(("cls_head.", "neck."))}
+    missing, extra = sorted(set(expected) - found), sorted(found - set(expected))
+    # conv1's input channels vary (RGB 3, optical flow 10); everything else is the depth's.
+    shapes = [k for k in set(expected) & found if tuple(state[k].shape) != tuple(expected[k])
+              and not (k == prefix + "conv1.conv.weight" and state[k].shape[:1] + state[k].shape[2:] ==
+                       expected[k][:1] + expected[k][2:])]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensors of a ResNet-{match.group(1)} are missing (first: {missing[:_SHOW]})")
+    if extra:
+        parts.append(f"{len(extra)} tensors belong to no ResNet-{match.group(1)} module (first: {extra[:_SHOW]})")
+    if shapes:
+        k = sorted(shapes)[0]
+        parts.append(f"{len(shapes)} have other shapes (first: {k}: {tuple(state[k].shape)} vs {tuple(expected[k])})")
+    if parts:
+        raise CheckpointLayoutError(f"{source}: detected {layout}; " + "; ".join(parts) + ". Hint: the file was "
+                                    "edited or damaged; use the checkpoint as trained.")
+
+
+def _model_sites(model: nn.Module) -> list[tuple[str, str | None]]:
     """(module path of each shift site in the model's key space, the model's place) for every TSM network in it."""
     found = []
     for name, module in model.named_modules():
@@ -149,7 +233,7 @@ def _model_sites(model: nn.Module) -> List[Tuple[str, Optional[str]]]:
     return found
 
 
-def _best_mapping(body: Sequence[str], layout: CheckpointLayout, target) -> Callable[[str], Optional[str]]:
+def _best_mapping(body: Sequence[str], layout: CheckpointLayout, target) -> Callable[[str], str | None]:
     best, best_score = None, -1
     for rename in (lambda k: k,) + tuple(layout.renames):
         for strip, add in _MOVES:
@@ -166,7 +250,7 @@ def _best_mapping(body: Sequence[str], layout: CheckpointLayout, target) -> Call
     return best
 
 
-def _fit(state: StateDict, layout: CheckpointLayout, target: Dict[str, torch.Size], sites, source: str,
+def _fit(state: StateDict, layout: CheckpointLayout, target: dict[str, torch.Size], sites, source: str,
          log: Log, strict: bool = True) -> StateDict:
     """Maps the default naming onto ``target``'s keys; ``strict=False`` (fine-tuning) lets the head differ."""
     head = {k for k in state if layout.head and k.startswith(layout.head + ".")}
@@ -197,13 +281,19 @@ def _fit(state: StateDict, layout: CheckpointLayout, target: Dict[str, torch.Siz
         rest += [k for k in shapes if k not in body]
         keymap = {k: t for k, t in keymap.items() if k not in rest}
         shapes, left = [k for k in shapes if k in body], []
+    # BatchNorm's batch counter: older checkpoints lack it, some models do not keep it; it changes no output.
+    counters = [t for t in left if t.endswith(_COUNTERS)]
+    left = [t for t in left if t not in counters]
+    unplaced = [k for k in unplaced if not k.endswith(_COUNTERS)]
     if unplaced or left or shapes:
         raise _mismatch(source, layout, keymap, unplaced, left, shapes, state, target)
     if rest:
         log(logging.INFO, f"{source}: left out {len(rest)} checkpoint tensors the model has no place for "
                           f"({', '.join(rest[:_SHOW])})")
     _check_sites(layout, move, sites, source, state)
-    return {keymap[k]: v for k, v in state.items() if k in keymap}
+    fitted = {keymap[k]: v for k, v in state.items() if k in keymap and keymap[k] in target}
+    fitted.update({t: torch.tensor(0, dtype=torch.long) for t in counters})
+    return fitted
 
 
 def _mismatch(source, layout, keymap, unplaced, left, shapes, state, target) -> CheckpointLayoutError:
@@ -302,9 +392,9 @@ def _log(level: int, message: str) -> None:
     logger.log(level, message)
 
 
-def convert_state_dict(state: StateDict, model: Optional[nn.Module] = None, source: str = "<state_dict>", *,
-                       model_state: Optional[dict] = None, log: Optional[Log] = None, strict: bool = True
-                       ) -> Tuple[StateDict, CheckpointLayout]:
+def convert_state_dict(state: StateDict, model: nn.Module | None = None, source: str = "<state_dict>", *,
+                       model_state: dict | None = None, log: Log | None = None, strict: bool = True
+                       ) -> tuple[StateDict, CheckpointLayout]:
     """:func:`import_tsm_checkpoint` for a state dict already read; also returns the detected layout.
 
     ``model_state`` (default ``model.state_dict()``) gives the keys and shapes to fit; ``log``
@@ -314,7 +404,10 @@ def convert_state_dict(state: StateDict, model: Optional[nn.Module] = None, sour
     """
     log = log or _log
     layout, converted = _detect(state, source)
+    _check_tensors(converted, source)
+    _check_norm_groups(converted, source)
     if model is None and model_state is None:
+        _check_resnet_keys(layout, converted, source)
         target = _reference_shapes(layout, converted)
         return (converted if target is None else _fit(converted, layout, target, [], source, log)), layout
     model_state = model.state_dict() if model_state is None else model_state
@@ -325,7 +418,7 @@ def convert_state_dict(state: StateDict, model: Optional[nn.Module] = None, sour
     return fitted, layout
 
 
-def layout_adapter(model: Optional[nn.Module] = None, source: str = "checkpoint", log: Optional[Log] = None,
+def layout_adapter(model: nn.Module | None = None, source: str = "checkpoint", log: Log | None = None,
                    strict: bool = True) -> Callable[[StateDict, dict], StateDict]:
     """An ``adapt(state, model_state) -> state`` for the checkpoint loader: imports the anchors' layouts.
 
@@ -351,8 +444,83 @@ def layout_adapter(model: Optional[nn.Module] = None, source: str = "checkpoint"
     return adapt
 
 
-def import_tsm_checkpoint(path_or_state_dict: Union[str, os.PathLike, dict],
-                          model: Optional[nn.Module] = None) -> StateDict:
+def _no_shift_note(layout: CheckpointLayout, model: nn.Module, source: str, log: Log) -> None:
+    """A TSM checkpoint loaded into a model without any shift runs as a 2D network: say so."""
+    if layout.shifts and not _shift_settings(model):
+        log(logging.WARNING, f"{source}: detected {layout}, {len(layout.shifts)} shifted blocks; the model has no "
+                             f"temporal shift, so it computes other outputs than the checkpoint's model until it is "
+                             f"converted with {_settings_text(layout.direction, layout.uni_slot)}.")
+
+
+def _settings_text(direction: str, uni_slot: str | None) -> str:
+    return f"direction={direction!r}" + (f", uni_slot={uni_slot!r}" if uni_slot else "")
+
+
+def _known_layout(checkpoint: str | os.PathLike | dict) -> tuple[CheckpointLayout | None, StateDict, str]:
+    state, source = read_state_dict(checkpoint)
+    try:
+        layout, _ = _detect(state, source)
+    except CheckpointLayoutError:
+        return None, state, source  # plain 2D weights in the model's own keys, or unknown: the strict loader judges
+    return layout, state, source
+
+
+def shift_for_checkpoint(checkpoint: str | os.PathLike | dict | None, direction: str, uni_slot: str | None,
+                         source: str = "checkpoint", log: Log | None = None) -> tuple[str, str]:
+    """The ``(direction, uni_slot)`` to convert with, given the shift the checkpoint was trained with.
+
+    ``uni_slot=None`` means the user chose none: a ``"uni"`` model then takes the slot the
+    checkpoint's model was trained with (the paper's online MobileNetV2: ``"first"``) and says so;
+    otherwise ``"past"``. A slot the user chose is kept (:func:`check_checkpoint_layout` warns).
+
+    Example:
+        >>> shift_for_checkpoint(None, "uni", None)
+        ('uni', 'past')
+    """
+    layout = _known_layout(checkpoint)[0] if checkpoint is not None else None
+    if uni_slot is None:
+        uni_slot = "past"
+        if direction == "uni" and layout is not None and layout.direction == "uni" and layout.uni_slot:
+            uni_slot = layout.uni_slot
+            (log or _log)(logging.INFO, f"{source}: detected {layout}; it was trained with uni_slot={uni_slot!r}, "
+                                        f"so the model shifts that slot (choose another with --uni-slot).")
+    return direction, uni_slot
+
+
+def check_checkpoint_layout(checkpoint: str | os.PathLike | dict | None, model: nn.Module,
+                            source: str = "checkpoint", log: Log | None = None) -> CheckpointLayout | None:
+    """Checks a TSM checkpoint's shift (direction, slot, shifted blocks) against the model that will run it.
+
+    The one check for every path that loads weights before converting (``stream``, ``export``,
+    ``convert --checkpoint``): call it with the converted (or online) model. Blocks shifted
+    elsewhere than in the checkpoint's model raise; another direction or slot is logged as a
+    warning (a bi-trained model cannot stream). A plain 2D checkpoint passes.
+
+    Returns:
+        The detected layout, or ``None`` for weights of no known TSM layout.
+
+    Raises:
+        CheckpointLayoutError: the model shifts other blocks than the checkpoint's model.
+    """
+    if checkpoint is None:
+        return None
+    layout, state, _ = _known_layout(checkpoint)
+    if layout is None:
+        return None
+    log = log or _log
+    plain = _plain_model(model)
+    convert_state_dict(state, plain, source, log=log)
+    _no_shift_note(layout, plain, source, log)
+    return layout
+
+
+def _plain_model(model: nn.Module) -> nn.Module:
+    """The clip network behind an online one (its keys and sites are what a checkpoint is fitted to)."""
+    return getattr(model, "net", None) if isinstance(getattr(model, "net", None), nn.Module) else model
+
+
+def import_tsm_checkpoint(path_or_state_dict: str | os.PathLike | dict,
+                          model: nn.Module | None = None) -> StateDict:
     """Reads an MMAction2 or paper-repo TSM checkpoint and returns it in this project's keys.
 
     Args:
@@ -378,5 +546,7 @@ def import_tsm_checkpoint(path_or_state_dict: Union[str, os.PathLike, dict],
     """
     state, source = read_state_dict(path_or_state_dict)
     converted, layout = convert_state_dict(state, model, source)
+    if model is not None:
+        _no_shift_note(layout, model, source, _log)
     logger.info("%s: imported %s", source, layout)
     return converted

@@ -8,12 +8,12 @@ checkpoints, torchvision keys for the paper's). Fitting those keys to a given mo
 """
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-StateDict = Dict[str, torch.Tensor]
+StateDict = dict[str, torch.Tensor]
 
 # Every layout this module reads; the value says what identifies it.
 LAYOUTS = {
@@ -51,18 +51,18 @@ class CheckpointLayout:
     name: str
     arch: str
     description: str
-    shifts: Tuple[str, ...] = ()
-    head: Optional[str] = None
-    renames: Tuple[Callable[[str], str], ...] = field(default=(), compare=False)
+    shifts: tuple[str, ...] = ()
+    head: str | None = None
+    renames: tuple[Callable[[str], str], ...] = field(default=(), compare=False)
     hint: str = ""
     direction: str = "bi"
-    uni_slot: Optional[str] = None
+    uni_slot: str | None = None
 
     def __str__(self) -> str:
         return self.description
 
 
-def drop_wrappers(state: StateDict) -> Tuple[StateDict, List[str], List[str]]:
+def drop_wrappers(state: StateDict) -> tuple[StateDict, list[str], list[str]]:
     """Drops every ``net`` path component (the anchors' ``TemporalShift``/``TemporalPool`` wrappers).
 
     Returns the state dict, the shift-wrapped module paths and the pool-wrapped stage paths.
@@ -70,7 +70,7 @@ def drop_wrappers(state: StateDict) -> Tuple[StateDict, List[str], List[str]]:
     out, shifts, pools = {}, set(), set()
     for key, value in state.items():
         parts = key.split(".")
-        kept: List[str] = []
+        kept: list[str] = []
         for part in parts[:-1]:
             if part == "net":
                 # TemporalPool wraps a whole ResNet stage (`layer2`); TemporalShift a layer or block.
@@ -81,7 +81,7 @@ def drop_wrappers(state: StateDict) -> Tuple[StateDict, List[str], List[str]]:
     return out, sorted(shifts), sorted(pools)
 
 
-def _resnet_depth(keys, prefix: str = "") -> Optional[int]:
+def _resnet_depth(keys, prefix: str = "") -> int | None:
     counts, bottleneck = [], any(re.match(re.escape(prefix) + r"layer\d+\.\d+\.conv3\.", k) for k in keys)
     for stage in range(1, 5):
         blocks = {int(m.group(1)) for k in keys if (m := re.match(re.escape(prefix) + rf"layer{stage}\.(\d+)\.", k))}
@@ -105,13 +105,13 @@ def mm_to_tv_resnet(key: str) -> str:
     return re.sub(r"\.downsample\.bn\.", ".downsample.1.", key)
 
 
-def _flat_mobilenet_v2(state: StateDict) -> Tuple[StateDict, List[str]]:
+def _flat_mobilenet_v2(state: StateDict) -> tuple[StateDict, list[str]]:
     """The paper's flat InvertedResidual ``conv`` (5 or 8 entries) onto torchvision's nesting.
 
     Returns the renamed state and the blocks the paper shifts: those with 8 entries and equal
     input/output channels (its ``len(m.conv) == 8 and m.use_res_connect``).
     """
-    entries: Dict[str, set] = {}
+    entries: dict[str, set] = {}
     for key in state:
         m = re.match(r"(features\.\d+)\.conv\.(\d+)\.", key)
         if m:
@@ -138,7 +138,7 @@ def _flat_mobilenet_v2(state: StateDict) -> Tuple[StateDict, List[str]]:
     return out, shifted
 
 
-def _take_head(state: StateDict, candidates, new_prefix: str) -> Tuple[StateDict, Optional[str]]:
+def _take_head(state: StateDict, candidates, new_prefix: str) -> tuple[StateDict, str | None]:
     for prefix in candidates:
         if f"{prefix}.weight" in state and state[f"{prefix}.weight"].dim() == 2:
             state = dict(state)
@@ -149,11 +149,11 @@ def _take_head(state: StateDict, candidates, new_prefix: str) -> Tuple[StateDict
     return state, None
 
 
-def _classes(state: StateDict, head: Optional[str]) -> str:
+def _classes(state: StateDict, head: str | None) -> str:
     return f", {state[head + '.weight'].shape[0]} classes" if head else ", no classifier"
 
 
-def detect_paper(state: StateDict) -> Optional[Tuple[CheckpointLayout, StateDict]]:
+def detect_paper(state: StateDict) -> tuple[CheckpointLayout, StateDict] | None:
     """The paper's ``TSN``: ``base_model.*`` plus ``new_fc.*`` (``module.`` already stripped)."""
     if not any(k.startswith("base_model.") for k in state):
         return None
@@ -179,7 +179,7 @@ def detect_paper(state: StateDict) -> Optional[Tuple[CheckpointLayout, StateDict
                      f"MobileNetV2 (top-level modules {names}); only those two are supported.")
 
 
-def detect_paper_online(state: StateDict) -> Optional[Tuple[CheckpointLayout, StateDict]]:
+def detect_paper_online(state: StateDict) -> tuple[CheckpointLayout, StateDict] | None:
     """The online demo's MobileNetV2: flat ``features.i.conv.0..7`` and a plain ``classifier`` Linear."""
     if not (any(re.match(r"features\.\d+\.conv\.7\.", k) for k in state) and "classifier.weight" in state):
         return None
@@ -193,7 +193,7 @@ def detect_paper_online(state: StateDict) -> Optional[Tuple[CheckpointLayout, St
                             hint=hint, direction="uni", uni_slot="first"), base
 
 
-def _mmaction_arch(keys) -> Optional[str]:
+def _mmaction_arch(keys) -> str | None:
     if any(re.search(r"(^|\.)layer\d+\.\d+\.(block\.)?conv\d\.conv\.net\.", k) for k in keys) or any(
             re.search(r"(^|\.)layer\d+\.(net\.)?\d+\.net\.conv1\.", k) for k in keys):
         return "ResNetTSM"
@@ -204,7 +204,7 @@ def _mmaction_arch(keys) -> Optional[str]:
     return None
 
 
-def detect_mmaction(state: StateDict) -> Optional[Tuple[CheckpointLayout, StateDict]]:
+def detect_mmaction(state: StateDict) -> tuple[CheckpointLayout, StateDict] | None:
     """MMAction2's TSM backbones, inside a recognizer (``backbone.*``) or alone."""
     arch = _mmaction_arch(state)
     if arch is None:
@@ -213,7 +213,7 @@ def detect_mmaction(state: StateDict) -> Optional[Tuple[CheckpointLayout, StateD
     out, shifts, pools = drop_wrappers(state)
     out, non_local = _unwrap_non_local(out)
     extras = [f"{len(shifts)} shifted modules"]
-    renames: Tuple[Callable[[str], str], ...] = ()
+    renames: tuple[Callable[[str], str], ...] = ()
     if arch == "ResNetTSM":
         depth = _resnet_depth(out, prefix)
         arch = f"ResNetTSM (depth {depth})" if depth else arch
@@ -230,7 +230,7 @@ def detect_mmaction(state: StateDict) -> Optional[Tuple[CheckpointLayout, StateD
     return CheckpointLayout("mmaction2", arch, desc, tuple(shifts), head, renames), out
 
 
-def _unwrap_non_local(state: StateDict) -> Tuple[StateDict, List[str]]:
+def _unwrap_non_local(state: StateDict) -> tuple[StateDict, list[str]]:
     """``NL3DWrapper(block)``: ``layerK.i.block.*`` back to ``layerK.i.*``.
 
     The wrapper's ``non_local_block.*`` keys are kept where they are: the surgery equivalent

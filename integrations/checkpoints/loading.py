@@ -27,20 +27,23 @@ Example:
 """
 
 import importlib.util
+import logging
 import os
 import pickle
 import re
+import sys
 import warnings
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 __all__ = ["read_checkpoint", "state_dict_of", "match_state_dict", "load_state_dict_file", "CheckpointLoadError",
-           "CheckpointMismatchError", "Adapter"]
+           "CheckpointMismatchError", "Adapter", "cli_log"]
 
 # adapt(checkpoint state_dict, model state_dict) -> checkpoint state_dict in the model's layout
-Adapter = Callable[[Dict[str, Any], Dict[str, Any]], Dict[str, Any]]
+Adapter = Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
 
 
 class CheckpointLoadError(pickle.UnpicklingError, ValueError):
@@ -52,7 +55,7 @@ class CheckpointLoadError(pickle.UnpicklingError, ValueError):
             ``None`` when the file is not a readable checkpoint at all.
     """
 
-    def __init__(self, message: str, path: str = "", refused_global: Optional[str] = None):
+    def __init__(self, message: str, path: str = "", refused_global: str | None = None):
         super().__init__(message)
         self.path = path
         self.refused_global = refused_global
@@ -98,12 +101,12 @@ def _mmengine_globals() -> list:
     return [HistoryBuffer, (_history_buffer_getattr, "builtins.getattr")]
 
 
-def _refused_global(err: BaseException) -> Optional[str]:
+def _refused_global(err: BaseException) -> str | None:
     match = re.search(r"GLOBAL ([\w.]+)", str(err))
     return match.group(1) if match else None
 
 
-def _needs_mmengine(name: Optional[str]) -> bool:
+def _needs_mmengine(name: str | None) -> bool:
     return bool(name) and (name.startswith("mmengine.") or name == "builtins.getattr")
 
 
@@ -171,8 +174,8 @@ def read_checkpoint(path: str, *, source: str = "checkpoint", map_location: Any 
         hint = " Install mmengine to read checkpoints written by it." if _needs_mmengine(name) else ""
         raise CheckpointLoadError(
             f"{source}={path!r} holds Python objects beyond weights (weights_only=True refused the global "
-            f"{name}), so it was not loaded: unpickling it could run code.{hint} If you wrote the file "
-            f"yourself and want to resume training from it: `tsm-surgery train CONFIG --resume {path}`.",
+            f"{name}), so it was not loaded: unpickling it could run code.{hint} Never unpickle a file you did "
+            "not write yourself; checkpoints written by `tsm-surgery train` hold weights only and load as they are.",
             path, refused_global=name) from err
     except Exception as err:  # torch.load's errors for files that are no checkpoint vary widely
         raise _not_a_checkpoint(path, source, err) from err
@@ -185,7 +188,7 @@ def _not_a_checkpoint(path: str, source: str, err: BaseException) -> CheckpointL
 
 
 def state_dict_of(checkpoint: Any, path: str = "", source: str = "checkpoint",
-                  prefix: Optional[str] = None) -> Dict[str, Any]:
+                  prefix: str | None = None) -> dict[str, Any]:
     """The state_dict inside what :func:`read_checkpoint` returned.
 
     Uses a ``state_dict`` or ``model`` entry when present, strips a ``module.`` prefix
@@ -210,7 +213,7 @@ def state_dict_of(checkpoint: Any, path: str = "", source: str = "checkpoint",
     return state
 
 
-def _mismatch_hint(missing: List[str], unexpected: List[str], shapes: List[str]) -> str:
+def _mismatch_hint(missing: list[str], unexpected: list[str], shapes: list[str]) -> str:
     if unexpected and any(".net." in k for k in unexpected):
         return (" Keys with '.net.' come from a TSM backbone's shift wrappers (MMAction2 or the paper's code), in "
                 "a layout not recognised here: `tsm-surgery import-checkpoint SRC OUT` names what it detects.")
@@ -222,10 +225,10 @@ def _mismatch_hint(missing: List[str], unexpected: List[str], shapes: List[str])
     return " Check that the model (or config) is the one the checkpoint was trained with."
 
 
-def match_state_dict(state: Dict[str, Any], model_state: Dict[str, Any], *, path: str = "",
-                     source: str = "checkpoint", required: Optional[Callable[[str], bool]] = None,
-                     allow_unexpected: bool = False, adapt: Optional[Adapter] = None,
-                     hint: str = "") -> Dict[str, Any]:
+def match_state_dict(state: dict[str, Any], model_state: dict[str, Any], *, path: str = "",
+                     source: str = "checkpoint", required: Callable[[str], bool] | None = None,
+                     allow_unexpected: bool = False, adapt: Adapter | None = None,
+                     hint: str = "") -> dict[str, Any]:
     """Checks a checkpoint's state_dict against the model's; returns it (adapted) if it fits.
 
     Args:
@@ -262,8 +265,8 @@ def match_state_dict(state: Dict[str, Any], model_state: Dict[str, Any], *, path
                                   f"{' ' + hint if hint else _mismatch_hint(missing, unexpected, shapes)}")
 
 
-def load_state_dict_file(path: str, model: nn.Module, *, source: str = "checkpoint", prefix: Optional[str] = None,
-                         adapt: Optional[Adapter] = None) -> nn.Module:
+def load_state_dict_file(path: str, model: nn.Module, *, source: str = "checkpoint", prefix: str | None = None,
+                         adapt: Adapter | None = None) -> nn.Module:
     """Loads a checkpoint file into ``model`` strictly, weights only; returns ``model``.
 
     Args:
@@ -282,3 +285,8 @@ def load_state_dict_file(path: str, model: nn.Module, *, source: str = "checkpoi
     state = match_state_dict(state, model.state_dict(), path=path, source=source, adapt=adapt)
     model.load_state_dict(state, strict=True)
     return model
+
+
+def cli_log(level: int, message: str) -> None:
+    """The ``log(level, message)`` of the verbs: one line on stderr, ``warning:`` or ``note:``."""
+    print(f"{'warning' if level >= logging.WARNING else 'note'}: {message}", file=sys.stderr)

@@ -59,6 +59,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="docs/BENCHMARKS.md",
                         help="Markdown report path; a run replaces its device's section (default docs/BENCHMARKS.md)")
     parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--deploy", action="store_true",
+                        help="instead: the online step and clip network in onnxruntime, OpenVINO (f32, bf16) and "
+                             "ExecuTorch against each runtime's 2D network; writes the deploy section of --output")
+    parser.add_argument("--deploy-models", help="--deploy: comma-separated model specs "
+                        "(default timm:mobilenetv2_100,timm:resnet50)")
+    parser.add_argument("--deploy-runtimes", help="--deploy: comma-separated runtimes among onnx, openvino, "
+                        "openvino-bf16, executorch (default all)")
+    parser.add_argument("--deploy-checkpoint", help="--deploy: a state_dict loaded into every model (default: random)")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -89,7 +97,25 @@ def _check_device(settings: Settings) -> None:
         raise ValueError("--device cuda --dtype bf16: this GPU has no bfloat16 support. Hint: --amp or --dtype fp16.")
 
 
+def _run_deploy(args: argparse.Namespace) -> int:
+    from tsm_surgery.integrations.studies import deploy
+
+    values: dict = dict(deploy.QUICK) if args.quick else {}
+    if args.deploy_models:
+        values["models"] = tuple(args.deploy_models.split(","))
+    if args.deploy_runtimes:
+        values["runtimes"] = tuple(args.deploy_runtimes.split(","))
+    values.update(threads=args.threads, checkpoint=args.deploy_checkpoint, seed=args.seed)
+    result = deploy.run_deploy(deploy.DeploySettings(**values))
+    section = deploy.write(args.output, result)
+    print(section)
+    print(f"wrote the deploy section of {args.output} in {result.elapsed_s:.0f} s")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.deploy:
+        return _run_deploy(args)
     settings = settings_from_args(args)
     _check_device(settings)
     if args.threads:

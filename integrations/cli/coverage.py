@@ -5,7 +5,7 @@ import fnmatch
 import os
 import sys
 import time
-from typing import Callable, List, Optional
+from collections.abc import Callable
 
 from tsm_surgery.integrations.studies.coverage.check import Result
 from tsm_surgery.integrations.studies.coverage.pool import run_checks
@@ -70,7 +70,7 @@ def _family_sweep(args: argparse.Namespace) -> Report:
     meta = Meta(selection, args.frames, args.jobs, args.timeout, versions=Meta.library_versions())
     _print(f"coverage: {len(specs)} models, {args.jobs} worker(s), {args.timeout:.0f} s each at most")
     start, progress = time.perf_counter(), _Progress(len(specs), args.jobs, _print)
-    results: List[Optional[Result]] = [None] * len(specs)
+    results: list[Result | None] = [None] * len(specs)
     for position, result in run_checks(specs, args.jobs, args.timeout, args.frames, args.threads):
         results[position] = result
         progress(result)
@@ -78,7 +78,7 @@ def _family_sweep(args: argparse.Namespace) -> Report:
     return Report(meta, results)
 
 
-def _timm_names(models: Optional[str]) -> List[str]:
+def _timm_names(models: str | None) -> list[str]:
     import timm
 
     names = timm.list_models()

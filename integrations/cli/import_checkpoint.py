@@ -11,7 +11,7 @@ import os
 import torch
 
 from tsm_surgery.integrations.checkpoints import convert_state_dict, read_state_dict
-from tsm_surgery.integrations.outputs import claim_outputs
+from tsm_surgery.integrations.outputs import atomic_outputs, claim_outputs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,15 +25,12 @@ def run(args: argparse.Namespace) -> int:
     src, out = os.path.expanduser(args.src), os.path.expanduser(args.out)
     if os.path.exists(out) and os.path.exists(src) and os.path.samefile(src, out):
         raise ValueError(f"OUT is SRC ({src}); write the result elsewhere.")
-    if os.path.lexists(out) and not args.force:  # before the (slow) read; claim_outputs checks again
-        claim_outputs([(out, "the imported checkpoint")], force=False)
+    claim_outputs([(out, "the imported checkpoint")], force=args.force)  # before the (slow) read
     state, source = read_state_dict(src)
     converted, layout = convert_state_dict(state, source=source)
     meta = {"source": os.path.abspath(src), "layout": layout.name, "description": layout.description}
-    claim_outputs([(out, "the imported checkpoint")], force=args.force)
-    tmp = f"{out}.tmp{os.getpid()}"
-    torch.save({"state_dict": converted, "meta": meta}, tmp)
-    os.replace(tmp, out)  # a reader never sees a half-written OUT
+    with atomic_outputs([(out, "the imported checkpoint")], force=args.force) as (tmp,):
+        torch.save({"state_dict": converted, "meta": meta}, tmp)  # a reader never sees a half-written OUT
     print(f"{src}: detected {layout}")
     if layout.hint:
         print(f"note: {layout.hint}")

@@ -14,7 +14,7 @@ import sys
 
 from mmengine.config import DictAction
 
-from tsm_surgery.integrations.outputs import claim_outputs
+from tsm_surgery.integrations.outputs import atomic_outputs, claim_outputs
 from tsm_surgery.integrations.training.runner import LAUNCHERS, test
 
 __all__ = ["add_arguments", "run"]
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs ``tsm-surgery test``: metrics JSON on stdout (and in ``--out``), logs on stderr."""
-    if args.out:
+    if args.out:  # checked now; an existing file is replaced only once the new one is complete
         claim_outputs([(args.out, "the metrics JSON")], args.force)
     # mmengine's console handler writes to the sys.stdout it finds when the Runner builds its logger.
     with contextlib.redirect_stdout(sys.stderr):
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
                        cfg_options=dict(args.cfg_options) if args.cfg_options else None, launcher=args.launcher)
     text = json.dumps({k: float(v) for k, v in metrics.items()}, indent=2)
     if args.out:
-        with open(args.out, "w") as f:
+        with atomic_outputs([(args.out, "the metrics JSON")], args.force) as (tmp,), open(tmp, "w") as f:
             f.write(text + "\n")
     print(text)
     return 0

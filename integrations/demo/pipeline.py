@@ -23,23 +23,25 @@ Example:
     tsm-surgery demo --epochs 2 --videos-per-class 20 --out-dir /tmp/demo --force
 """
 
-import argparse
+import contextlib
+import importlib.resources
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from tsm_surgery.integrations.mmaction import compat
+from tsm_surgery.integrations.outputs import set_aside_outputs
 
 from . import synth_data
 from .report import format_table, plot_curves, stream_video
 
 __all__ = ["MODELS_TRAINED", "TimeReversalPairMetric", "DemoProgressHook", "config_path", "run_demo",
-           "stream_video", "add_arguments", "run"]
+           "stream_video"]
 
 compat.apply()
 
@@ -56,24 +58,33 @@ MODELS_TRAINED = {
 DEFAULT_EPOCHS = 12
 
 
-def config_path(name: str, config_dir: Optional[os.PathLike] = None) -> Path:
+def config_path(name: str, config_dir: os.PathLike | None = None) -> Path:
     """Path of a demo model's config (``tsn``, ``tsm`` or ``tsm-uni``).
 
     Args:
         name: a key of :data:`MODELS_TRAINED`.
-        config_dir: folder with the demo configs; default ``configs/demo`` of this source tree
-            (or ``$TSM_DEMO_CONFIGS``).
+        config_dir: folder with the demo configs; default ``$TSM_DEMO_CONFIGS``, else the
+            installed package data ``tsm_surgery.configs/demo`` (``configs/demo`` of the source tree).
 
     Raises:
         FileNotFoundError: the config is not there, with the folder that was searched.
     """
     if config_dir is None:
-        config_dir = os.environ.get("TSM_DEMO_CONFIGS") or Path(__file__).resolve().parents[2] / "configs" / "demo"
+        config_dir = os.environ.get("TSM_DEMO_CONFIGS") or _packaged_configs() / "demo"
     path = Path(config_dir) / MODELS_TRAINED[name][0]
     if not path.is_file():
-        raise FileNotFoundError(f"demo config {path} not found. The demo reads configs/demo/ of a source "
-                                "checkout (pip install -e .); elsewhere pass --config-dir or set $TSM_DEMO_CONFIGS.")
+        raise FileNotFoundError(f"demo config {path} not found. Hint: pass --config-dir (or set $TSM_DEMO_CONFIGS) "
+                                "to a folder holding the demo configs.")
     return path
+
+
+def _packaged_configs() -> Path:
+    try:
+        folder = importlib.resources.files("tsm_surgery.configs")
+    except ModuleNotFoundError:
+        raise FileNotFoundError("the package data tsm_surgery.configs is not installed. Hint: reinstall "
+                                "(pip install -e . in a checkout, or make setup) or pass --config-dir.") from None
+    return Path(str(folder))  # a folder on disk: setuptools installs package data unzipped
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,7 +116,7 @@ class TimeReversalPairMetric(BaseMetric):
             label = sample["gt_label"]
             self.results.append((np.asarray(score.detach().cpu(), np.float64), int(label.reshape(-1)[0])))
 
-    def compute_metrics(self, results: List) -> Dict[str, float]:
+    def compute_metrics(self, results: list) -> dict[str, float]:
         scores = np.stack([r[0] for r in results])
         labels = np.array([r[1] for r in results])
         metrics = {"top1": float((scores.argmax(1) == labels).mean())}
@@ -137,9 +148,9 @@ class DemoProgressHook(Hook):
 
     def __init__(self, tag: str = "", every: int = 0) -> None:
         self.tag, self.every = tag, every
-        self.curves: Dict[str, list] = {"train_loss": [], "val_top1": []}
+        self.curves: dict[str, list] = {"train_loss": [], "val_top1": []}
         self._epoch_start = time.time()
-        self._losses: List[float] = []
+        self._losses: list[float] = []
 
     def before_train_epoch(self, runner) -> None:
         self._epoch_start = time.time()
@@ -155,8 +166,8 @@ class DemoProgressHook(Hook):
             print(f"  [{self.tag}] epoch {runner.epoch + 1}/{runner.max_epochs} iter {batch_idx + 1}/{n} "
                   f"loss {np.mean(self._losses[-self.every:]):.3f}", flush=True)
 
-    def after_val_epoch(self, runner, metrics: Optional[Dict[str, float]] = None) -> None:
-        if not runner.train_loop or runner.epoch == 0 and not self._losses:
+    def after_val_epoch(self, runner, metrics: dict[str, float] | None = None) -> None:
+        if not runner.train_loop or (runner.epoch == 0 and not self._losses):
             return
         top1 = (metrics or {}).get("acc/top1", float("nan"))
         self.curves["val_top1"].append((runner.epoch, float(top1)))
@@ -169,7 +180,7 @@ class DemoProgressHook(Hook):
 # --------------------------------------------------------------------------------------------
 
 def build_cfg(name: str, data_root: Path, work_dir: Path, epochs: int, seed: int,
-              config_dir: Optional[os.PathLike] = None, batch_size: Optional[int] = None):
+              config_dir: os.PathLike | None = None, batch_size: int | None = None):
     """Loads a demo config and points it at ``data_root`` and ``work_dir``.
 
     Returns:
@@ -201,7 +212,7 @@ def build_cfg(name: str, data_root: Path, work_dir: Path, epochs: int, seed: int
     return cfg
 
 
-def train_and_test(name: str, cfg) -> Dict:
+def train_and_test(name: str, cfg) -> dict:
     """Trains one demo model with mmengine's Runner and tests it.
 
     Returns:
@@ -221,7 +232,7 @@ def train_and_test(name: str, cfg) -> Dict:
             "test_s": time.time() - start}
 
 
-def _prepare_run_dir(out_dir: Optional[str], force: bool) -> Path:
+def _prepare_run_dir(out_dir: str | None, force: bool) -> Path:
     if out_dir is None:
         run_dir = Path("work_dirs/demo") / time.strftime("%Y%m%d-%H%M%S")
         while run_dir.exists():
@@ -229,15 +240,15 @@ def _prepare_run_dir(out_dir: Optional[str], force: bool) -> Path:
     else:
         run_dir = Path(out_dir)
         synth_data.claim_out_dir(run_dir, force, ["data", "curves.png", "summary.json", *MODELS_TRAINED],
-                                 "leave --out-dir out to get a fresh work_dirs/demo/<timestamp>.")
+                                 "leave --out-dir out to get a fresh work_dirs/demo/<timestamp>.")  # removes nothing
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
-def run_demo(out_dir: Optional[str] = None, epochs: int = DEFAULT_EPOCHS, videos_per_class: int = 80,
+def run_demo(out_dir: str | None = None, epochs: int = DEFAULT_EPOCHS, videos_per_class: int = 80,
              frames: int = 16, size: int = 64, seed: int = 0, models: Sequence[str] = tuple(MODELS_TRAINED),
-             force: bool = False, config_dir: Optional[str] = None, batch_size: Optional[int] = None,
-             stream: bool = True) -> Dict:
+             force: bool = False, config_dir: str | None = None, batch_size: int | None = None,
+             stream: bool = True) -> dict:
     """Runs the whole demo; returns the summary (also written to ``RUN_DIR/summary.json``).
 
     Args:
@@ -258,55 +269,61 @@ def run_demo(out_dir: Optional[str] = None, epochs: int = DEFAULT_EPOCHS, videos
         config_path(name, config_dir)  # fail before generating data
     wall = time.time()
     run_dir = _prepare_run_dir(out_dir, force)
-    data_root = run_dir / "data"
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"tsm-surgery demo: run directory {run_dir}  (torch threads: {torch.get_num_threads()}, "
-          f"cores: {os.cpu_count()}, load average: {load:.1f})", flush=True)
+    owned = ["data", "curves.png", "summary.json", *MODELS_TRAINED]
+    # An explicit --out-dir --force: the previous run's files are set aside, and come back if this one fails.
+    replacing = set_aside_outputs([(str(run_dir / name), name) for name in owned], force) if out_dir is not None \
+        else contextlib.nullcontext()
+    with replacing:
+        data_root = run_dir / "data"
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        print(f"tsm-surgery demo: run directory {run_dir}  (torch threads: {torch.get_num_threads()}, "
+              f"cores: {os.cpu_count()}, load average: {load:.1f})", flush=True)
 
-    print(f"[1/4] generating {6 * videos_per_class} videos ({size}x{size} px, {frames} frames, seed {seed}) "
-          f"into {data_root}", flush=True)
-    start = time.time()
-    meta = synth_data.generate(data_root, videos_per_class=videos_per_class, size=size, frames=frames, seed=seed)
-    print(f"      done in {time.time() - start:.0f} s: " + ", ".join(f"{k} {v}" for k, v in meta["counts"].items()),
-          flush=True)
+        print(f"[1/4] generating {6 * videos_per_class} videos ({size}x{size} px, {frames} frames, seed {seed}) "
+              f"into {data_root}", flush=True)
+        start = time.time()
+        meta = synth_data.generate(data_root, videos_per_class=videos_per_class, size=size, frames=frames, seed=seed)
+        print(f"      done in {time.time() - start:.0f} s: " + ", ".join(f"{k} {v}" for k, v in meta["counts"].items()),
+              flush=True)
 
-    results: Dict[str, Dict] = {}
-    for i, name in enumerate(models):
-        print(f"[2/4] training {name} ({i + 1}/{len(models)}): {MODELS_TRAINED[name][1]}; {epochs} epochs", flush=True)
-        cfg = build_cfg(name, data_root, run_dir / name, epochs, seed, config_dir, batch_size)
-        results[name] = train_and_test(name, cfg)
-        m = results[name]["test"]
-        train_s = results[name]["train_s"]
-        print(f"      {name}: test top-1 {100 * m['pair/top1']:.1f}%  (train {train_s:.0f} s)", flush=True)
+        results: dict[str, dict] = {}
+        for i, name in enumerate(models):
+            print(f"[2/4] training {name} ({i + 1}/{len(models)}): {MODELS_TRAINED[name][1]}; {epochs} epochs",
+                  flush=True)
+            cfg = build_cfg(name, data_root, run_dir / name, epochs, seed, config_dir, batch_size)
+            results[name] = train_and_test(name, cfg)
+            m = results[name]["test"]
+            train_s = results[name]["train_s"]
+            print(f"      {name}: test top-1 {100 * m['pair/top1']:.1f}%  (train {train_s:.0f} s)", flush=True)
 
-    print("[3/4] test split results", flush=True)
-    print(format_table(results), flush=True)
-    plot_curves(results, run_dir / "curves.png")
-    print(f"      curves: {run_dir / 'curves.png'}", flush=True)
+        print("[3/4] test split results", flush=True)
+        print(format_table(results), flush=True)
+        plot_curves(results, run_dir / "curves.png")
+        print(f"      curves: {run_dir / 'curves.png'}", flush=True)
 
-    streamed = None
-    if stream and "tsm-uni" in results:
-        print("[4/4] streaming one test video frame by frame through the online uni TSM", flush=True)
-        streamed = _stream_one(results["tsm-uni"]["runner"], seed)
-    elif stream:
-        print("[4/4] streaming skipped: tsm-uni was not trained", flush=True)
+        streamed = None
+        if stream and "tsm-uni" in results:
+            print("[4/4] streaming one test video frame by frame through the online uni TSM", flush=True)
+            streamed = _stream_one(results["tsm-uni"]["runner"], seed)
+        elif stream:
+            print("[4/4] streaming skipped: tsm-uni was not trained", flush=True)
 
-    summary = {
-        "run_dir": str(run_dir), "wall_s": round(time.time() - wall, 1), "epochs": epochs, "seed": seed,
-        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "load_average_at_start": load, "data": meta,
-        "models": {name: {"config": str(config_path(name, config_dir)), "test": res["test"],
-                          "train_s": round(res["train_s"], 1), "test_s": round(res["test_s"], 1),
-                          "val_top1_per_epoch": [v for _, v in res["curves"]["val_top1"]]}
-                   for name, res in results.items()},
-        "stream": streamed,
-    }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"summary: {run_dir / 'summary.json'}; total {summary['wall_s']:.0f} s", flush=True)
-    return summary
+        summary = {
+            "run_dir": str(run_dir), "wall_s": round(time.time() - wall, 1), "epochs": epochs, "seed": seed,
+            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "load_average_at_start": load, "data": meta,
+            "models": {name: {"config": str(config_path(name, config_dir)), "test": res["test"],
+                              "train_s": round(res["train_s"], 1), "test_s": round(res["test_s"], 1),
+                              "val_top1_per_epoch": [v for _, v in res["curves"]["val_top1"]]}
+                       for name, res in results.items()},
+            "stream": streamed,
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"summary: {run_dir / 'summary.json'}; total {summary['wall_s']:.0f} s", flush=True)
+        return summary
 
 
-def _stream_one(runner, seed: int) -> Dict:
+def _stream_one(runner, seed: int) -> dict:
     dataset = runner.test_dataloader.dataset
     # A reversed-class video of the rotate pair: the hardest to tell from its bag of frames.
     target = synth_data.CLASSES.index("rotate_cw")
@@ -330,39 +347,3 @@ def _stream_one(runner, seed: int) -> Dict:
           f"{result['max_abs_diff_vs_offline']:.2e}", flush=True)
     result.update(video=video, label=label)
     return result
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds the ``demo`` options to ``parser``."""
-    parser.add_argument("--out-dir", default=None,
-                        help="run directory (default: a fresh work_dirs/demo/<timestamp>); refused if not empty "
-                             "unless --force")
-    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS,
-                        help=f"epochs per model (default {DEFAULT_EPOCHS})")
-    parser.add_argument("--videos-per-class", type=int, default=80, help="videos per class (default 80)")
-    parser.add_argument("--frames", type=int, default=16, help="frames per video (default 16)")
-    parser.add_argument("--size", type=int, default=64, help="frame size in px (default 64)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the data and the training (default 0)")
-    parser.add_argument("--models", default=",".join(MODELS_TRAINED),
-                        help="comma-separated subset of tsn,tsm,tsm-uni (default all three)")
-    parser.add_argument("--batch-size", type=int, default=None, help="override the configs' batch size (16)")
-    parser.add_argument("--config-dir", default=None, help="folder of the demo configs (default configs/demo)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads (default 0: one per core minus one, which decodes videos)")
-    parser.add_argument("--no-stream", action="store_true", help="skip the streaming step")
-    parser.add_argument("--force", action="store_true", help="replace what a previous demo wrote into --out-dir")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Runs ``tsm-surgery demo``."""
-    import warnings
-
-    # mmcv-lite's missing CUDA ops and timm's init notice are expected here; keep the output readable.
-    warnings.filterwarnings("ignore", category=UserWarning)
-    # One core decodes videos (the dataloader worker), the others run the model: on 2 cores, one
-    # torch thread. More threads than free cores makes CPU training several times slower.
-    torch.set_num_threads(args.threads if args.threads > 0 else max(1, (os.cpu_count() or 2) - 1))
-    run_demo(args.out_dir, args.epochs, args.videos_per_class, args.frames, args.size, args.seed,
-             [m for m in args.models.split(",") if m], args.force, args.config_dir, args.batch_size,
-             not args.no_stream)
-    return 0

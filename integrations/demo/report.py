@@ -1,7 +1,6 @@
 """What the demo shows: the frame-by-frame stream, the results table and the training curves."""
 
 from pathlib import Path
-from typing import Dict
 
 import numpy as np
 import torch
@@ -12,7 +11,7 @@ __all__ = ["stream_video", "format_table", "plot_curves"]
 
 
 @torch.no_grad()
-def stream_video(model, inputs: torch.Tensor) -> Dict:
+def stream_video(model, inputs: torch.Tensor) -> dict:
     """Streams one clip frame by frame through the online form of a uni TSM recognizer.
 
     The recognizer's backbone must be a ``direction='uni'`` ``TSMSurgeryBackbone``. At frame t
@@ -67,7 +66,7 @@ def stream_video(model, inputs: torch.Tensor) -> Dict:
 # Report.
 # --------------------------------------------------------------------------------------------
 
-def format_table(results: Dict[str, Dict]) -> str:
+def format_table(results: dict[str, dict]) -> str:
     """The results table: test top-1 overall, per pair and within pair, per model."""
     pairs = [p[0] for p in synth_data.PAIRS]
     head = f"{'model':<9}{'top-1':>7}" + "".join(f"{p + ' (within)':>20}" for p in pairs)
@@ -83,7 +82,7 @@ def format_table(results: Dict[str, Dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(results: Dict[str, Dict], path: Path) -> None:
+def plot_curves(results: dict[str, dict], path: Path) -> None:
     """Saves the training-loss and validation top-1 curves of every model as a PNG."""
     import matplotlib
 

@@ -37,16 +37,15 @@ Example:
     {'train': 12, 'val': 6, 'test': 6}
 """
 
-import argparse
 import json
 import math
 import os
-import shutil
-import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from tsm_surgery.integrations.outputs import atomic_outputs
 
 __all__ = [
     "CLASSES",
@@ -56,18 +55,16 @@ __all__ = [
     "render_video",
     "sample_params",
     "write_video",
-    "add_arguments",
-    "run",
-]
+    ]
 
 # (pair name, class shown forward, class shown reversed)
-PAIRS: Tuple[Tuple[str, str, str], ...] = (
+PAIRS: tuple[tuple[str, str, str], ...] = (
     ("move", "move_right", "move_left"),
     ("scale", "grow", "shrink"),
     ("rotate", "rotate_ccw", "rotate_cw"),
 )
-CLASSES: Tuple[str, ...] = tuple(name for _, fwd, rev in PAIRS for name in (fwd, rev))
-SPLITS: Tuple[str, ...] = ("train", "val", "test")
+CLASSES: tuple[str, ...] = tuple(name for _, fwd, rev in PAIRS for name in (fwd, rev))
+SPLITS: tuple[str, ...] = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
 GENERATED = ("videos", "train.txt", "val.txt", "test.txt", "classes.txt", "meta.json")
 
@@ -77,7 +74,7 @@ def class_of(pair: int, reversed_: bool) -> int:
     return 2 * pair + int(reversed_)
 
 
-def pair_of(label: int) -> Tuple[int, bool]:
+def pair_of(label: int) -> tuple[int, bool]:
     """``(pair index, is the reversed class)`` of a label."""
     return label // 2, bool(label % 2)
 
@@ -87,7 +84,7 @@ def pair_of(label: int) -> Tuple[int, bool]:
 # --------------------------------------------------------------------------------------------
 
 def sample_params(pair: int, rng: np.random.Generator, size: int, frames: int, motion_scale: float = 1.0,
-                  noise_scale: float = 1.0) -> Dict:
+                  noise_scale: float = 1.0) -> dict:
     """Draws the random parameters of one forward video of pair ``pair``.
 
     Sizes and speeds scale with ``size`` (tuned at 64 px), and the total motion is spread over
@@ -140,7 +137,7 @@ def sample_params(pair: int, rng: np.random.Generator, size: int, frames: int, m
             for k, v in params.items()}
 
 
-def _background(params: Dict) -> np.ndarray:
+def _background(params: dict) -> np.ndarray:
     size = params["size"]
     rng = np.random.default_rng(params["texture_seed"])
     coarse = rng.standard_normal((6, 6, 3)).astype(np.float32)
@@ -179,7 +176,7 @@ def _draw_hand(canvas: np.ndarray, cx: float, cy: float, angle: float, length: f
     cv2.circle(canvas, pt(cx, cy), round(width * 0.9 * scale), dim, -1, cv2.LINE_AA, shift)
 
 
-def render_video(params: Dict, reverse: bool = False) -> np.ndarray:
+def render_video(params: dict, reverse: bool = False) -> np.ndarray:
     """Renders a video from :func:`sample_params` output.
 
     Args:
@@ -261,7 +258,7 @@ def _split_of(index: int, count: int) -> str:
 
 
 def claim_out_dir(out: Path, force: bool, owned: Sequence[str], hint: str) -> None:
-    """Refuses a non-empty ``out`` unless ``force``; with ``force`` removes only the ``owned`` names.
+    """Refuses a non-empty ``out`` unless ``force``; removes nothing (the writer replaces ``owned`` when done).
 
     Args:
         out: the output directory (created by the caller).
@@ -276,12 +273,6 @@ def claim_out_dir(out: Path, force: bool, owned: Sequence[str], hint: str) -> No
             raise FileExistsError(f"{out} is not empty; refusing to overwrite it. This command writes "
                                   f"{', '.join(owned)} there, which belong together. Pass --force (force=True) "
                                   f"to replace them (nothing else in {out} is touched), or {hint}")
-        for name in owned:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
 
 
 def check_settings(videos_per_class: int, size: int, frames: int, seed: int) -> None:
@@ -298,8 +289,8 @@ def check_settings(videos_per_class: int, size: int, frames: int, seed: int) -> 
 
 def generate(out_dir: os.PathLike, videos_per_class: int = 80, size: int = 64, frames: int = 16,
              seed: int = 0, force: bool = False,
-             progress: Optional[Callable[[int, int], None]] = None, motion_scale: float = 1.0,
-             noise_scale: float = 1.0) -> Dict:
+             progress: Callable[[int, int], None] | None = None, motion_scale: float = 1.0,
+             noise_scale: float = 1.0) -> dict:
     """Generates the dataset: mp4 files plus MMAction2 annotation lists.
 
     Each pair draws ``videos_per_class`` parameter sets; every parameter set gives one video of
@@ -332,10 +323,19 @@ def generate(out_dir: os.PathLike, videos_per_class: int = 80, size: int = 64, f
                          "(1 is the default motion) and noise_scale >= 0.")
     out = Path(out_dir)
     claim_out_dir(out, force, GENERATED, "choose an empty OUT_DIR.")
+    # Written to temporary paths in OUT_DIR and moved over the old files only when every video is there.
+    with atomic_outputs([(str(out / name), name) for name in GENERATED], force=True, folders=True) as temps:
+        meta = _generate_into(Path(os.path.dirname(temps[0])), videos_per_class, size, frames, seed, progress,
+                              motion_scale, noise_scale)
+    return meta
+
+
+def _generate_into(out: Path, videos_per_class: int, size: int, frames: int, seed: int,
+                   progress: Callable[[int, int], None] | None, motion_scale: float, noise_scale: float) -> dict:
     for name in CLASSES:
         (out / "videos" / name).mkdir(parents=True, exist_ok=True)
 
-    lists: Dict[str, List[str]] = {split: [] for split in SPLITS}
+    lists: dict[str, list[str]] = {split: [] for split in SPLITS}
     total, done = len(CLASSES) * videos_per_class, 0
     for pair in range(len(PAIRS)):
         for index in range(videos_per_class):
@@ -367,30 +367,3 @@ def generate(out_dir: os.PathLike, videos_per_class: int = 80, size: int = 64, f
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds the ``synth-data`` options to ``parser``."""
-    parser.add_argument("out_dir", metavar="OUT_DIR", help="directory to create (must be empty unless --force)")
-    parser.add_argument("--videos-per-class", type=int, default=80, help="videos per class (default 80: 480 in all)")
-    parser.add_argument("--size", type=int, default=64, help="frame height and width in pixels (default 64)")
-    parser.add_argument("--frames", type=int, default=16, help="frames per video (default 16)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--force", action="store_true", help="replace a previous run's files in OUT_DIR")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Runs ``tsm-surgery synth-data``."""
-    start = time.time()
-
-    def progress(done: int, total: int) -> None:
-        if done == total or done % 60 == 0:
-            print(f"  {done}/{total} videos", flush=True)
-
-    check_settings(args.videos_per_class, args.size, args.frames, args.seed)
-    print(f"writing {len(CLASSES) * args.videos_per_class} videos ({args.size}x{args.size}, "
-          f"{args.frames} frames, seed {args.seed}) to {args.out_dir}", flush=True)
-    meta = generate(args.out_dir, args.videos_per_class, args.size, args.frames, args.seed, args.force, progress)
-    counts = ", ".join(f"{k} {v}" for k, v in meta["counts"].items())
-    print(f"done in {time.time() - start:.1f} s: {counts}; classes: {', '.join(CLASSES)}")
-    return 0

@@ -7,7 +7,7 @@ cached file, and the file is then read through the local loader (``weights_only=
 
 import contextlib
 import os
-from typing import Iterator, Optional, Tuple
+from collections.abc import Iterator
 from urllib.parse import urlparse
 
 import torch
@@ -16,7 +16,7 @@ from torch import nn
 __all__ = ["resolve_pretrained", "local_pretrained"]
 
 
-def resolve_pretrained(name: str) -> Tuple[str, Optional[str]]:
+def resolve_pretrained(name: str) -> tuple[str, str | None]:
     """A local file for a stock ``pretrained`` name, and the key prefix its weights sit under.
 
     ``torchvision://``, ``mmcls://`` and ``open-mmlab://`` names go through mmengine's model-zoo

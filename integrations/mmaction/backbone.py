@@ -12,7 +12,8 @@ network's keys: a 2D (ImageNet or TSN) checkpoint loads unchanged.
 import copy
 import importlib
 import logging
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from mmaction.registry import MODELS
@@ -24,7 +25,6 @@ import tsm_surgery
 from tsm_surgery.integrations.checkpoints import layout_adapter
 from tsm_surgery.integrations.checkpoints.loading import match_state_dict, read_checkpoint, state_dict_of
 
-from . import _temporal
 from ._zoo import local_pretrained
 
 __all__ = ["TSMSurgeryBackbone", "SHIFT_PLACES", "build_2d_backbone"]
@@ -42,7 +42,7 @@ FEATURE_SHAPES = (None, "NCHW", "NHWC", "NLC")
 SHIFT_INPUT_RULES = {"MobileOne": ("stage0", "stage[1-9].*")}
 
 
-def _build_timm(name: str, kwargs: Dict[str, Any]) -> nn.Module:
+def _build_timm(name: str, kwargs: dict[str, Any]) -> nn.Module:
     import timm
 
     # num_classes=0 drops the classifier and global_pool='' keeps the map: forward() then
@@ -57,7 +57,23 @@ def _build_timm(name: str, kwargs: Dict[str, Any]) -> nn.Module:
         raise
 
 
-def _build_torchvision(name: str, kwargs: Dict[str, Any]) -> nn.Module:
+class _TorchvisionFeatures(nn.Module):
+    """The ``features`` part of a torchvision classifier, kept under that name.
+
+    Recognizer2D keeps the whole torchvision model and runs ``backbone.features``, so a TSN
+    checkpoint names its weights ``backbone.features.<...>``; holding the part under the same
+    attribute gives the wrapped backbone those keys (``features.conv0.weight``, not ``conv0.weight``).
+    """
+
+    def __init__(self, features: nn.Module) -> None:
+        super().__init__()
+        self.features = features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+def _build_torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
     import torchvision
     from torchvision.models.feature_extraction import create_feature_extractor
 
@@ -67,8 +83,8 @@ def _build_torchvision(name: str, kwargs: Dict[str, Any]) -> nn.Module:
         raise KeyError(f"model.backbone.backbone.type='torchvision.{name}': {err}. Hint: "
                        "torchvision.models.list_models() lists the names.") from err
     if hasattr(model, "features"):
-        # The convolutional part, as Recognizer2D uses for torchvision backbones.
-        return model.features
+        # The convolutional part, as Recognizer2D runs it (backbone.features), under the same name.
+        return _TorchvisionFeatures(model.features)
     if hasattr(model, "layer4"):
         # ResNet family: everything up to the last stage; module names (keys) are kept.
         return create_feature_extractor(model, {"layer4": "features"})
@@ -76,7 +92,7 @@ def _build_torchvision(name: str, kwargs: Dict[str, Any]) -> nn.Module:
                      "your own nn.Module and register it in MODELS, then name that type.")
 
 
-def _build_openmmlab(prefix: str, name: str, cfg: Dict[str, Any]) -> nn.Module:
+def _build_openmmlab(prefix: str, name: str, cfg: dict[str, Any]) -> nn.Module:
     """``mmcls.<Type>`` / ``mmpretrain.<Type>``, as Recognizer2D builds them (mmpretrain is mmcls renamed)."""
     for package in ("mmcls", "mmpretrain") if prefix == "mmcls" else ("mmpretrain",):
         try:
@@ -90,7 +106,7 @@ def _build_openmmlab(prefix: str, name: str, cfg: Dict[str, Any]) -> nn.Module:
                       "Hint: pip install 'tsm_surgery[mmaction]' or pip install mmpretrain==1.2.0.")
 
 
-def build_2d_backbone(cfg: Union[dict, nn.Module]) -> Tuple[nn.Module, Optional[str]]:
+def build_2d_backbone(cfg: dict | nn.Module) -> tuple[nn.Module, str | None]:
     """The 2D network and the layout its features come in (``None``: NCHW or a tuple of NCHW maps)."""
     if isinstance(cfg, nn.Module):
         return cfg, None
@@ -122,7 +138,7 @@ def build_2d_backbone(cfg: Union[dict, nn.Module]) -> Tuple[nn.Module, Optional[
     return MODELS.build(dict(type=kind, **cfg)), None
 
 
-def _example_input(model: nn.Module, size: Optional[int]) -> Optional[torch.Tensor]:
+def _example_input(model: nn.Module, size: int | None) -> torch.Tensor | None:
     """One image with the channels the first convolution takes (10 for a flow ResNet); ``None``: the core's default."""
     conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     channels = conv.in_channels if conv is not None else 3
@@ -131,7 +147,7 @@ def _example_input(model: nn.Module, size: Optional[int]) -> Optional[torch.Tens
     return torch.randn(1, channels, int(size or 224), int(size or 224))
 
 
-def _to_nchw(x: torch.Tensor, feature_shape: Optional[str]) -> torch.Tensor:
+def _to_nchw(x: torch.Tensor, feature_shape: str | None) -> torch.Tensor:
     """NHWC maps and NLC tokens as NCHW (tokens as an L x 1 map), so the stock heads' pooling applies."""
     if feature_shape == "NHWC" and x.dim() == 4:
         return x.permute(0, 3, 1, 2)
@@ -191,20 +207,20 @@ class TSMSurgeryBackbone(BaseModule):
     """
 
     def __init__(self,
-                 backbone: Union[dict, nn.Module],
+                 backbone: dict | nn.Module,
                  num_segments: int = 8,
                  shift_div: int = 8,
                  shift_place: str = "blockres",
                  direction: str = "bi",
-                 pretrained: Optional[str] = None,
-                 pretrained_prefix: Optional[str] = None,
-                 select: Union[None, str, Sequence[str]] = None,
-                 leaf_modules: Sequence[Union[str, type]] = (),
-                 example_input_size: Optional[int] = None,
+                 pretrained: str | None = None,
+                 pretrained_prefix: str | None = None,
+                 select: str | Sequence[str] | None = None,
+                 leaf_modules: Sequence[str | type] = (),
+                 example_input_size: int | None = None,
                  no_residual: str = "error",
-                 shift_inputs: Union[None, str, Sequence[str]] = None,
+                 shift_inputs: str | Sequence[str] | None = None,
                  uni_slot: str = "past",
-                 init_cfg: Optional[dict] = None) -> None:
+                 init_cfg: dict | None = None) -> None:
         super().__init__(init_cfg=init_cfg)
         if shift_place not in SHIFT_PLACES:
             raise ValueError(f"model.backbone.shift_place={shift_place!r} is not one of {sorted(SHIFT_PLACES)}: "
@@ -223,8 +239,9 @@ class TSMSurgeryBackbone(BaseModule):
                 raise ValueError("model.backbone: select= chooses residual sites and shift_inputs= module inputs; "
                                  "give one of them.")
             patterns = [shift_inputs] if isinstance(shift_inputs, str) else list(shift_inputs)
-            net = _temporal.shift_module_inputs(model2d, patterns, num_segments, shift_div=shift_div,
-                                                direction=direction, uni_slot=uni_slot, example_input=example)
+            net = tsm_surgery.convert(model2d, n_segments=num_segments, shift_div=shift_div, direction=direction,
+                                      place="block", example_input=example, leaf_modules=leaf_modules,
+                                      inplace=True, uni_slot=uni_slot, shift_inputs=patterns)
         else:
             # inplace=True: the converted net shares the 2D network's modules, so the 2D network's
             # own init_weights/train (norm_eval, frozen stages) still act on them.
@@ -312,7 +329,7 @@ class TSMSurgeryBackbone(BaseModule):
             self.load_pretrained(self.pretrained, self.pretrained_prefix)
         self._is_init = True
 
-    def load_pretrained(self, path: str, prefix: Optional[str] = None) -> None:
+    def load_pretrained(self, path: str, prefix: str | None = None) -> None:
         """Loads a 2D checkpoint into the wrapped network (``weights_only=True``), keys unchanged.
 
         Raises:

@@ -18,7 +18,8 @@ import contextlib
 import logging
 import os
 import threading
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -50,7 +51,7 @@ def is_trusted(path: str) -> bool:
 
 
 @contextlib.contextmanager
-def trusted_resume(path: Optional[str]) -> Iterator[None]:
+def trusted_resume(path: str | None) -> Iterator[None]:
     """Within this block, ``path`` (only) may be unpickled in full if the safe loader refuses it.
 
     ``None`` allows nothing. Blocks do not add up: the innermost names the one trusted file.
@@ -63,7 +64,7 @@ def trusted_resume(path: Optional[str]) -> Iterator[None]:
         _state.path = previous
 
 
-def load_checkpoint_file(path: str, map_location: Optional[Any] = None) -> Any:
+def load_checkpoint_file(path: str, map_location: Any | None = None) -> Any:
     """mmengine's loader for local files: safe first, full unpickling only for the trusted file."""
     try:
         return read_checkpoint(path, map_location=map_location)

@@ -13,7 +13,8 @@ wrong groups, silently. Here the pipeline is the single source:
 Frames per clip ``T = num_clips * clip_len`` of the first ``SampleFrames``-like transform.
 """
 
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 from mmaction.registry import HOOKS
 from mmengine.hooks import Hook
@@ -31,7 +32,7 @@ def _type_name(kind: Any) -> str:
     return kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
 
 
-def frames_per_clip(pipeline: Optional[Iterable[Any]]) -> Optional[int]:
+def frames_per_clip(pipeline: Iterable[Any] | None) -> int | None:
     """``num_clips * clip_len`` of the pipeline's frame sampler, or None without one.
 
     Args:
@@ -46,13 +47,13 @@ def frames_per_clip(pipeline: Optional[Iterable[Any]]) -> Optional[int]:
     return None
 
 
-def _dataset_pipeline(dataset_cfg: Any) -> Optional[list]:
+def _dataset_pipeline(dataset_cfg: Any) -> list | None:
     while isinstance(dataset_cfg, dict) and "pipeline" not in dataset_cfg and "dataset" in dataset_cfg:
         dataset_cfg = dataset_cfg["dataset"]  # RepeatDataset and friends
     return dataset_cfg.get("pipeline") if isinstance(dataset_cfg, dict) else None
 
 
-def sync_clip_length(cfg: Any, split: str = "train") -> Optional[int]:
+def sync_clip_length(cfg: Any, split: str = "train") -> int | None:
     """Sets ``model.backbone.num_segments`` and ``model.cls_head.num_segments`` from the pipeline.
 
     Only parts that take it are set: a ``num_segments`` key already there, or a type in

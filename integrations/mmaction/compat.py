@@ -21,7 +21,7 @@ def _placeholder_drn() -> None:
     package.__path__ = []
     module = types.ModuleType("mmaction.models.localizers.drn.drn")
 
-    class DRN:  # noqa: D401 - stands in for the missing class
+    class DRN:
         """Placeholder for the DRN localizer missing from the mmaction2 1.2.0 wheel."""
 
         def __init__(self, *args, **kwargs):

@@ -6,7 +6,6 @@ LayerNorm, embeddings, timm's layer scales or a ViT's ``cls_token``. This constr
 the same policy by what a parameter is, so every parameter lands in exactly one group.
 """
 
-from typing import List
 
 from mmaction.registry import OPTIM_WRAPPER_CONSTRUCTORS
 from mmengine.optim import DefaultOptimWrapperConstructor
@@ -41,7 +40,7 @@ class TSMSurgeryOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         ...                      optimizer=dict(type='SGD', lr=0.01, momentum=0.9, weight_decay=1e-4))
     """
 
-    def add_params(self, params: List[dict], module: nn.Module, **kwargs) -> None:
+    def add_params(self, params: list[dict], module: nn.Module, **kwargs) -> None:
         fc_lr5 = bool(self.paramwise_cfg.get("fc_lr5", False))
         groups = {name: [] for name in ("first_w", "first_b", "weight", "bias", "no_decay", "fc_w", "fc_b")}
         seen = set()

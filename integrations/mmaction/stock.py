@@ -22,11 +22,14 @@ The stock rules are rules of the surgery here, not copies of the stock classes:
 
 import inspect
 import re
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from mmaction.registry import MODELS
 from torch import nn
 from torch.nn.modules.utils import _ntuple
+
+import tsm_surgery
 
 from . import _temporal
 from ._zoo import resolve_pretrained
@@ -53,7 +56,7 @@ _REFUSED = {
 }
 
 
-def _check_kwargs(stock: str, cls: type, kwargs: Dict[str, Any], **given: Any) -> None:
+def _check_kwargs(stock: str, cls: type, kwargs: dict[str, Any], **given: Any) -> None:
     """Refuses what ``cls`` (the 2D type) does not take and the settings in ``_REFUSED``."""
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"}
     unknown = sorted(set(kwargs) - accepted)
@@ -67,7 +70,7 @@ def _check_kwargs(stock: str, cls: type, kwargs: Dict[str, Any], **given: Any) -
             raise ValueError(f"model.backbone.{key}={value!r} is not supported by the surgery type: {reason}.")
 
 
-def _every_other_block(stage_sizes: Sequence[int]) -> Optional[Callable]:
+def _every_other_block(stage_sizes: Sequence[int]) -> Callable | None:
     if max(stage_sizes) < EVERY_OTHER_BLOCK_FROM:
         return None
 
@@ -81,10 +84,10 @@ def _every_other_block(stage_sizes: Sequence[int]) -> Optional[Callable]:
 class _StockBackbone(TSMSurgeryBackbone):
     """What the three types share: the ``pretrained2d`` switch and per-module clip lengths."""
 
-    def _finish(self, pretrained2d: bool, pretrained: Optional[str]) -> None:
+    def _finish(self, pretrained2d: bool, pretrained: str | None) -> None:
         self.pretrained2d = pretrained2d
         self._pretrained = pretrained
-        self._divisors: Dict[nn.Module, int] = {}
+        self._divisors: dict[nn.Module, int] = {}
 
     @TSMSurgeryBackbone.num_segments.setter
     def num_segments(self, value: int) -> None:
@@ -95,13 +98,10 @@ class _StockBackbone(TSMSurgeryBackbone):
 
     def _insert(self, path: str, name: str, module: nn.Module, where: str = "after", root: bool = False) -> str:
         """Registers ``module`` (as ``path.name``, or ``name`` at the root) and calls it at ``path``'s boundary."""
-        owner = self._net if root else self._net.get_submodule(path)
-        owner.add_module(name, module)
+        target = name if root else f"{path}.{name}"
+        tsm_surgery.insert_module(self._net, target, module, at=path, where=where)
         if root:
             self.add_module(name, module)
-        target = name if root else f"{path}.{name}"
-        _temporal.insert_at((self._net.train_graph, self._net.eval_graph), path, target, where)
-        self._net.recompile()
         return target
 
     def init_weights(self) -> None:
@@ -137,7 +137,7 @@ class TSMSurgeryResNet(_StockBackbone):
     """
 
     def __init__(self, depth: int, num_segments: int = 8, is_shift: bool = True,
-                 non_local: Sequence = (0, 0, 0, 0), non_local_cfg: Optional[dict] = None, shift_div: int = 8,
+                 non_local: Sequence = (0, 0, 0, 0), non_local_cfg: dict | None = None, shift_div: int = 8,
                  shift_place: str = "blockres", temporal_pool: bool = False, pretrained2d: bool = True,
                  direction: str = "bi", uni_slot: str = "past", **kwargs):
         from mmaction.models.backbones import ResNet
@@ -178,7 +178,7 @@ class TSMSurgeryResNet(_StockBackbone):
             self._model2d.pretrained = None
 
 
-def _non_local_plan(non_local: Sequence, cfg: dict, stage_sizes: Sequence[int]) -> Tuple[str, ...]:
+def _non_local_plan(non_local: Sequence, cfg: dict, stage_sizes: Sequence[int]) -> tuple[str, ...]:
     """Block paths (``layerK.i``) that get a non-local block, as ResNetTSM reads ``non_local``."""
     stages = _ntuple(len(stage_sizes))(non_local)
     plan = []

@@ -6,6 +6,6 @@
 """
 
 from .norms import is_norm, randomize_norms
-from .specs import SOURCES, build_model, default_frame_size
+from .specs import SOURCES, Spec, build_model, default_frame_size, parse_spec
 
-__all__ = ["build_model", "default_frame_size", "SOURCES", "is_norm", "randomize_norms"]
+__all__ = ["Spec", "parse_spec", "build_model", "default_frame_size", "SOURCES", "is_norm", "randomize_norms"]

@@ -11,7 +11,6 @@ Example:
 """
 
 import re
-from typing import Optional
 
 import torch
 from torch import nn
@@ -37,11 +36,11 @@ def is_norm(module: nn.Module) -> bool:
     return any(_NORM_NAME.search(cls.__name__) for cls in type(module).__mro__ if cls not in (nn.Module, object))
 
 
-def _uniform(tensor: torch.Tensor, low: float, high: float, generator: Optional[torch.Generator]) -> None:
+def _uniform(tensor: torch.Tensor, low: float, high: float, generator: torch.Generator | None) -> None:
     tensor.uniform_(low, high, generator=generator)
 
 
-def _randomize_norm(module: nn.Module, generator: Optional[torch.Generator]) -> None:
+def _randomize_norm(module: nn.Module, generator: torch.Generator | None) -> None:
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
     if isinstance(weight, torch.Tensor) and weight.is_floating_point():
         _uniform(weight, 0.5, 1.5, generator)
@@ -52,7 +51,7 @@ def _randomize_norm(module: nn.Module, generator: Optional[torch.Generator]) -> 
         _uniform(module.running_var, 0.5, 1.5, generator)
 
 
-def randomize_norms(model: nn.Module, generator: Optional[torch.Generator] = None) -> nn.Module:
+def randomize_norms(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
     """Random affine weights and statistics for every norm layer and branch scale; returns ``model``.
 
     timm zero-initialises the last norm (or the layer scale) of many residual branches, so a

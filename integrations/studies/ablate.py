@@ -25,23 +25,21 @@ Example:
     tsm-surgery ablate --model timm:resnet18 --only latency
 """
 
-import argparse
 import copy
 import gc
 import json
 import os
 import shutil
-import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .ablate_report import OUTPUTS, table, write_outputs
 
-__all__ = ["DEFAULTS", "QUICK", "HARD_DATA", "AblationSettings", "run_ablation", "add_arguments", "run"]
+__all__ = ["DEFAULTS", "QUICK", "HARD_DATA", "AblationSettings", "run_ablation"]
 
 PLACES = ("residual", "block")
 # residual -> ResNetTSM's name in MMAction2 configs
@@ -63,7 +61,7 @@ class AblationSettings(dict):
 
 # --------------------------------------------------------------------------- the backbone
 def backbone_dict(spec: str) -> dict:
-    """The MMAction2 backbone dict of a spec: ``demo``, ``timm:NAME``, ``torchvision:NAME``, ``mmaction:resnetNN``.
+    """The MMAction2 backbone dict of ``demo`` or a model spec (:func:`~tsm_surgery.integrations.models.parse_spec`).
 
     Example:
         >>> backbone_dict("mmaction:resnet50")
@@ -75,15 +73,17 @@ def backbone_dict(spec: str) -> dict:
         from tsm_surgery.integrations.demo.pipeline import config_path
 
         return dict(Config.fromfile(str(config_path("tsn"))).model.backbone)
-    source, _, name = spec.partition(":")
-    if source == "timm" and name:
-        return dict(type=f"timm.{name}", pretrained=False)
-    if source == "torchvision" and name:
-        return dict(type=f"torchvision.{name}")
-    if source == "mmaction" and name.startswith("resnet") and name[len("resnet"):].isdigit():
-        return dict(type="ResNet", depth=int(name[len("resnet"):]), pretrained=None)
-    raise ValueError(f"--model {spec!r}: use demo, timm:NAME, torchvision:NAME or mmaction:resnetNN "
-                     "(e.g. timm:resnet18).")
+    from tsm_surgery.integrations.models import parse_spec
+
+    try:
+        parsed = parse_spec(spec)
+    except ValueError as err:
+        raise ValueError(f"--model: {err} The ablation also takes demo, its own network.") from None
+    if parsed.source == "timm":
+        return dict(type=f"timm.{parsed.name}", pretrained=False)
+    if parsed.source == "torchvision":
+        return dict(type=f"torchvision.{parsed.name}")
+    return dict(type="ResNet", depth=parsed.resnet_depth, pretrained=None)
 
 
 def build_2d(spec: str) -> nn.Module:
@@ -103,7 +103,7 @@ def _feature_channels(net: nn.Module, size: int) -> int:
 
 # --------------------------------------------------------------------------- latency
 def measure_latency(spec: str, divs: Sequence[int], places: Sequence[str], frames: int, size: int,
-                    rounds: int) -> Dict:
+                    rounds: int) -> dict:
     """Eval latency of every grid point against the 2D network, side by side, with the A/A control.
 
     Returns:
@@ -115,7 +115,7 @@ def measure_latency(spec: str, divs: Sequence[int], places: Sequence[str], frame
 
     plain = build_2d(spec)
     models = {"2d": plain, CONTROL: copy.deepcopy(plain)}
-    errors: Dict[str, str] = {}
+    errors: dict[str, str] = {}
     for place in places:
         for div in divs:
             try:
@@ -178,7 +178,7 @@ def _train_cfg(spec: str, div: int, place: str, data: Path, work_dir: Path, sett
 
 
 def train_point(spec: str, div: int, place: str, seed: int, data: Path, work_dir: Path,
-                settings: AblationSettings) -> Dict:
+                settings: AblationSettings) -> dict:
     """Trains and scores one grid point; a point that cannot be built returns ``{'error': ...}``."""
     from tsm_surgery.integrations.demo.pipeline import train_and_test
 
@@ -201,7 +201,7 @@ def train_point(spec: str, div: int, place: str, seed: int, data: Path, work_dir
 
 
 # --------------------------------------------------------------------------- the run
-def _grid(settings: AblationSettings) -> List[Tuple[int, str, int]]:
+def _grid(settings: AblationSettings) -> list[tuple[int, str, int]]:
     # Seed by seed: a run stopped half-way has already covered the whole grid once.
     return [point for s in range(settings["seeds"])
             for point in [(0, "tsn", s)] + [(div, place, s) for div in settings["shift_divs"]
@@ -224,14 +224,14 @@ def _claim(out: Path, settings: AblationSettings, force: bool) -> None:
         saved.write_text(settings.key() + "\n")
 
 
-def _save(path: Path, value: Dict) -> None:
+def _save(path: Path, value: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(value, indent=1) + "\n")
     os.replace(tmp, path)  # a run killed mid-write leaves no half point
 
 
-def run_ablation(out_dir: os.PathLike, settings: Optional[Dict] = None, only: Optional[str] = None,
-                 force: bool = False, log=print) -> Dict:
+def run_ablation(out_dir: os.PathLike, settings: dict | None = None, only: str | None = None,
+                 force: bool = False, log=print) -> dict:
     """Runs (or resumes) the ablation in ``out_dir``; returns what ``ablation.json`` holds.
 
     Args:
@@ -269,7 +269,7 @@ def run_ablation(out_dir: os.PathLike, settings: Optional[Dict] = None, only: Op
                                         settings["frames"], size, settings["rounds"]))
     if todo:
         data = make_data(out / "data", settings)
-        spent: List[float] = []
+        spent: list[float] = []
         for i, (div, place, seed) in enumerate(todo):
             eta = f"; about {sum(spent) / len(spent) * (len(todo) - i) / 60:.0f} min left" if spent else ""
             name = "tsn" if div == 0 else f"{place} shift_div={div}"
@@ -284,48 +284,3 @@ def run_ablation(out_dir: os.PathLike, settings: Optional[Dict] = None, only: Op
     log(table(summary))
     log(f"wrote {', '.join(str(out / n) for n in OUTPUTS)} in {time.time() - wall:.0f} s")
     return summary
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds the ``ablate`` options to ``parser``."""
-    parser.add_argument("--model", default="demo",
-                        help="demo (default), timm:NAME, torchvision:NAME or mmaction:resnetNN")
-    parser.add_argument("--out-dir", default="work_dirs/ablate", help="output folder; rerun with it to resume")
-    parser.add_argument("--quick", action="store_true", help="a tiny grid for tests (1 epoch, 32 px)")
-    parser.add_argument("--shift-divs", default=None, help="comma-separated shift_div values (default 16,8,4,2)")
-    parser.add_argument("--places", default=None, help="comma-separated among residual,block (default both)")
-    parser.add_argument("--seeds", type=int, default=None,
-                        help=f"seeds per accuracy point (default {DEFAULTS['seeds']})")
-    parser.add_argument("--epochs", type=int, default=None, help=f"epochs per training (default {DEFAULTS['epochs']})")
-    parser.add_argument("--videos-per-class", type=int, default=None,
-                        help=f"harder data: videos per class (default {DEFAULTS['videos_per_class']})")
-    parser.add_argument("--rounds", type=int, default=None, help="paired latency rounds (default 15)")
-    parser.add_argument("--latency-size", type=int, default=None,
-                        help="frame size for latency (default: 64 for the demo network, else 224)")
-    parser.add_argument("--size", type=int, default=None, help="frame size of the harder data (default 32)")
-    parser.add_argument("--only", choices=("latency", "accuracy"), default=None, help="run one half of the ablation")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: cores - 1, at least 1)")
-    parser.add_argument("--force", action="store_true", help="discard a previous run in --out-dir")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Runs ``tsm-surgery ablate``."""
-    import warnings
-
-    warnings.filterwarnings("ignore", category=UserWarning)
-    torch.set_num_threads(args.threads if args.threads > 0 else max(1, (os.cpu_count() or 2) - 1))
-    settings = dict(QUICK if args.quick else DEFAULTS)
-    for key in ("seeds", "epochs", "videos_per_class", "rounds", "latency_size", "size"):
-        if getattr(args, key) is not None:
-            settings[key] = getattr(args, key)
-    settings["model"] = args.model
-    try:
-        if args.shift_divs:
-            settings["shift_divs"] = [int(d) for d in args.shift_divs.split(",") if d]
-        if args.places:
-            settings["places"] = [p for p in args.places.split(",") if p]
-        run_ablation(args.out_dir, settings, args.only, args.force, log=lambda line: print(line, flush=True))
-    except (FileExistsError, ValueError) as err:
-        print(f"tsm-surgery ablate: {err}", file=sys.stderr)
-        return 1
-    return 0

@@ -8,7 +8,6 @@ import json
 import statistics
 from fractions import Fraction
 from pathlib import Path
-from typing import Dict, List, Optional
 
 __all__ = ["OUTPUTS", "summarize", "table", "plot", "write_outputs"]
 
@@ -20,7 +19,7 @@ def proportion(div: int) -> str:
     return str(Fraction(2, div)) if div else "0"
 
 
-def _accuracy(points: List[Dict]) -> Dict:
+def _accuracy(points: list[dict]) -> dict:
     errors = [p["error"] for p in points if "error" in p]
     if errors:
         return {"error": errors[0]}
@@ -31,12 +30,12 @@ def _accuracy(points: List[Dict]) -> Dict:
             "within_mean": statistics.fmean(p["within"] for p in points)}
 
 
-def summarize(out: Path, settings: Dict) -> Dict:
+def summarize(out: Path, settings: dict) -> dict:
     """Collects the saved points of a run into the rows of ``ablation.json``."""
     points = out / "points"
     latency = json.loads((points / "latency.json").read_text()) if (points / "latency.json").is_file() else None
 
-    def acc(place: str, div: int) -> Dict:
+    def acc(place: str, div: int) -> dict:
         files = [points / f"acc_{place}_{div}_seed{s}.json" for s in range(settings["seeds"])]
         return _accuracy([json.loads(f.read_text()) for f in files if f.is_file()])
 
@@ -61,7 +60,7 @@ def _short(error: str) -> str:
     return error.split(". Hint")[0].split("; ")[0]  # the full message stays in ablation.json
 
 
-def _lat_cell(lat: Optional[Dict]) -> str:
+def _lat_cell(lat: dict | None) -> str:
     if not lat:
         return "not run"
     if "error" in lat:
@@ -69,7 +68,7 @@ def _lat_cell(lat: Optional[Dict]) -> str:
     return f"{lat['ratio']:.3f}x ({lat['p25']:.3f}-{lat['p75']:.3f})"
 
 
-def _acc_cells(acc: Dict) -> List[str]:
+def _acc_cells(acc: dict) -> list[str]:
     if not acc:
         return ["not run", ""]
     if "error" in acc:
@@ -78,7 +77,7 @@ def _acc_cells(acc: Dict) -> List[str]:
     return [f"{100 * acc['top1_mean']:.1f}% ({seeds})", f"{100 * acc['within_mean']:.1f}%"]
 
 
-def table(summary: Dict) -> str:
+def table(summary: dict) -> str:
     """The Markdown table of a summary (one row per grid point, TSN first)."""
     lines = ["| shifted (total) | shift_div | place | eval latency vs 2D (IQR) | top-1 mean (per seed) | "
              "within pair |", "|---|---|---|---|---|---|"]
@@ -102,7 +101,7 @@ def table(summary: Dict) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: Dict, path: Path) -> None:
+def plot(summary: dict, path: Path) -> None:
     """Latency overhead and accuracy against the shifted proportion, one line per placement."""
     import matplotlib
 
@@ -160,7 +159,7 @@ def plot(summary: Dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(out: Path, settings: Dict, only: Optional[str] = None) -> Dict:
+def write_outputs(out: Path, settings: dict, only: str | None = None) -> dict:
     """Writes ``ablation.json``, ``ablation.md`` and ``ablation.png`` from the saved points."""
     summary = summarize(out, settings)
     (out / "ablation.json").write_text(json.dumps(summary, indent=1) + "\n")

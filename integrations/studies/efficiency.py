@@ -29,22 +29,16 @@ Example:
     tsm-surgery efficiency --size 64 --rounds 3 --output /tmp/eff.md --plot /tmp/eff.png
 """
 
-import argparse
 import copy
 import datetime
-import json
 import os
 import platform
-import sys
-import time
 from pathlib import Path
-from typing import Dict, List
 
 import torch
 from torch import nn
 
-__all__ = ["STOCK_CONFIGS", "build_recognizer", "count_flops", "measure", "online_claim", "report", "add_arguments",
-           "run"]
+__all__ = ["STOCK_CONFIGS", "build_recognizer", "count_flops", "measure", "online_claim", "report"]
 
 # name -> (stock config under mmaction's .mim/configs/recognition, what it is)
 STOCK_CONFIGS = {
@@ -146,13 +140,13 @@ def count_flops(model: nn.Module, x: torch.Tensor) -> float:
     return float(counter.get_total_flops())
 
 
-def measure(names: List[str], batch: int, frames: int, size: int, rounds: int, device: str = "cpu") -> Dict:
+def measure(names: list[str], batch: int, frames: int, size: int, rounds: int, device: str = "cpu") -> dict:
     """FLOPs, parameters, latency ratio to TSN and throughput of each model, side by side."""
     from .bench import CONTROL, paired_ratios
 
     if BASE not in names:
         names = [BASE] + list(names)
-    rows: Dict[str, Dict] = {}
+    rows: dict[str, dict] = {}
     fns = {}
     for name in names:
         model = build_recognizer(name).to(device)
@@ -193,7 +187,7 @@ def _device_name(device: str) -> str:
     return f"CPU ({platform.processor() or platform.machine()})"
 
 
-def online_claim(frames: int, size: int, rounds: int, device: str = "cpu") -> Dict:
+def online_claim(frames: int, size: int, rounds: int, device: str = "cpu") -> dict:
     """Per-frame cost of a prediction at every frame: the online step against one offline clip pass.
 
     The network is TSN's 2D ResNet-50 converted uni-directionally (``direction='uni'``): online,
@@ -226,16 +220,16 @@ def online_claim(frames: int, size: int, rounds: int, device: str = "cpu") -> Di
 
 
 # --------------------------------------------------------------------------- report
-def _ratio(entry: Dict) -> str:
+def _ratio(entry: dict) -> str:
     return f"{entry['ratio']:.2f}x ({entry['p25']:.2f}-{entry['p75']:.2f})"
 
 
-def _load(result: Dict) -> str:
+def _load(result: dict) -> str:
     load = result.get("load_average")
     return "" if load is None else f", load average {load:.1f} at the end of timing"
 
 
-def report(result: Dict) -> str:
+def report(result: dict) -> str:
     """The Markdown section: the efficiency table and the online claim."""
     gpu = not result["device"].startswith("CPU")
     rows = result["rows"]
@@ -287,7 +281,7 @@ def write_section(path: Path, section: str) -> None:
     path.write_text(merge_sections(existing, SECTION, section))
 
 
-def plot(result: Dict, path: Path) -> None:
+def plot(result: dict, path: Path) -> None:
     """Bar chart: GFLOPs, parameters and latency relative to TSN, one bar per model."""
     import matplotlib
 
@@ -320,51 +314,3 @@ def plot(result: Dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds the ``efficiency`` options to ``parser``."""
-    parser.add_argument("--models", default=",".join(STOCK_CONFIGS),
-                        help=f"comma-separated subset of: {', '.join(STOCK_CONFIGS)} (TSN is always included)")
-    parser.add_argument("--frames", type=int, default=8, help="frames per clip (default 8)")
-    parser.add_argument("--size", type=int, default=224, help="frame size in px (default 224)")
-    parser.add_argument("--batch", type=int, default=1, help="clips per batch, equal for every model (default 1)")
-    parser.add_argument("--rounds", type=int, default=5, help="paired latency rounds (default 5)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
-    parser.add_argument("--no-online", action="store_true", help="skip the online-versus-offline measurement")
-    parser.add_argument("--output", default="docs/BENCHMARKS.md",
-                        help="Markdown file whose efficiency section is replaced")
-    parser.add_argument("--plot", default="docs/efficiency.png", help="bar chart PNG (default docs/efficiency.png)")
-    parser.add_argument("--json", default=None, help="also write every number as JSON here")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Runs ``tsm-surgery efficiency``."""
-    import warnings
-
-    warnings.filterwarnings("ignore", category=UserWarning)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    names = [n.strip() for n in args.models.split(",") if n.strip()]
-    unknown = [n for n in names if n not in STOCK_CONFIGS]
-    if unknown:
-        print(f"tsm-surgery efficiency: unknown model(s) {unknown}; choose from {', '.join(STOCK_CONFIGS)}.",
-              file=sys.stderr)
-        return 1
-    start = time.time()
-    print(f"building and timing {len(set(names) | {BASE})} models ({args.frames} frames x {args.size} px, "
-          f"batch {args.batch}, {args.rounds} rounds on {args.device})", flush=True)
-    result = measure(names, args.batch, args.frames, args.size, args.rounds, args.device)
-    if not args.no_online:
-        print("timing the online step against one offline clip pass per frame", flush=True)
-        result["online"] = online_claim(args.frames, args.size, max(args.rounds * 2, 5), args.device)
-    section = report(result)
-    print(section)
-    write_section(Path(args.output), section)
-    plot(result, Path(args.plot))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote the section of {args.output} and {args.plot} in {time.time() - start:.0f} s", flush=True)
-    return 0

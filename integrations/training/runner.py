@@ -23,12 +23,15 @@ A work dir that already holds checkpoints is never trained over unless asked: pa
 ``--resume`` to continue it or ``--overwrite`` to start again.
 """
 
-import argparse
+import contextlib
 import copy
 import glob
 import logging
+import os
 import os.path as osp
-from typing import Any, Dict, List, Optional, Sequence, Union
+import zipfile
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -37,7 +40,8 @@ from tsm_surgery.integrations.mmaction import compat
 compat.apply()
 
 from mmaction.registry import HOOKS, MODELS  # noqa: E402
-from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.config import Config  # noqa: E402
+from mmengine.dist import is_main_process  # noqa: E402
 from mmengine.hooks import Hook  # noqa: E402
 from mmengine.logging import print_log  # noqa: E402
 from mmengine.model import is_model_wrapper  # noqa: E402
@@ -47,14 +51,23 @@ from mmengine.runner.checkpoint import find_latest_checkpoint  # noqa: E402
 
 import tsm_surgery.integrations.mmaction  # noqa: E402,F401  (registers the plugin)
 from tsm_surgery.integrations.checkpoints import layout_adapter  # noqa: E402
-from tsm_surgery.integrations.checkpoints.loading import Adapter, match_state_dict, state_dict_of  # noqa: E402
+from tsm_surgery.integrations.checkpoints.loading import (  # noqa: E402
+    Adapter,
+    CheckpointLoadError,
+    match_state_dict,
+    state_dict_of,
+)
 from tsm_surgery.integrations.mmaction.backbone import print_log_level  # noqa: E402
 from tsm_surgery.integrations.mmaction.clip_length import sync_clip_length  # noqa: E402
+from tsm_surgery.integrations.outputs import atomic_file  # noqa: E402
 
-__all__ = ["load_config", "build_runner", "train", "test", "CheckpointKeysHook", "add_arguments", "run"]
+from .lock import work_dir_lock  # noqa: E402
+from .random_state import RandomStateHook  # noqa: E402
+
+__all__ = ["load_config", "build_runner", "train", "test", "CheckpointKeysHook"]
 
 LAUNCHERS = ("none", "pytorch", "slurm", "mpi")
-ConfigLike = Union[str, Config]
+ConfigLike = str | Config
 
 
 @HOOKS.register_module()
@@ -78,7 +91,7 @@ class CheckpointKeysHook(Hook):
 
     priority = "VERY_HIGH"
 
-    def __init__(self, strict: bool = False, source: str = "load_from", adapt: Optional[Adapter] = None) -> None:
+    def __init__(self, strict: bool = False, source: str = "load_from", adapt: Adapter | None = None) -> None:
         self.strict = strict
         self.source = source
         self.adapt = adapt
@@ -103,7 +116,7 @@ class CheckpointKeysHook(Hook):
                 checkpoint.update(adapted)
 
 
-def _set_options(cfg: Config, cfg_options: Optional[Dict[str, Any]]) -> None:
+def _set_options(cfg: Config, cfg_options: dict[str, Any] | None) -> None:
     if cfg_options:
         cfg.merge_from_dict(dict(cfg_options))
 
@@ -142,7 +155,7 @@ def _check_model_types(cfg: Config) -> None:
                 "'ResNetTSM', 'ResNet', ...; other libraries' models are 'timm.<name>' or 'torchvision.<name>'.")
 
 
-def load_config(config: ConfigLike, work_dir: Optional[str] = None, cfg_options: Optional[Dict[str, Any]] = None,
+def load_config(config: ConfigLike, work_dir: str | None = None, cfg_options: dict[str, Any] | None = None,
                 launcher: str = "none") -> Config:
     """Reads a config and prepares it for this machine.
 
@@ -193,14 +206,14 @@ def load_config(config: ConfigLike, work_dir: Optional[str] = None, cfg_options:
     return cfg
 
 
-def _existing_checkpoints(work_dir: str) -> List[str]:
+def _existing_checkpoints(work_dir: str) -> list[str]:
     found = sorted(glob.glob(osp.join(work_dir, "*.pth")))
     if osp.isfile(osp.join(work_dir, "last_checkpoint")):
         found.append(osp.join(work_dir, "last_checkpoint"))
     return found
 
 
-def _resume_target(cfg: Config, resume: Union[bool, str]) -> Optional[str]:
+def _resume_target(cfg: Config, resume: bool | str) -> str | None:
     """The one checkpoint to resume: a path, the work dir's last checkpoint, or None (start fresh).
 
     ``resume=True`` (or the config's ``resume=True``) continues the work dir's last checkpoint;
@@ -222,19 +235,58 @@ def _resume_target(cfg: Config, resume: Union[bool, str]) -> Optional[str]:
         print_log(f"--resume: work dir {cfg.work_dir!r} has no last_checkpoint; starting from the weights of "
                   f"load_from={load_from!r} (weights_only=True).", logger="current", level=logging.WARNING)
         return None
+    found = sorted(glob.glob(osp.join(cfg.work_dir, "*.pth")))
+    if found:  # a run stopped before its first complete checkpoint, or files copied in: no bare --resume
+        raise FileNotFoundError(f"--resume: work dir {cfg.work_dir!r} has no last_checkpoint (it holds "
+                                f"{', '.join(osp.basename(f) for f in found[:3])}); resume one of them with "
+                                f"--resume {found[-1]}, or start again with --overwrite.")
     raise FileNotFoundError(f"--resume: work dir {cfg.work_dir!r} has no last_checkpoint to resume from; "
                             "pass the checkpoint path (--resume PATH) or train without --resume.")
 
 
-def build_runner(cfg: Config, checkpoint_keys: Optional[CheckpointKeysHook] = None) -> Runner:
-    """``Runner.from_cfg`` plus the checkpoint key check."""
+def _check_resumable(path: str, work_dir: str) -> None:
+    """A truncated checkpoint (an interrupted save before saves were atomic) stops with the way out named."""
+    if "://" in path or not osp.isfile(path) or not _is_zip_start(path) or zipfile.is_zipfile(path):
+        return  # torch.save's zip archives end with their directory: a cut one has none
+    others = [f for f in sorted(glob.glob(osp.join(work_dir, "*.pth"))) if osp.abspath(f) != osp.abspath(path)]
+    earlier = f"resume an earlier one (--resume {others[-1]}), or " if others else ""
+    raise CheckpointLoadError(f"--resume {path}: the checkpoint is truncated or damaged (an interrupted save); "
+                              f"{earlier}start again with --overwrite.", path)
+
+
+def _is_zip_start(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"PK"
+
+
+def _save_atomically(runner: Runner) -> None:
+    """Makes ``runner.save_checkpoint`` write a temporary file and rename it over ``epoch_N.pth`` when complete.
+
+    mmengine writes checkpoints in place, so a kill or a full disk mid-write leaves a truncated
+    ``epoch_N.pth`` that ``--resume`` or ``test`` later trips over. Remote back ends keep mmengine's own write.
+    """
+    save = runner.save_checkpoint
+
+    def save_checkpoint(out_dir: str, filename: str, *args, **kwargs) -> None:
+        if "://" in str(out_dir) or not is_main_process():  # other ranks save nothing (master_only)
+            return save(out_dir, filename, *args, **kwargs)
+        with atomic_file(osp.join(out_dir, filename)) as tmp:
+            save(osp.dirname(tmp), osp.basename(tmp), *args, **kwargs)
+
+    runner.save_checkpoint = save_checkpoint
+
+
+def build_runner(cfg: Config, checkpoint_keys: CheckpointKeysHook | None = None) -> Runner:
+    """``Runner.from_cfg`` plus the checkpoint key check; checkpoints are written atomically."""
     runner = Runner.from_cfg(cfg)
     runner.register_hook(checkpoint_keys or CheckpointKeysHook(strict=False))
+    runner.register_hook(RandomStateHook())
+    _save_atomically(runner)
     return runner
 
 
-def train(config: ConfigLike, work_dir: Optional[str] = None, cfg_options: Optional[Dict[str, Any]] = None,
-          launcher: str = "none", resume: Union[bool, str] = False, load_from: Optional[str] = None,
+def train(config: ConfigLike, work_dir: str | None = None, cfg_options: dict[str, Any] | None = None,
+          launcher: str = "none", resume: bool | str = False, load_from: str | None = None,
           overwrite: bool = False) -> Runner:
     """Trains (and validates) a config with mmengine's Runner.
 
@@ -257,6 +309,8 @@ def train(config: ConfigLike, work_dir: Optional[str] = None, cfg_options: Optio
 
     Raises:
         FileExistsError: the work dir holds checkpoints and neither ``resume`` nor ``overwrite``.
+        WorkDirLockedError: another run holds the work dir (its PID is named); the lock is held
+            for the whole run and released however the process ends.
         FileNotFoundError: the config, an annotation file, a video folder or a checkpoint is missing.
         KeyError: an unknown model type or a checkpoint whose keys do not match.
     """
@@ -264,29 +318,38 @@ def train(config: ConfigLike, work_dir: Optional[str] = None, cfg_options: Optio
         raise ValueError(f"--resume {resume} and --load-from {load_from} both name a checkpoint: resume one file "
                          "(--resume PATH) or start from weights (--load-from PATH).")
     cfg = load_config(config, work_dir, cfg_options, launcher)
+    _required_files(cfg, ("train", "val") if cfg.get("val_cfg") else ("train",))  # before the work dir is made
+    # One run per work dir, for the whole run (rank 0 holds it under DDP; the ranks share the dir).
+    with work_dir_lock(cfg.work_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
+        return _train(cfg, resume, load_from, overwrite)
+
+
+def _train(cfg: Config, resume: bool | str, load_from: str | None, overwrite: bool) -> Runner:
     if load_from is not None:
         cfg.load_from = load_from
     resume_from = _resume_target(cfg, resume)
     cfg.resume = resume_from is not None
     if cfg.resume:
+        _check_resumable(resume_from, cfg.work_dir)
         cfg.load_from = resume_from
         # The explicit opt-in covers this one file: Runner.resume is only ever given it.
         cfg.trusted_resume = bool(resume) or bool(cfg.get("trusted_resume", False))
     existing = _existing_checkpoints(cfg.work_dir)
     if existing and not cfg.resume and not overwrite:
+        resumable = osp.isfile(osp.join(cfg.work_dir, "last_checkpoint"))
+        how = "--resume" if resumable else f"--resume {existing[-1]} (there is no last_checkpoint)"
         raise FileExistsError(
             f"work dir {cfg.work_dir!r} already holds a training run ({osp.basename(existing[0])}, ...). "
-            "Pass --resume to continue it, --overwrite to train over it, or choose another --work-dir.")
+            f"Pass {how} to continue it, --overwrite to train over it, or choose another --work-dir.")
     if cfg.get("load_from") and not osp.isfile(cfg.load_from) and "://" not in cfg.load_from:
         raise FileNotFoundError(f"{'--resume' if cfg.resume else 'load_from'}={cfg.load_from!r} does not exist.")
-    _required_files(cfg, ("train", "val") if cfg.get("val_cfg") else ("train",))
     runner = build_runner(cfg, CheckpointKeysHook(strict=False, source="load_from"))
     runner.train()
     return runner
 
 
-def test(config: ConfigLike, checkpoint: str, work_dir: Optional[str] = None,
-         cfg_options: Optional[Dict[str, Any]] = None, launcher: str = "none") -> Dict[str, float]:
+def test(config: ConfigLike, checkpoint: str, work_dir: str | None = None,
+         cfg_options: dict[str, Any] | None = None, launcher: str = "none") -> dict[str, float]:
     """Evaluates a checkpoint on the config's test set with mmengine's Runner.
 
     The checkpoint is loaded with ``weights_only=True`` and must match the model exactly.
@@ -311,31 +374,3 @@ def test(config: ConfigLike, checkpoint: str, work_dir: Optional[str] = None,
     _required_files(cfg, ("test",))
     runner = build_runner(cfg, CheckpointKeysHook(strict=True, source="CHECKPOINT"))
     return dict(runner.test())
-
-
-def _parse_cfg_options(values: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
-    return dict(values) if values else None
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``tsm-surgery train``."""
-    parser.add_argument("config", help="MMAction2 config file")
-    parser.add_argument("--work-dir", help="where logs and checkpoints go (default work_dirs/<config name>)")
-    parser.add_argument("--launcher", choices=LAUNCHERS, default="none",
-                        help="'pytorch' under torchrun for DDP (gloo on CPU, nccl on CUDA)")
-    parser.add_argument("--cfg-options", nargs="+", action=DictAction, metavar="KEY=VALUE",
-                        help="override config keys, e.g. train_cfg.max_epochs=1")
-    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                        help="resume full training state from the work dir's last checkpoint (or CHECKPOINT). "
-                             "Unpickles the checkpoint in full if it holds more than weights: trusted files only")
-    parser.add_argument("--load-from", help="initial weights, loaded with weights_only=True (with a bare --resume: "
-                        "used when the work dir has nothing to resume)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="train in a work dir that already holds checkpoints, replacing them")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Runs ``tsm-surgery train``."""
-    train(args.config, work_dir=args.work_dir, cfg_options=_parse_cfg_options(args.cfg_options),
-          launcher=args.launcher, resume=args.resume, load_from=args.load_from, overwrite=args.overwrite)
-    return 0

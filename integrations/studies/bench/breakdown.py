@@ -9,8 +9,8 @@ import cProfile
 import pstats
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -28,7 +28,7 @@ class ConvertTimes:
     median_s: float
     min_s: float
     profiled_s: float
-    split: Dict[str, float]  # phase -> seconds of one convert() under cProfile
+    split: dict[str, float]  # phase -> seconds of one convert() under cProfile
 
 
 def convert_times(spec: str, frames: int, repeats: int) -> ConvertTimes:
@@ -63,7 +63,7 @@ def convert_times(spec: str, frames: int, repeats: int) -> ConvertTimes:
 
 
 def profile_forward(model: nn.Module, forward: Callable[[], object],
-                    device: torch.device) -> Tuple[str, Optional[float]]:
+                    device: torch.device) -> tuple[str, float | None]:
     """torch.profiler table of one call of ``forward`` (after a warm-up), and the shifts' share of its time.
 
     On CUDA the share is of device time.

@@ -4,7 +4,6 @@ Every sentence that states a number takes it from the run; what only holds on on
 (oneDNN and glibc malloc on CPU) is written for that device only.
 """
 
-from typing import List
 
 from .headline import mib, ms, pct, ratio, times
 from .measure import CONTROL
@@ -33,7 +32,7 @@ def memory_method(r: BenchResult) -> str:
             "saves the shift's input (alive anyway) and rebuilds the copy in backward.")
 
 
-def remaining_cost(r: BenchResult) -> List[str]:
+def remaining_cost(r: BenchResult) -> list[str]:
     """The bullets of *Where the remaining cost comes from*."""
     cpu = r.settings.device == "cpu"
     share = r.profile[1] if r.profile else None

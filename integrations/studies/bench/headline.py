@@ -10,7 +10,6 @@ Example:
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
 
 from .measure import CONTROL
 from .running import BenchResult
@@ -36,12 +35,12 @@ class Target:
     figure: str
     short: str
     name: str
-    limit: Optional[float] = None
-    against: Optional[str] = None
-    devices: Tuple[str, ...] = ("cpu", "cuda")
+    limit: float | None = None
+    against: str | None = None
+    devices: tuple[str, ...] = ("cpu", "cuda")
 
 
-TARGETS: Tuple[Target, ...] = (
+TARGETS: tuple[Target, ...] = (
     Target("op_eager", "<= 1%", "op-level shift cost <= 1%, eager", limit=0.01),
     Target("op_compiled", "<= 0.3%", "op-level shift cost <= 0.3%, torch.compile", limit=0.003),
     Target("op_in_place_vs_clone", "<= 0.75x", "eval's in-place shift <= 0.75x a `clone` of the site inputs",
@@ -68,17 +67,17 @@ class Figure:
 
     key: str
     label: str
-    cells: Dict[str, str]
-    values: Dict[str, Optional[float]] = field(default_factory=dict)
-    noise: Optional[float] = None  # the A/A control's distance from 1.00x (wall-clock ratios)
+    cells: dict[str, str]
+    values: dict[str, float | None] = field(default_factory=dict)
+    noise: float | None = None  # the A/A control's distance from 1.00x (wall-clock ratios)
     note: str = ""  # context for the verdict row, e.g. the copy floor
 
 
-def targets_for(device: str) -> List[Target]:
+def targets_for(device: str) -> list[Target]:
     return [t for t in TARGETS if device in t.devices]
 
 
-def verdict(value: Optional[float], limit: Optional[float], noise: Optional[float] = None) -> str:
+def verdict(value: float | None, limit: float | None, noise: float | None = None) -> str:
     """``holds`` when ``value <= limit``; a miss smaller than the A/A noise is *within noise*."""
     if value is None or limit is None:
         return "n/a"
@@ -89,7 +88,7 @@ def verdict(value: Optional[float], limit: Optional[float], noise: Optional[floa
     return "missed"
 
 
-def judge(target: Target, figure: Optional[Figure]) -> str:
+def judge(target: Target, figure: Figure | None) -> str:
     if figure is None:
         return "n/a"
     limit = target.limit
@@ -99,7 +98,7 @@ def judge(target: Target, figure: Optional[Figure]) -> str:
     return verdict(figure.values.get("ours"), limit, figure.noise)
 
 
-def figures(r: BenchResult) -> List[Figure]:
+def figures(r: BenchResult) -> list[Figure]:
     """The headline rows of ``r``, in report order (rows not measured in this run are left out)."""
     rows = [_fractions("op_eager", "op-level shift cost, eager (fraction of the 2D forward)",
                        {k: v / r.base_2d_s for k, v in r.op_eager.items()},
@@ -128,7 +127,7 @@ def figures(r: BenchResult) -> List[Figure]:
     return rows
 
 
-def _floor_rows(r: BenchResult) -> List[Figure]:
+def _floor_rows(r: BenchResult) -> list[Figure]:
     """The shift against the copy floor (a `clone` of the site inputs) in each mode, and the packs per step."""
     rows = []
     if r.op_in_place_s is not None:
@@ -152,16 +151,16 @@ def _floor_rows(r: BenchResult) -> List[Figure]:
     return rows
 
 
-def _ours_only(cell: str) -> Dict[str, str]:
+def _ours_only(cell: str) -> dict[str, str]:
     return {"ours": cell, "mmaction": "", "zero-fill": "", CONTROL: ""}
 
 
-def _fractions(key: str, label: str, values: Dict[str, float], note: str) -> Figure:
+def _fractions(key: str, label: str, values: dict[str, float], note: str) -> Figure:
     cells = {k: pct(values.get(k)) for k in COLUMNS[:3]} | {CONTROL: ""}
     return Figure(key, label, cells, dict(values), note=note)
 
 
-def _ratios(key: str, label: str, paired: Dict[str, Dict[str, float]], own: str = "ours") -> Figure:
+def _ratios(key: str, label: str, paired: dict[str, dict[str, float]], own: str = "ours") -> Figure:
     """A wall-clock row; ``own`` is the entry that stands in the ours column."""
     entries = {k: paired.get(k) for k in COLUMNS} | {"ours": paired.get(own)}
     control = paired.get(CONTROL)
@@ -170,23 +169,23 @@ def _ratios(key: str, label: str, paired: Dict[str, Dict[str, float]], own: str 
                   noise=None if control is None else abs(control["ratio"] - 1.0))
 
 
-def ratio(entry: Optional[Dict[str, float]]) -> str:
+def ratio(entry: dict[str, float] | None) -> str:
     if entry is None:
         return "n/a"
     return f"{entry['ratio']:.3f}x ({entry['ratio_p25']:.3f}-{entry['ratio_p75']:.3f})"
 
 
-def pct(value: Optional[float]) -> str:
+def pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value * 100:.2f}%"
 
 
-def times(value: Optional[float]) -> str:
+def times(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}x"
 
 
-def ms(seconds: Optional[float]) -> str:
+def ms(seconds: float | None) -> str:
     return "n/a" if seconds is None else f"{seconds * 1e3:.1f} ms"
 
 
-def mib(value: Optional[int]) -> str:
+def mib(value: int | None) -> str:
     return "n/a" if value is None else f"{value / 2 ** 20:.1f} MiB"

@@ -9,7 +9,6 @@ Example:
 import os
 import platform
 from dataclasses import dataclass
-from typing import Optional, Tuple
 
 import torch
 
@@ -21,16 +20,16 @@ class Machine:
     """The host and device of one run. ``load_end`` is filled when the run ends."""
 
     cpu: str
-    physical_cores: Optional[int]
+    physical_cores: int | None
     logical_cpus: int
     usable_cpus: int  # the process's CPU affinity (containers and taskset narrow it)
     torch_threads: int
     torch_version: str
-    load_start: Tuple[float, float, float]
-    load_end: Tuple[float, float, float] = (0.0, 0.0, 0.0)
-    gpu: Optional[str] = None  # name, memory and compute capability
-    gpu_memory_bytes: Optional[int] = None
-    cuda_version: Optional[str] = None
+    load_start: tuple[float, float, float]
+    load_end: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    gpu: str | None = None  # name, memory and compute capability
+    gpu_memory_bytes: int | None = None
+    cuda_version: str | None = None
 
     @property
     def device_name(self) -> str:
@@ -56,14 +55,14 @@ class Machine:
         return f"the host was mostly idle (load {load:.1f} on {self.usable_cpus} CPUs)"
 
 
-def load_average() -> Tuple[float, float, float]:
+def load_average() -> tuple[float, float, float]:
     try:
         return os.getloadavg()
     except OSError:  # not available on this platform
         return (float("nan"),) * 3
 
 
-def _cpu_model() -> Tuple[str, Optional[int]]:
+def _cpu_model() -> tuple[str, int | None]:
     """CPU model name and physical core count from /proc/cpuinfo, with portable fallbacks."""
     name, cores = platform.processor() or platform.machine(), set()
     try:

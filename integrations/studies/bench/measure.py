@@ -18,7 +18,7 @@ import statistics
 import sys
 import time
 import weakref
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -61,8 +61,8 @@ def clock_for(device: torch.device) -> Clock:
     return cuda_time if torch.device(device).type == "cuda" else wall_time
 
 
-def paired_ratios(fns: Dict[str, Callable[[], object]], base: str, rounds: int, warmup: int = 2,
-                  seed: int = 0, repeats: int = 1, clock: Clock = wall_time) -> Dict[str, Dict[str, float]]:
+def paired_ratios(fns: dict[str, Callable[[], object]], base: str, rounds: int, warmup: int = 2,
+                  seed: int = 0, repeats: int = 1, clock: Clock = wall_time) -> dict[str, dict[str, float]]:
     """Times the callables side by side and takes their ratios to ``base`` within each round.
 
     A round runs every callable ``repeats`` times, each pass in a fresh shuffled order, and
@@ -75,7 +75,7 @@ def paired_ratios(fns: Dict[str, Callable[[], object]], base: str, rounds: int, 
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    times: Dict[str, List[float]] = {name: [] for name in fns}
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         best = {name: float("inf") for name in fns}
         for _ in range(repeats):
@@ -146,9 +146,9 @@ class LiveTensorBytes(TorchDispatchMode):
         super().__init__()
         self.live = 0
         self.peak = 0
-        self._sizes: Dict[int, int] = {}
+        self._sizes: dict[int, int] = {}
 
-    def track(self, tensor: Optional[Tensor]) -> None:
+    def track(self, tensor: Tensor | None) -> None:
         if not isinstance(tensor, Tensor) or tensor.device.type == "meta":
             return
         storage = tensor.untyped_storage()
@@ -171,7 +171,7 @@ class LiveTensorBytes(TorchDispatchMode):
         return out
 
 
-def peak_bytes(fn: Callable[[], object], held: Callable[[], Iterable[Optional[Tensor]]],
+def peak_bytes(fn: Callable[[], object], held: Callable[[], Iterable[Tensor | None]],
                device: torch.device) -> int:
     """Peak bytes of the tensors alive during one call of ``fn``, counting ``held()`` from the start.
 
@@ -200,12 +200,12 @@ def peak_bytes(fn: Callable[[], object], held: Callable[[], Iterable[Optional[Te
     return torch.cuda.max_memory_allocated(device) - before + own
 
 
-def _track(counter: LiveTensorBytes, tensors: Iterable[Optional[Tensor]]) -> None:
+def _track(counter: LiveTensorBytes, tensors: Iterable[Tensor | None]) -> None:
     for tensor in tensors:
         counter.track(tensor)
 
 
-def _storage_bytes(tensors: Iterable[Optional[Tensor]]) -> int:
+def _storage_bytes(tensors: Iterable[Tensor | None]) -> int:
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if isinstance(t, Tensor)}
     return sum(storages.values())
 

@@ -11,7 +11,7 @@
 
 import contextlib
 import copy
-from typing import Callable, Dict, List, Optional, Tuple
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -55,14 +55,12 @@ class ZeroFillShift(nn.Module):
         return out.reshape(x.shape)
 
 
-def build_2d(spec: str) -> Tuple[nn.Module, Optional[int]]:
+def build_2d(spec: str) -> tuple[nn.Module, int | None]:
     """The 2D model for ``spec`` (:func:`~tsm_surgery.integrations.models.build_model`) and, for
     ``mmaction:resnetNN``, its depth."""
-    from tsm_surgery.integrations.models import build_model
+    from tsm_surgery.integrations.models import build_model, parse_spec
 
-    source, _, name = spec.rpartition(":")
-    model = build_model(spec)
-    return model, (int(name[len("resnet"):]) if source == "mmaction" else None)
+    return build_model(spec), parse_spec(spec).resnet_depth
 
 
 def _mmaction_peer(plain: nn.Module, depth: int, frames: int) -> nn.Module:
@@ -89,7 +87,7 @@ def set_mode(model: nn.Module, training: bool) -> None:
     model.train(training)  # mmaction's ResNet.train returns None: never chain it
 
 
-def build_models(spec: str, frames: int, notes: List[str]) -> Tuple[Dict[str, nn.Module], Optional[int]]:
+def build_models(spec: str, frames: int, notes: list[str]) -> tuple[dict[str, nn.Module], int | None]:
     """``2d``, the A/A copy, ``ours``, ``mmaction`` (when it applies) and ``zero-fill``, in eval mode.
 
     A peer that cannot be built is left out with a line in ``notes``; the run goes on.
@@ -97,7 +95,7 @@ def build_models(spec: str, frames: int, notes: List[str]) -> Tuple[Dict[str, nn
     plain, depth = build_2d(spec)
     randomize_norms(plain, torch.Generator().manual_seed(1))
     set_mode(plain, False)
-    models: Dict[str, nn.Module] = {"2d": plain, CONTROL: copy.deepcopy(plain)}
+    models: dict[str, nn.Module] = {"2d": plain, CONTROL: copy.deepcopy(plain)}
     models["ours"] = tsm_surgery.convert(plain, frames)
     if depth is not None:
         try:
@@ -114,9 +112,9 @@ def _is_shift(module: nn.Module) -> bool:
     return isinstance(module, (tsm_surgery.TemporalShift, ZeroFillShift))
 
 
-def shift_inputs(ours: nn.Module, x: Tensor, autocast: Callable) -> List[Tensor]:
+def shift_inputs(ours: nn.Module, x: Tensor, autocast: Callable) -> list[Tensor]:
     """The input of every shift module for batch ``x`` (the shapes the op really sees)."""
-    captured: List[Tensor] = []
+    captured: list[Tensor] = []
 
     def keep(_module, args):
         captured.append(args[0].detach().clone(memory_format=torch.preserve_format))

@@ -11,7 +11,7 @@ Example:
 
 import datetime
 import re
-from typing import Callable, List
+from collections.abc import Callable
 
 from .explain import memory_method, remaining_cost
 from .headline import COLUMNS, figures, judge, mib, ms, pct, ratio, targets_for
@@ -26,7 +26,7 @@ _MARK = re.compile(r"<!-- bench:(\w+) -->\n(.*?)<!-- /bench:\1 -->\n?", re.S)
 
 def render(r: BenchResult) -> str:
     """The report of one run. A CUDA run's headings sit one level down, under ``## GPU: NAME``."""
-    lines: List[str] = []
+    lines: list[str] = []
     for section in (_intro, _setup, _headline, _targets, _absolute, _faults, _throughput, _online, _compiled,
                     _remaining, _profile, _notes):
         section(r, lines.append)

@@ -15,8 +15,8 @@ Example:
 import contextlib
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +39,7 @@ from .peers import ZeroFillShift, build_models, set_mode, shift_inputs
 
 __all__ = ["Settings", "BenchResult", "Compiled", "Throughput", "run_bench", "DTYPES"]
 
-Paired = Dict[str, Dict[str, float]]  # name -> paired_ratios entry
+Paired = dict[str, dict[str, float]]  # name -> paired_ratios entry
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -84,10 +84,10 @@ class Throughput:
     """Eval throughput at the batch that fills the GPU (CUDA only)."""
 
     clips: int
-    search: List[Tuple[int, float]]  # (clips, 2D clips/s) tried while growing the batch
+    search: list[tuple[int, float]]  # (clips, 2D clips/s) tried while growing the batch
     eval: Paired
 
-    def clips_per_s(self, name: str) -> Optional[float]:
+    def clips_per_s(self, name: str) -> float | None:
         entry = self.eval.get(name)
         return None if entry is None else self.clips / entry["median_s"]
 
@@ -98,24 +98,24 @@ class BenchResult:
     machine: machine_info.Machine
     batch: int
     sites: int
-    agreement: Dict[str, float]  # peer -> max |ours - peer| / max |peer|
+    agreement: dict[str, float]  # peer -> max |ours - peer| / max |peer|
     shift_effect: float  # max |ours - 2d| / max |2d|
     base_2d_s: float  # fastest 2D eval forward seen: the op-level denominator
-    op_eager: Dict[str, float]  # name -> summed per-site minimum of the shift, seconds
+    op_eager: dict[str, float]  # name -> summed per-site minimum of the shift, seconds
     copy_floor_s: float
-    op_in_place_s: Optional[float]  # ours' eval form: the slots moved in place and back, summed per-site minimum
-    packs_per_step: Optional[int]  # tensors ours' recompute hooks pack through Python in one training step
+    op_in_place_s: float | None  # ours' eval form: the slots moved in place and back, summed per-site minimum
+    packs_per_step: int | None  # tensors ours' recompute hooks pack through Python in one training step
     eval: Paired
     train: Paired
-    memory: Dict[str, Optional[int]]
+    memory: dict[str, int | None]
     online: Paired
     convert: ConvertTimes
-    compiled: Optional[Compiled] = None
-    profile: Optional[Tuple[str, Optional[float]]] = None  # (table, shift share of the forward)
-    faults: Dict[str, Dict[str, float]] = field(default_factory=dict)  # CPU: malloc setting -> MiB per model
+    compiled: Compiled | None = None
+    profile: tuple[str, float | None] | None = None  # (table, shift share of the forward)
+    faults: dict[str, dict[str, float]] = field(default_factory=dict)  # CPU: malloc setting -> MiB per model
     malloc_tuned: bool = False
-    throughput: Optional[Throughput] = None
-    notes: List[str] = field(default_factory=list)
+    throughput: Throughput | None = None
+    notes: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
 
 
@@ -163,7 +163,7 @@ def run_bench(settings: Settings) -> BenchResult:
     device = torch.device(settings.device)
     run = _Run(settings, device, torch.channels_last if settings.channels_last else torch.contiguous_format)
     machine = machine_info.describe(device)
-    notes: List[str] = []
+    notes: list[str] = []
     models, _ = build_models(settings.model, settings.frames, notes)
     for model in models.values():
         model.to(device=device, memory_format=run.fmt)
@@ -208,7 +208,7 @@ def _base_repeats(settings: Settings) -> int:
     return max(3, min(10, settings.op_repeats // 3))
 
 
-def _agreement(run: _Run, models: Dict[str, nn.Module], x: Tensor, notes: List[str]) -> Tuple[Dict[str, float], float]:
+def _agreement(run: _Run, models: dict[str, nn.Module], x: Tensor, notes: list[str]) -> tuple[dict[str, float], float]:
     """Equal weights, equal numbers: ours against the peers, and how much the shift changes the 2D output.
 
     A model that fails on the input is left out of the run with a note.
@@ -229,10 +229,10 @@ def _relative(a: Tensor, b: Tensor) -> float:
     return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-12)
 
 
-def _faults(run: _Run, models: Dict[str, nn.Module], x: Tensor) -> Tuple[Dict[str, Dict[str, float]], bool]:
+def _faults(run: _Run, models: dict[str, nn.Module], x: Tensor) -> tuple[dict[str, dict[str, float]], bool]:
     """Page faults per eval forward under glibc's defaults, then with freed memory kept (CPU)."""
 
-    def per_forward() -> Dict[str, float]:
+    def per_forward() -> dict[str, float]:
         return {name: faulted_mib(lambda m=m: run.eval_call(m, x)) for name, m in models.items()}
 
     faults = {"default": per_forward()}
@@ -244,11 +244,11 @@ def _faults(run: _Run, models: Dict[str, nn.Module], x: Tensor) -> Tuple[Dict[st
     return faults, tuned
 
 
-def _op_level(run: _Run, models: Dict[str, nn.Module], sites: List[Tensor],
-              notes: List[str]) -> Tuple[Dict[str, float], float]:
+def _op_level(run: _Run, models: dict[str, nn.Module], sites: list[Tensor],
+              notes: list[str]) -> tuple[dict[str, float], float]:
     """Per peer, the summed minimum of its shift on every site input; and a clone of the same inputs."""
     frames, repeats = run.settings.frames, run.settings.op_repeats
-    op_fns: Dict[str, Callable[[Tensor], Tensor]] = {
+    op_fns: dict[str, Callable[[Tensor], Tensor]] = {
         "ours": lambda t: tsm_surgery.temporal_shift(t, frames, 8, "bi"),
         "zero-fill": ZeroFillShift(frames, 8),
     }
@@ -268,7 +268,7 @@ def _op_level(run: _Run, models: Dict[str, nn.Module], sites: List[Tensor],
     return op_eager, floor
 
 
-def _op_in_place(run: _Run, sites: List[Tensor]) -> Optional[float]:
+def _op_in_place(run: _Run, sites: list[Tensor]) -> float | None:
     """Ours' eval form at each site: the moving slots shifted in place and put back (``swap=True``)."""
     shift = tsm_surgery.TemporalShift(run.settings.frames, 8, "bi")
 
@@ -279,10 +279,10 @@ def _op_in_place(run: _Run, sites: List[Tensor]) -> Optional[float]:
         return sum(min_time(lambda t=t: swap_and_restore(t), run.settings.op_repeats, run.clock) for t in sites)
 
 
-def _memory(run: _Run, models: Dict[str, nn.Module], x: Tensor) -> Dict[str, Optional[int]]:
+def _memory(run: _Run, models: dict[str, nn.Module], x: Tensor) -> dict[str, int | None]:
     """Peak bytes of one training step per model (models in train mode), and ours keeping shift outputs."""
 
-    def peak(model: nn.Module) -> Optional[int]:
+    def peak(model: nn.Module) -> int | None:
         try:
             run.train_call(model, x)  # gradients exist, as in every step after the first
             return peak_bytes(lambda: run.train_call(model, x),
@@ -317,7 +317,7 @@ def _online(run: _Run, plain: nn.Module) -> Paired:
     return run.paired(fns, max(s.rounds * 2, 5), 2)
 
 
-def _compiled(run: _Run, models: Dict[str, nn.Module], sites: List[Tensor], x: Tensor) -> Compiled:
+def _compiled(run: _Run, models: dict[str, nn.Module], sites: list[Tensor], x: Tensor) -> Compiled:
     """The shift op alone per site, and the converted network end to end, under ``torch.compile``."""
     import torch._dynamo
 
@@ -344,7 +344,7 @@ def _compiled(run: _Run, models: Dict[str, nn.Module], sites: List[Tensor], x: T
                     base_2d_s=min(base, eval_res["2d"]["min_s"]), eval=eval_res)
 
 
-def _throughput(run: _Run, models: Dict[str, nn.Module]) -> Throughput:
+def _throughput(run: _Run, models: dict[str, nn.Module]) -> Throughput:
     """Eval clips/s at a batch that fills the GPU, side by side.
 
     The batch doubles from ``--clips`` while the 2D network's clips/s still grows by 5% or more,
@@ -352,7 +352,7 @@ def _throughput(run: _Run, models: Dict[str, nn.Module]) -> Throughput:
     """
     s = run.settings
     total = torch.cuda.get_device_properties(run.device).total_memory
-    search: List[Tuple[int, float]] = []
+    search: list[tuple[int, float]] = []
     clips = s.clips
     while True:
         try:

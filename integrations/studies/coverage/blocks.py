@@ -11,8 +11,8 @@ that start where a shifted block entry starts (RepVGG).
 A conversion that keeps more blocks whole than it shifts is *partial*.
 """
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Sequence, Set
 
 import torch
 from torch import fx, nn
@@ -37,7 +37,7 @@ class Blocks:
     """
 
     shifted: int = 0
-    kept: Dict[str, int] = field(default_factory=dict)
+    kept: dict[str, int] = field(default_factory=dict)
 
     @property
     def kept_total(self) -> int:
@@ -60,7 +60,7 @@ class Blocks:
         return text
 
 
-def _reachable(node: fx.Node, neighbours: Callable[[fx.Node], Iterable[fx.Node]]) -> Set[fx.Node]:
+def _reachable(node: fx.Node, neighbours: Callable[[fx.Node], Iterable[fx.Node]]) -> set[fx.Node]:
     seen, stack = set(), [node]
     while stack:
         for other in neighbours(stack.pop()):
@@ -70,15 +70,15 @@ def _reachable(node: fx.Node, neighbours: Callable[[fx.Node], Iterable[fx.Node]]
     return seen
 
 
-def _ancestors(node: fx.Node) -> Set[fx.Node]:
+def _ancestors(node: fx.Node) -> set[fx.Node]:
     return _reachable(node, lambda n: n.all_input_nodes)
 
 
-def _descendants(node: fx.Node) -> Set[fx.Node]:
+def _descendants(node: fx.Node) -> set[fx.Node]:
     return _reachable(node, lambda n: n.users)
 
 
-def _spans(graph: fx.Graph, sites: Sequence[tsm_surgery.ResidualSite]) -> Dict[str, Set[fx.Node]]:
+def _spans(graph: fx.Graph, sites: Sequence[tsm_surgery.ResidualSite]) -> dict[str, set[fx.Node]]:
     """join name -> the nodes strictly between the join's fork and the join: the block's inside."""
     nodes = {n.name: n for n in graph.nodes}
     spans = {}
@@ -89,7 +89,7 @@ def _spans(graph: fx.Graph, sites: Sequence[tsm_surgery.ResidualSite]) -> Dict[s
     return spans
 
 
-def _leaf_nodes(net: fx.GraphModule) -> List[fx.Node]:
+def _leaf_nodes(net: fx.GraphModule) -> list[fx.Node]:
     """``call_module`` nodes that run a whole module tree or a non-torch module as one node."""
     leaves = []
     for node in net.graph.nodes:
@@ -121,9 +121,9 @@ def _same_shape_activations(a, b) -> bool:
     return tensors and a.dim() >= 2 and a.shape == b.shape
 
 
-def _joins_inside(model: nn.Module, paths: Iterable[str], image: torch.Tensor) -> Dict[str, int]:
+def _joins_inside(model: nn.Module, paths: Iterable[str], image: torch.Tensor) -> dict[str, int]:
     """path -> same-shape additions made while the module at ``path`` runs on the model's input."""
-    captured: Dict[str, tuple] = {}
+    captured: dict[str, tuple] = {}
 
     def capture(path):
         def hook(_module, args, kwargs):

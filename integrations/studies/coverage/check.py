@@ -8,8 +8,9 @@ import copy
 import os
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -54,7 +55,7 @@ class Result:
     uni: bool = False
     online: bool = False
     backward: bool = False
-    blocks: Optional[Blocks] = None  # None: not counted (the check stopped before, or an older sweep)
+    blocks: Blocks | None = None  # None: not counted (the check stopped before, or an older sweep)
     failed_at: str = ""
     reason: str = ""
     seconds: float = 0.0
@@ -69,11 +70,11 @@ class Result:
             return "fail"
         return "partial" if self.blocks is not None and self.blocks.partial else "pass"
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "status": self.status}
 
     @classmethod
-    def from_dict(cls, row: Dict[str, Any]) -> "Result":
+    def from_dict(cls, row: dict[str, Any]) -> "Result":
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in row.items() if k in known}
         values["blocks"] = Blocks(**row["blocks"]) if row.get("blocks") is not None else None
@@ -87,15 +88,15 @@ class _Run:
     spec: ModelSpec
     frames: int
     result: Result
-    model: Optional[nn.Module] = None
-    image: Optional[torch.Tensor] = None
-    clip: Optional[torch.Tensor] = None
+    model: nn.Module | None = None
+    image: torch.Tensor | None = None
+    clip: torch.Tensor | None = None
     sites: Sequence[tsm_surgery.ResidualSite] = ()
-    convert_kwargs: Dict[str, Any] = field(default_factory=dict)
-    bi: Optional[nn.Module] = None
+    convert_kwargs: dict[str, Any] = field(default_factory=dict)
+    bi: nn.Module | None = None
 
 
-def _tensors(out) -> List[torch.Tensor]:
+def _tensors(out) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, dict):
@@ -150,7 +151,7 @@ def calibrate_batch_norms(model: nn.Module, batch: torch.Tensor) -> None:
         model.eval()
 
 
-def _try_size(source: str, name: str, size: Optional[int]) -> Tuple[nn.Module, int]:
+def _try_size(source: str, name: str, size: int | None) -> tuple[nn.Module, int]:
     model = None
     if source == "timm" and size is not None:
         try:
@@ -171,7 +172,7 @@ def _try_size(source: str, name: str, size: Optional[int]) -> Tuple[nn.Module, i
 def _step_build(run: _Run) -> None:
     """The model at the smallest square input it runs on, with random norms calibrated."""
     count_params(run.spec.source, run.result.model)  # an unknown name fails here, once, with its hint
-    last_err: Optional[BaseException] = None
+    last_err: BaseException | None = None
     for size in _IMAGE_SIZES + (None,):
         try:
             model, size = _try_size(run.spec.source, run.result.model, size)
@@ -193,7 +194,7 @@ def _step_sites(run: _Run) -> None:
     run.sites = tsm_surgery.find_residual_sites(run.model, run.image, all_joins=True)
     res.traced = True
     residual = [s for s in run.sites if s.kind == "residual"]
-    others: Dict[str, int] = {}
+    others: dict[str, int] = {}
     for s in run.sites:
         if s.kind not in ("residual", "first_conv"):
             others[s.kind] = others.get(s.kind, 0) + 1
@@ -248,7 +249,7 @@ def _step_online(run: _Run) -> None:
     res.online = True
 
 
-def _mismatched_frames(streamed: List[torch.Tensor], offline: torch.Tensor) -> List[int]:
+def _mismatched_frames(streamed: list[torch.Tensor], offline: torch.Tensor) -> list[int]:
     return [t for t in range(len(streamed)) if not _close(streamed[t], offline[t:t + 1])]
 
 
@@ -268,7 +269,7 @@ def _step_backward(run: _Run) -> None:
 
 
 # In order; each step needs the ones before it.
-STEPS: Tuple[Tuple[str, Callable[[_Run], None]], ...] = (
+STEPS: tuple[tuple[str, Callable[[_Run], None]], ...] = (
     ("build", _step_build), ("sites", _step_sites), ("bi", _step_bi), ("online", _step_online),
     ("blocks", _step_blocks), ("backward", _step_backward),
 )

@@ -5,9 +5,10 @@ import multiprocessing as mp
 import os
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import wait
-from typing import Any, Iterator, List, Optional, Sequence, Tuple
+from typing import Any
 
 from .check import Result, check_model
 from .specs import ModelSpec
@@ -30,7 +31,7 @@ def _worker(conn, threads: int, frames: int) -> None:
 class _Slot:
     proc: Any
     conn: Any
-    task: Optional[Tuple[int, ModelSpec]] = None
+    task: tuple[int, ModelSpec] | None = None
     since: float = 0.0
 
 
@@ -38,7 +39,7 @@ class _Pool:
     def __init__(self, jobs: int, threads: int, frames: int):
         self.ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         self.threads, self.frames = threads, frames
-        self.slots: List[_Slot] = [self.start() for _ in range(jobs)]
+        self.slots: list[_Slot] = [self.start() for _ in range(jobs)]
 
     def start(self) -> _Slot:
         parent, child = self.ctx.Pipe()
@@ -63,7 +64,7 @@ def _lost(spec: ModelSpec, failed_at: str, reason: str, seconds: float) -> Resul
                   family=spec.family, kind=spec.kind, failed_at=failed_at, reason=reason, seconds=round(seconds, 1))
 
 
-def _collect(pool: _Pool, index: int, ready: list, timeout: float) -> Optional[Tuple[int, Result]]:
+def _collect(pool: _Pool, index: int, ready: list, timeout: float) -> tuple[int, Result] | None:
     """The finished (or lost) task of slot ``index``, replacing a dead or hung worker."""
     slot = pool.slots[index]
     position, spec = slot.task
@@ -89,7 +90,7 @@ def _collect(pool: _Pool, index: int, ready: list, timeout: float) -> Optional[T
 
 
 def run_checks(specs: Sequence[ModelSpec], jobs: int = 1, timeout: float = 180.0, frames: int = 4,
-               threads: Optional[int] = None) -> Iterator[Tuple[int, Result]]:
+               threads: int | None = None) -> Iterator[tuple[int, Result]]:
     """Checks every spec in worker processes; yields ``(position in specs, result)`` as each finishes.
 
     Args:

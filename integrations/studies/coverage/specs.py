@@ -2,8 +2,8 @@
 
 import fnmatch
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 __all__ = ["FAMILY_KINDS", "ModelSpec", "sweep_specs", "all_timm_specs", "count_params", "smallest"]
 
@@ -11,7 +11,7 @@ __all__ = ["FAMILY_KINDS", "ModelSpec", "sweep_specs", "all_timm_specs", "count_
 # family counts as convolutional when its smallest model mixes tokens with convolutions only
 # (pooling, shifts and gating count as convolutional); anything with attention, token mixing
 # MLPs or recurrent token mixing is "transformer".
-FAMILY_KINDS: Dict[str, str] = {
+FAMILY_KINDS: dict[str, str] = {
     **dict.fromkeys([
         "byobnet", "convmixer", "convnext", "cpubone", "cspnet", "cspnext", "densenet", "dla", "dpn",
         "efficientnet", "fasternet", "ghostnet", "hardcorenas", "hgnet", "hrnet", "inception_next",
@@ -55,7 +55,7 @@ class ModelSpec:
 
     source: str
     family: str
-    candidates: Tuple[str, ...]
+    candidates: tuple[str, ...]
 
     @property
     def kind(self) -> str:
@@ -93,14 +93,14 @@ def smallest(spec: ModelSpec) -> str:
     return min(sizes)[1] if sizes else spec.candidates[0]
 
 
-def _size_rank(name: str) -> Tuple[int, int, str]:
+def _size_rank(name: str) -> tuple[int, int, str]:
     tokens = re.split(r"[_\-.]", name.lower())
     ranks = [_SIZE_WORDS.index(t) for t in tokens if t in _SIZE_WORDS]
     digits = [int(d) for d in re.findall(r"\d+", name)]
     return (min(ranks) if ranks else len(_SIZE_WORDS) // 2, min(digits) if digits else 0, name)
 
 
-def _by_size(names: Iterable[str]) -> Tuple[str, ...]:
+def _by_size(names: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted(names, key=lambda n: (_size_rank(n), len(n)))[:6])
 
 
@@ -111,7 +111,7 @@ def timm_family(name: str) -> str:
     return timm.models.model_entrypoint(name).__module__.rsplit(".", 1)[-1]
 
 
-def _timm_family_specs() -> List[ModelSpec]:
+def _timm_family_specs() -> list[ModelSpec]:
     import timm
 
     specs = []
@@ -129,20 +129,20 @@ def _tv_family(name: str) -> str:
     return "tv." + (module.replace("_", "") if module in ("mobilenetv2", "mobilenetv3", "shufflenetv2") else module)
 
 
-def _tv_names() -> List[str]:
+def _tv_names() -> list[str]:
     import torchvision
 
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def _tv_family_specs() -> List[ModelSpec]:
-    families: Dict[str, List[str]] = {}
+def _tv_family_specs() -> list[ModelSpec]:
+    families: dict[str, list[str]] = {}
     for name in _tv_names():
         families.setdefault(_tv_family(name), []).append(name)
     return [ModelSpec("torchvision", fam, _by_size(names)) for fam, names in sorted(families.items())]
 
 
-def sweep_specs(models: Optional[str] = None, limit: Optional[int] = None) -> List[ModelSpec]:
+def sweep_specs(models: str | None = None, limit: int | None = None) -> list[ModelSpec]:
     """The sweep: the smallest model per family, or every model matching a glob.
 
     Args:
@@ -166,8 +166,8 @@ def sweep_specs(models: Optional[str] = None, limit: Optional[int] = None) -> Li
     return specs[:limit] if limit else specs
 
 
-def all_timm_specs(max_params: float, sizes: Dict[str, Optional[int]], names: Optional[List[str]] = None,
-                   progress: Callable[[str], None] = lambda line: None) -> List[ModelSpec]:
+def all_timm_specs(max_params: float, sizes: dict[str, int | None], names: list[str] | None = None,
+                   progress: Callable[[str], None] = lambda line: None) -> list[ModelSpec]:
     """Every timm model name with at most ``max_params`` parameters, smallest first.
 
     Smallest first, so that a sweep stopped early has covered every name up to some size.

@@ -1,0 +1,129 @@
+"""``tsm-surgery export``: a TSM network for a CPU runtime (ONNX, OpenVINO, ExecuTorch) with one JSON sidecar.
+
+Two forms:
+
+* ``--online`` (default): the explicit-state step of :func:`tsm_surgery.to_online`. Inputs are
+  ``frames`` ``(B, C, H, W)`` and one cache per shift site; outputs are ``output`` and the new
+  caches. Feed each output cache back as the matching input at the next frame; start from
+  zeros. The sidecar lists the pairs (``state``) with their shapes.
+* ``--offline``: the converted clip network, input ``clips`` ``(N*T, C, H, W)``; ONNX keeps ``N``
+  dynamic, OpenVINO and ExecuTorch fix it (``--clips``).
+
+:func:`tsm_surgery.integrations.export.load` runs the result.
+
+Example::
+
+    tsm-surgery export --model timm:mobilenetv2_100 --online --size 224 --output mbv2_online.onnx
+    tsm-surgery export --target openvino --model timm:mobilenetv2_100 --checkpoint tsm_uni.pth --output mbv2.xml
+    tsm-surgery export --target executorch --model timm:resnet50 --offline --n-segments 8 --output r50.pte
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+import tsm_surgery
+from tsm_surgery.cli import positive_int
+from tsm_surgery.integrations.checkpoints import check_checkpoint_layout, shift_for_checkpoint
+from tsm_surgery.integrations.checkpoints.loading import cli_log
+from tsm_surgery.integrations.export import SUFFIX, TARGETS, export_set, target_module
+from tsm_surgery.integrations.export.artifacts import require_target
+from tsm_surgery.integrations.models import build_model, default_frame_size
+from tsm_surgery.integrations.outputs import claim_outputs
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="timm:NAME or torchvision:NAME (random weights unless --checkpoint)")
+    parser.add_argument("--target", choices=TARGETS, default="onnx",
+                        help="runtime: onnx (onnxruntime; default), openvino (IR .xml/.bin, CPU plugin) or "
+                             "executorch (.pte, XNNPACK)")
+    form = parser.add_mutually_exclusive_group()
+    form.add_argument("--online", dest="online", action="store_true", default=True,
+                      help="export the one-frame step with explicit caches (default; direction uni)")
+    form.add_argument("--offline", dest="online", action="store_false",
+                      help="export the clip network, input (N*T, C, H, W)")
+    parser.add_argument("--n-segments", type=positive_int, default=8, help="frames per clip T (offline; default 8)")
+    parser.add_argument("--shift-div", type=positive_int, default=8,
+                        help="1/shift_div of the channels move (default 8)")
+    parser.add_argument("--direction", choices=("bi", "uni"),
+                        help="offline only; default bi (online is always uni)")
+    parser.add_argument("--uni-slot", choices=("past", "first"),
+                        help="with a uni shift: channels read from the previous frame: 'past' = [fold, 2*fold) "
+                             "(default), 'first' = [0, fold) as the paper's online demo (default for its checkpoint)")
+    parser.add_argument("--checkpoint", help="2D or converted state_dict, loaded with weights_only=True")
+    parser.add_argument("--num-classes", type=positive_int, help="classifier size (default: the model's own)")
+    parser.add_argument("--size", type=positive_int, help="frame height and width (default: the model's input size)")
+    parser.add_argument("--batch-size", type=positive_int, default=1, help="streams per step (online; default 1)")
+    parser.add_argument("--clips", type=positive_int, default=1,
+                        help="clips per call of the offline network for openvino/executorch (fixed; default 1)")
+    parser.add_argument("--precision", choices=("f32", "bf16"), default="f32",
+                        help="openvino: the CPU plugin's inference precision the runner uses (default f32; "
+                             "bf16 runs on bfloat16 units, about 1e-1 off)")
+    parser.add_argument("--exporter", choices=("dynamo", "legacy"), default="dynamo",
+                        help="onnx: torch.onnx exporter, dynamo (torch.export based, default) or legacy (TorchScript)")
+    parser.add_argument("--int8", action="store_true",
+                        help="static post-training int8 quantization with the runtime's own tool (needs --calibration)")
+    parser.add_argument("--calibration", metavar="VIDEO_DIR_OR_DATA_CONFIG",
+                        help="decoded clips for --int8 calibration: a folder of videos or an MMAction2 data config")
+    parser.add_argument("--output", help="artifact path (default: <model>_<online|offline><suffix>, suffix .onnx, "
+                        ".xml or .pte); the sidecar is the same path with .json, ONNX weights go to <output>.data, "
+                        "OpenVINO weights to .bin")
+    parser.add_argument("--force", action="store_true", help="replace existing output files (all of them)")
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.uni_slot and (args.direction == "bi" or (not args.online and args.direction is None)):
+        raise ValueError("--uni-slot applies to a uni shift: use it with --online or --direction uni.")
+    if args.online and args.direction == "bi":
+        raise ValueError("--direction bi: --online needs the uni-directional shift (a bi network reads "
+                         "future frames); drop --direction bi or use --offline.")
+    if args.calibration and not args.int8:
+        raise ValueError("--calibration is for --int8; add --int8 or drop --calibration.")
+    if args.int8:
+        raise ValueError("--int8: int8 quantization is not in this build yet; export float32 (drop --int8).")
+    if args.precision != "f32" and args.target != "openvino":
+        raise ValueError(f"--precision {args.precision}: only --target openvino chooses a precision at run time.")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check(args)
+    direction = "uni" if args.online else (args.direction or "bi")
+    form = "online" if args.online else "offline"
+    path = args.output or f"{args.model.split(':')[-1]}_{form}{SUFFIX[args.target]}"
+    # A wrong suffix, a missing runtime or an existing file fails before the model is built.
+    outputs = target_module(args.target).output_files(path)
+    require_target(args.target)
+    if not args.force:
+        claim_outputs(outputs, force=False)
+    kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
+    model = build_model(args.model, checkpoint=args.checkpoint, **kwargs).eval()
+    size = args.size or default_frame_size(model)
+    frame_shape = (3, size, size)
+    if not args.checkpoint:
+        print("tsm-surgery export: note: no --checkpoint, so the exported network has random weights; pass "
+              "--checkpoint FILE for trained ones", file=sys.stderr)
+    start = time.perf_counter()
+    direction, slot = shift_for_checkpoint(args.checkpoint, direction, args.uni_slot, "--checkpoint", log=cli_log)
+    net = tsm_surgery.convert(model, args.n_segments, shift_div=args.shift_div, direction=direction,
+                              uni_slot=slot, example_input=torch.randn((1,) + frame_shape), inplace=True)
+    check_checkpoint_layout(args.checkpoint, net, "--checkpoint", log=cli_log)
+    network = tsm_surgery.to_online(net, frame_shape=frame_shape, inplace=True) if args.online else net
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    metadata = {
+        "model": args.model, "checkpoint": args.checkpoint, "shift_div": args.shift_div, "direction": direction,
+        "slot": slot, "n_segments": None if args.online else args.n_segments, "input_size": size,
+        "preprocess": {"size": size, "mean": list(cfg.get("mean", (0.485, 0.456, 0.406))),
+                       "std": list(cfg.get("std", (0.229, 0.224, 0.225))), "scale": "RGB in [0, 1]"},
+    }
+    export_set(args.target, network, path, frame_shape=frame_shape, batch_size=args.batch_size, clips=args.clips,
+               precision=args.precision, exporter=args.exporter, force=args.force, metadata=metadata)
+    written = [p for p, _ in outputs if os.path.exists(p)]
+    print(f"wrote {', '.join(written)} ({args.target}, {form}, {len(net.sites)} shift sites, "
+          f"{time.perf_counter() - start:.1f} s); they belong together")
+    return 0

@@ -1,0 +1,64 @@
+"""ExecuTorch target of ``tsm-surgery export``: the network as a ``.pte`` program, XNNPACK-delegated.
+
+The torch.export'ed program is lowered with ``to_edge_transform_and_lower`` and the XNNPACK
+partitioner (every supported op runs in XNNPACK's CPU kernels), then serialised. ExecuTorch
+addresses inputs and outputs by position: the sidecar's order is the program's order
+(``frames``, then the caches in ``state_names`` order; ``output``, then the new caches).
+
+Example::
+
+    tsm-surgery export --target executorch --model timm:mobilenetv2_100 --online --output mbv2.pte
+"""
+
+from typing import Any
+
+import torch
+from torch import nn
+
+import tsm_surgery
+
+from .artifacts import offline_io, online_example, online_io, require, sidecar_path, torch_export
+
+__all__ = ["export_online", "export_offline", "output_files", "write"]
+
+
+def write(module: nn.Module, args: tuple, path: str, input_names: list[str] | None = None,
+          output_names: list[str] | None = None) -> None:
+    """Lowers ``module`` traced on ``args`` to XNNPACK and writes the ``.pte`` at ``path``.
+
+    ``input_names``/``output_names`` are accepted for a common signature; a ``.pte`` has positions only.
+    """
+    exir = require("executorch.exir", "executorch")
+    xnnpack = require("executorch.backends.xnnpack.partition.xnnpack_partitioner", "executorch")
+    program = torch_export(module, args)
+    lowered = exir.to_edge_transform_and_lower(program, partitioner=[xnnpack.XnnpackPartitioner()])
+    with open(path, "wb") as f:
+        f.write(lowered.to_executorch().buffer)
+
+
+def export_online(online: "tsm_surgery.OnlineTSM", path: str, batch_size: int = 1,
+                  frame_shape: tuple[int, int, int] = (3, 224, 224)) -> dict[str, Any]:
+    """Exports the explicit-state step; returns the sidecar's ``inputs``/``outputs``/``state``."""
+    frames, state, out = online_example(online, batch_size, frame_shape)
+    io = online_io(frames, state, out)
+    write(online.step_module, (frames, *state.values()), path)
+    return io
+
+
+def export_offline(net: "tsm_surgery.TSMNet", path: str, frame_shape: tuple[int, int, int] = (3, 224, 224),
+                   clips: int = 1) -> dict[str, Any]:
+    """Exports the clip network for ``clips`` clips of ``net.n_segments`` frames (a fixed batch)."""
+    net.eval()
+    x = torch.zeros((clips * net.n_segments,) + tuple(frame_shape))
+    with torch.no_grad():
+        out = net(x)
+    write(net, (x,), path)
+    return offline_io(x, out, net.n_segments, dynamic=False)
+
+
+def output_files(path: str) -> list[tuple[str, str]]:
+    """``(path, role)`` of every file an ExecuTorch export writes for program path ``path`` (``*.pte``)."""
+    if not path.endswith(".pte"):
+        raise ValueError(f"--output {path}: an ExecuTorch program is a .pte file; name it *.pte.")
+    return [(path, "the ExecuTorch program (XNNPACK)"),
+            (sidecar_path(path), "the JSON sidecar naming inputs, outputs and caches")]

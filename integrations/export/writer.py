@@ -1,0 +1,106 @@
+"""One export set: the artifact of a target and its sidecar, written all or nothing.
+
+:func:`export_set` is what ``tsm-surgery export`` and the deploy bench call: it picks the target's
+module (:mod:`.onnx`, :mod:`.openvino`, :mod:`.executorch`), checks the destination before any
+slow work, writes every file through ``outputs.atomic_outputs`` and returns the sidecar.
+
+Example::
+
+    online = tsm_surgery.to_online(tsm_surgery.convert(model, n_segments=8, direction="uni"))
+    sidecar = export_set("openvino", online, "mbv2.xml", frame_shape=(3, 224, 224))
+    runner = tsm_surgery.integrations.export.runtime.load("mbv2.json")
+"""
+
+import importlib
+import json
+import os
+from types import ModuleType
+from typing import Any
+
+import tsm_surgery
+from tsm_surgery.integrations.outputs import atomic_outputs
+
+from .artifacts import SIDECAR_FORMAT, TARGETS, require_target
+
+__all__ = ["export_set", "target_module", "SUFFIX"]
+
+SUFFIX = {"onnx": ".onnx", "openvino": ".xml", "executorch": ".pte"}
+
+
+def target_module(target: str) -> ModuleType:
+    """The module of export target ``target`` (its runtime is imported only when it writes)."""
+    if target not in TARGETS:
+        raise ValueError(f"--target {target!r}: choose one of {', '.join(TARGETS)}.")
+    return importlib.import_module(f"{__package__}.{target}")
+
+
+def _default_preprocess(frame_shape: tuple[int, int, int]) -> dict[str, Any]:
+    """ImageNet statistics on [0, 1] RGB, what timm and torchvision models expect; callers override it."""
+    return {"size": frame_shape[-1], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+            "scale": "RGB in [0, 1]"}
+
+
+def _usage(online: bool, segments: int | None) -> str:
+    if online:
+        return ("run one frame at a time; feed each state[i].output back as state[i].input at the next frame; "
+                "initialise the caches with zeros")
+    return f"clips holds N clips of {segments} contiguous frames"
+
+
+def export_set(target: str, network: "tsm_surgery.OnlineTSM | tsm_surgery.TSMNet", path: str, *,
+               frame_shape: tuple[int, int, int] = (3, 224, 224), batch_size: int = 1, clips: int = 1,
+               precision: str = "f32", exporter: str = "dynamo", force: bool = False,
+               metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Writes ``network`` for ``target`` at ``path`` with its sidecar (``path`` with ``.json``); returns the sidecar.
+
+    Args:
+        target: ``onnx``, ``openvino`` or ``executorch``.
+        network: an :class:`~tsm_surgery.OnlineTSM` (the online step, caches in and out) or a
+            :class:`~tsm_surgery.TSMNet` (the clip network).
+        path: the artifact (``.onnx``, ``.xml``, ``.pte``); the other files go beside it.
+        frame_shape: ``(C, H, W)`` of one preprocessed frame.
+        batch_size: streams per online step.
+        clips: clips per call of a fixed-batch clip network (OpenVINO, ExecuTorch; ONNX's is dynamic).
+        precision: OpenVINO's inference precision recorded in the sidecar (``f32`` or ``bf16``).
+        exporter: the torch.onnx exporter for ONNX (``dynamo`` or ``legacy``).
+        force: replace an existing set.
+        metadata: more sidecar fields (model, checkpoint, preprocess, ...).
+
+    Raises:
+        FileExistsError: a file of the set exists and ``force`` is false; nothing is written.
+        ImportError: the target's runtime is not installed (the message names the extra).
+    """
+    module = target_module(target)
+    outputs = module.output_files(path)
+    online = isinstance(network, tsm_surgery.OnlineTSM)
+    if not online and not isinstance(network, tsm_surgery.TSMNet):
+        raise TypeError(f"export_set takes a tsm_surgery.OnlineTSM or TSMNet, got {type(network).__name__}; "
+                        "hint: tsm_surgery.convert(model, ...) first.")
+    if precision != "f32" and target != "openvino":
+        raise ValueError(f"--precision {precision}: only the openvino target chooses a float precision at run time.")
+    require_target(target)
+    # The set is written to temporary paths (same basenames, so ONNX's .data reference holds) and replaces
+    # the targets together when complete; checked before anything slow or written.
+    with atomic_outputs(outputs, force) as temps:
+        staged = dict(zip([p for p, _ in outputs], temps)).__getitem__
+        if online:
+            kwargs = {"exporter": exporter} if target == "onnx" else {}
+            io = module.export_online(network, staged(path), batch_size, frame_shape, **kwargs)
+        else:
+            kwargs = {"exporter": exporter} if target == "onnx" else {"clips": clips}
+            io = module.export_offline(network, staged(path), frame_shape, **kwargs)
+        sidecar = {
+            "format": SIDECAR_FORMAT, "target": target, "artifact": os.path.basename(path),
+            "files": [os.path.basename(p) for p, _ in outputs[:-1]],
+            **({"onnx": os.path.basename(path)} if target == "onnx" else {}),
+            "form": "online" if online else "offline",
+            "dtype": io["inputs"][0]["dtype"], "precision": precision, "batch_size": io["inputs"][0]["shape"][0],
+            "n_segments": None if online else network.n_segments,
+            "direction": "uni" if online else network.direction, "shift_div": network.shift_div,
+            "input_size": frame_shape[-1], "preprocess": _default_preprocess(frame_shape),
+            "sites": [s.name for s in network.sites],
+            **(metadata or {}), **io, "usage": _usage(online, None if online else network.n_segments),
+        }
+        with open(staged(outputs[-1][0]), "w") as f:
+            json.dump(sidecar, f, indent=2)
+    return sidecar

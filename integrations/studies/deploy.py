@@ -1,0 +1,216 @@
+"""``tsm-surgery bench --deploy``: the TSM network in each CPU runtime, against the same runtime's 2D network.
+
+For every model and runtime (onnxruntime, OpenVINO float32 and bfloat16, ExecuTorch XNNPACK), from
+one set of weights:
+
+* **online step**: per-frame latency of the exported online step (caches in and out, fed back by
+  :class:`~tsm_surgery.integrations.export.runtime.OnlineRunner`) against the same runtime's plain
+  2D network on one frame, paired and interleaved (:func:`~.bench.measure.paired_ratios`), with
+  the A/A control (a second copy of the 2D artifact) showing the noise;
+* **clip throughput**: clips of ``n_segments`` frames per second through the exported clip network;
+* **streaming equality**: the runtime's online outputs on a ``clip_frames``-frame clip against
+  PyTorch's offline uni network on the whole clip, relative to its largest output.
+
+int8 columns appear when an int8 quantizer for the runtime is installed in this build; accuracy
+on trained checkpoints is measured when a checkpoint is given (the same weights everywhere).
+The report is the ``deploy`` section of ``docs/BENCHMARKS.md`` (:func:`~.bench.merge_sections`).
+
+Example::
+
+    tsm-surgery bench --deploy --quick --deploy-runtimes onnx,openvino
+"""
+
+import datetime
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+import tsm_surgery
+from tsm_surgery.integrations.export import export_set, load, open_engine, target_module
+from tsm_surgery.integrations.export.artifacts import require_target
+from tsm_surgery.integrations.models import build_model, randomize_norms
+from tsm_surgery.integrations.studies.bench.machine import describe, load_average
+from tsm_surgery.integrations.studies.bench.measure import CONTROL, paired_ratios, wall_time
+from tsm_surgery.integrations.studies.bench.report import merge_sections
+
+__all__ = ["DeploySettings", "DeployResult", "QUICK", "RUNTIMES", "run_deploy", "render", "write", "describe"]
+
+# runtime name -> (export target, run-time precision)
+RUNTIMES = {"onnx": ("onnx", "f32"), "openvino": ("openvino", "f32"), "openvino-bf16": ("openvino", "bf16"),
+            "executorch": ("executorch", "f32")}
+SUFFIX = {"onnx": ".onnx", "openvino": ".xml", "executorch": ".pte"}
+
+
+@dataclass
+class DeploySettings:
+    models: tuple[str, ...] = ("timm:mobilenetv2_100", "timm:resnet50")
+    runtimes: tuple[str, ...] = tuple(RUNTIMES)
+    size: int = 224
+    n_segments: int = 8
+    clip_frames: int = 16
+    rounds: int = 30
+    clip_rounds: int = 10
+    threads: int | None = None
+    checkpoint: str | None = None  # one state_dict for every model (same weights in every runtime)
+    seed: int = 0
+
+
+QUICK = dict(models=("timm:mobilenetv2_100", "timm:resnet18"), size=32, n_segments=4, clip_frames=8, rounds=5,
+             clip_rounds=3)
+
+
+@dataclass
+class Row:
+    model: str
+    runtime: str
+    step_ms: float
+    plain_ms: float
+    ratio: float
+    ratio_iqr: tuple[float, float]
+    control: float
+    clips_per_s: float
+    equality: float
+    export_s: float
+
+
+@dataclass
+class DeployResult:
+    settings: DeploySettings
+    rows: list[Row] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    machine: Any = None
+    load_end: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    elapsed_s: float = 0.0
+
+
+def _model(spec: str, settings: DeploySettings) -> torch.nn.Module:
+    torch.manual_seed(settings.seed)
+    model = build_model(spec, checkpoint=settings.checkpoint).eval()
+    # Random weights: timm zero-initialises each residual branch's last norm, so the shift would change nothing.
+    return model if settings.checkpoint else randomize_norms(model)
+
+
+def _rel(a: Any, b: Any) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@torch.no_grad()
+def _measure(spec: str, runtime: str, settings: DeploySettings, folder: str) -> Row:
+    target, precision = RUNTIMES[runtime]
+    frame_shape = (3, settings.size, settings.size)
+    model = _model(spec, settings)
+    uni = tsm_surgery.convert(model, n_segments=settings.clip_frames, direction="uni").eval()
+    clip_net = tsm_surgery.convert(model, n_segments=settings.n_segments, direction="uni").eval()
+    online = tsm_surgery.to_online(tsm_surgery.convert(model, n_segments=settings.n_segments, direction="uni"),
+                                   frame_shape=frame_shape)
+    base = f"{folder}/{spec.split(':')[-1]}_{target}"
+    start = time.perf_counter()
+    kwargs = {"exporter": "legacy"} if target == "onnx" else {}
+    export_set(target, online, base + "_online" + SUFFIX[target], frame_shape=frame_shape, force=True, **kwargs)
+    export_set(target, clip_net, base + "_clip" + SUFFIX[target], frame_shape=frame_shape, force=True, **kwargs)
+    frame = torch.randn(1, *frame_shape)
+    plain_path = base + "_2d" + SUFFIX[target]
+    target_module(target).write(model, (frame,), plain_path, ["frames"], ["output"], **kwargs)
+    export_s = time.perf_counter() - start
+
+    step = load(base + "_online.json", precision=precision, threads=settings.threads)
+    clips = load(base + "_clip.json", precision=precision, threads=settings.threads)
+    plain = open_engine(target, plain_path, precision, settings.threads)
+    control = open_engine(target, plain_path, precision, settings.threads)
+
+    clip = torch.randn(settings.clip_frames, *frame_shape)
+    expected = uni(clip)
+    step.reset()
+    streamed = torch.cat([step.step(clip[t:t + 1]) for t in range(settings.clip_frames)])
+    equality = _rel(streamed, expected)
+
+    x = frame.numpy()
+    step.reset()
+    timed = paired_ratios({"2d": lambda: plain.run([x]), CONTROL: lambda: control.run([x]),
+                           "online": lambda: step.step(frame)}, "2d", rounds=settings.rounds, seed=settings.seed)
+    one_clip = torch.randn(settings.n_segments, *frame_shape).numpy()
+    clips.run(one_clip)
+    clip_s = statistics.median(wall_time(lambda: clips.run(one_clip)) for _ in range(settings.clip_rounds))
+    online_t = timed["online"]
+    return Row(spec, runtime, 1e3 * online_t["median_s"], 1e3 * timed["2d"]["median_s"], online_t["ratio"],
+               (online_t["ratio_p25"], online_t["ratio_p75"]), timed[CONTROL]["ratio"], 1.0 / clip_s, equality,
+               export_s)
+
+
+def run_deploy(settings: DeploySettings, log: Any = print) -> DeployResult:
+    """Measures every model in every runtime that is installed; a missing runtime is skipped with its reason."""
+    unknown = [r for r in settings.runtimes if r not in RUNTIMES]
+    if unknown:
+        raise ValueError(f"runtime {unknown[0]!r}: choose from {', '.join(RUNTIMES)}.")
+    result = DeployResult(settings, machine=describe(torch.device("cpu")))
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="tsm-deploy-") as folder:
+        for runtime in settings.runtimes:
+            try:
+                require_target(RUNTIMES[runtime][0])
+            except ImportError as err:
+                result.skipped[runtime] = str(err)
+                continue
+            for spec in settings.models:
+                row = _measure(spec, runtime, settings, folder)
+                log(f"{spec} {runtime}: step {row.step_ms:.2f} ms, 2D {row.plain_ms:.2f} ms, ratio {row.ratio:.3f}, "
+                    f"{row.clips_per_s:.1f} clips/s, equality {row.equality:.1e}")
+                result.rows.append(row)
+    result.load_end = load_average()
+    result.elapsed_s = time.perf_counter() - start
+    return result
+
+
+def _fmt_load(load: tuple[float, float, float]) -> str:
+    return "/".join(f"{v:.2f}" for v in load)
+
+
+def render(r: DeployResult) -> str:
+    """The ``deploy`` section of BENCHMARKS.md."""
+    s, m = r.settings, r.machine
+    lines = ["## Deploy: the online step and the clip network in three CPU runtimes", "",
+             f"Generated by `tsm-surgery bench --deploy` ({datetime.date.today().isoformat()}), float32 unless "
+             "named; regenerate with the same command.", ""]
+    lines += m.lines()[:1]
+    lines += [f"- load average (1/5/15 min, `/proc/loadavg`) at start {_fmt_load(m.load_start)}, at end "
+              f"{_fmt_load(r.load_end)}; run time {r.elapsed_s:.0f} s",
+              f"- frames {s.size}x{s.size}; clip network {s.n_segments} frames; streaming equality on a "
+              f"{s.clip_frames}-frame clip; {s.rounds} paired rounds per latency ratio; "
+              f"{'weights from ' + s.checkpoint if s.checkpoint else 'random weights (norms randomised)'}", "",
+              "**step / 2D**: median over rounds of (online step, caches in and out) / (the same runtime's 2D "
+              "network on one frame), interquartile range in brackets; **A/A**: a second copy of the 2D artifact "
+              "timed the same way (the noise). **equality**: largest difference of the runtime's streamed "
+              "outputs from PyTorch's offline uni network on the whole clip, relative to its largest output "
+              "(target <= 1e-4 for float32). Targets: step / 2D <= 1.05.", "",
+              "| model | runtime | step ms | 2D ms | step / 2D | A/A | clips/s | equality |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for row in r.rows:
+        lines.append(f"| `{row.model}` | {row.runtime} | {row.step_ms:.2f} | {row.plain_ms:.2f} | {row.ratio:.3f} "
+                     f"({row.ratio_iqr[0]:.2f}-{row.ratio_iqr[1]:.2f}) | {row.control:.3f} | "
+                     f"{row.clips_per_s:.1f} | {row.equality:.1e} |")
+    lines.append("")
+    for runtime, why in r.skipped.items():
+        lines.append(f"- {runtime}: not measured: {why}")
+    lines.append("- int8: no int8 quantizer in this build yet; its rows appear here when one is installed.")
+    lines.append("- accuracy on trained checkpoints: not measured in this run (pass `--checkpoint` for the weights; "
+                 "the test-set comparison is a later step).")
+    return "\n".join(lines) + "\n"
+
+
+def write(path: str, r: DeployResult) -> str:
+    """Renders ``r`` into the ``deploy`` section of ``path`` (other sections kept); returns the section."""
+    section = render(r)
+    try:
+        with open(path) as f:
+            existing = f.read()
+    except FileNotFoundError:
+        existing = ""
+    with open(path, "w") as f:
+        f.write(merge_sections(existing, "deploy", section))
+    return section
