@@ -13,7 +13,7 @@ import torchvision
 from torch import fx, nn
 from utils import randomize_norms
 
-from tsm_surgery import _recompute, convert, temporal_shift, to_online
+from tsm_surgery import _online_graph, _recompute, convert, temporal_shift, to_online
 from tsm_surgery._fast_paths import swapped_sites, without_fast_paths
 
 SEGMENTS = 4
@@ -235,3 +235,71 @@ def test_no_graph_breaks_in_train_and_eval(name):
         explain = torch._dynamo.explain(net)(x)
         assert explain.graph_break_count == 0, (mode, explain.break_reasons)
         assert explain.graph_count == 1
+
+
+def _online_without_joins(net, monkeypatch):
+    with monkeypatch.context() as patch:
+        patch.setattr(_online_graph, "_join_in_place", lambda graph, root: None)
+        return to_online(net)
+
+
+def test_online_residual_joins_add_into_the_layer_output(monkeypatch):
+    net = convert(randomize_norms(torchvision.models.resnet18(num_classes=5)), SEGMENTS, direction="uni",
+                  example_input=torch.randn(1, 3, 32, 32)).eval()
+    online, plain = to_online(net), _online_without_joins(net, monkeypatch)
+    joins = [n for n in online.step_module.graph.nodes if n.target is _online_graph._join]
+    assert len(joins) == 8  # one `out += identity` per BasicBlock, which FX records as `out + identity`
+    assert not any(n.target is _online_graph._join for n in plain.step_module.graph.nodes)
+    frames = torch.randn(SEGMENTS, 2, 3, 32, 32)
+    with torch.no_grad():
+        state, plain_state = online.init_state(2, frame_shape=(3, 32, 32)), plain.init_state(2, frame_shape=(3, 32, 32))
+        for frame in frames:
+            (out, state), (expected, plain_state) = online.step(frame, state), plain.step(frame, plain_state)
+            assert torch.equal(out, expected)
+            assert all(torch.equal(state[k], plain_state[k]) for k in state)
+    # With autograd (backpropagation through time) the join stays exact and differentiable.
+    leaf = frames[0].clone().requires_grad_()
+    grads = []
+    for module in (online, plain):
+        state = module.init_state(2, frame_shape=(3, 32, 32))
+        out, state = module.step(leaf, state)
+        out, _ = module.step(frames[1], state)
+        grads.append(torch.autograd.grad(out.sum(), leaf)[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+def test_join_writes_in_place_only_when_the_sum_fits_the_left_operand():
+    left, right = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    expected = left + right
+    out = _online_graph._join(left, right)
+    assert out is left and torch.equal(out, expected)
+    for other in (torch.randn(3, 2, 3, 4), right.double(), 2.0):  # a larger broadcast, a promotion, a number
+        before = left.clone()
+        out = _online_graph._join(left, other)
+        assert out is not left and torch.equal(left, before) and torch.equal(out, before + other)
+
+
+class _Joins(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm, self.act = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU()
+
+    def forward(self, x):
+        fresh = self.conv(x) + x  # joined: a fresh conv output read only by the sum
+        kept = self.norm(fresh)
+        read_twice = kept + fresh  # refused: `kept` is returned as well
+        activated = self.act(read_twice) + x  # refused: an activation's output, not in the fresh list
+        return x + read_twice, kept, activated  # refused: the graph input
+
+
+def test_join_refusals():
+    module = _Joins().eval()
+    graph = fx.symbolic_trace(module).graph
+    _online_graph._join_in_place(graph, module)
+    joined = [n for n in graph.nodes if n.target is _online_graph._join]
+    assert [n.args[0].target for n in joined] == ["conv"]
+    x = torch.randn(2, 4, 3, 3)
+    with torch.no_grad():
+        expected = module(x)
+        out = fx.GraphModule(module, graph)(x)
+    assert all(torch.equal(a, b) for a, b in zip(out, expected))
