@@ -16,7 +16,7 @@ from tsm_surgery.cli import main
 from tsm_surgery.integrations.checkpoints import import_tsm_checkpoint
 
 pytest.importorskip("av")
-from test_mmaction_data import write_video
+from utils import write_video
 
 SIZE = 32
 MOBILENET = ["--model", "torchvision:mobilenet_v2", "--num-classes", "27", "--size", str(SIZE)]

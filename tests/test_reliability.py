@@ -359,7 +359,7 @@ def test_one_online_tsm_from_two_threads_is_refused():
 
 pytest.importorskip("mmaction")
 
-from test_mmaction_data import make_dataset, write_config  # noqa: E402
+from utils import make_dataset, write_config  # noqa: E402
 
 from tsm_surgery.integrations.training import runner as api  # noqa: E402
 from tsm_surgery.integrations.training.lock import LOCK_NAME, WorkDirLockedError, work_dir_lock  # noqa: E402
