@@ -9,13 +9,18 @@ Two forms:
 * ``--offline``: the converted clip network, input ``clips`` ``(N*T, C, H, W)``; ONNX keeps ``N``
   dynamic, OpenVINO and ExecuTorch fix it (``--clips``).
 
-:func:`tsm_surgery.integrations.export.load` runs the result.
+``--int8`` writes the static int8 network instead, calibrated on ``--calibration`` (a folder of
+videos or an MMAction2 data config; default the demo's synthetic videos) with the runtime's own
+quantizer; the sidecar gives each cache its int8 dtype, scale and zero point (docs/deploy.md).
+
+:func:`tsm_surgery.integrations.export.load` runs the result; ``tsm-surgery stream --engine`` streams it.
 
 Example::
 
     tsm-surgery export --model timm:mobilenetv2_100 --online --size 224 --output mbv2_online.onnx
     tsm-surgery export --target openvino --model timm:mobilenetv2_100 --checkpoint tsm_uni.pth --output mbv2.xml
     tsm-surgery export --target executorch --model timm:resnet50 --offline --n-segments 8 --output r50.pte
+    tsm-surgery export --target onnx --model timm:mobilenetv2_100 --checkpoint tsm_uni.pth --int8 --output m8.onnx
 """
 
 import argparse
