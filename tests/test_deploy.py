@@ -320,6 +320,12 @@ def test_bench_deploy_quick_writes_its_own_section(tmp_path, capsys):
     step_ms, plain_ms, equality = float(cells[2]), float(cells[3]), float(cells[7])
     assert step_ms > 0 and plain_ms > 0 and float(cells[6]) > 0
     assert equality <= 1e-4
+    # the int8 row: the static int8 step timed against the same runtime's float32 step, its stream near float32's
+    row = next(line for line in text.splitlines() if line.startswith(f"| `{R18}` | onnx |") and line != row)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    int8_ms, float_ms, ratio = float(cells[2]), float(cells[3]), float(cells[4].split()[0])
+    assert int8_ms > 0 and float_ms > 0 and ratio == pytest.approx(int8_ms / float_ms, rel=1.0)
+    assert float(cells[5]) < 0.3 and 0.0 <= float(cells[6]) <= 1.0  # random weights: near, not equal
     machine = deploy.describe(torch.device("cpu"))
     result = deploy.DeployResult(deploy.DeploySettings(runtimes=("onnx",)), machine=machine)
     deploy.write(str(out), result)  # a second run replaces the section and keeps the others

@@ -236,3 +236,132 @@ def test_int8_close_to_float(clips, tmp_path, target):
             agree += int((run(clip.numpy())[0].argmax(1) == expected).sum())
             total += len(expected)
     assert agree / total >= 0.75, (agree, total)
+
+
+# -- the export verb: --int8 --calibration writes a set that runtime.load streams ------------------------------
+
+
+@pytest.fixture(scope="module")
+def verb_inputs(tmp_path_factory):
+    """A small trained-looking checkpoint (random norms, a 2D state_dict) and a folder of decoded demo videos."""
+    from tsm_surgery.cli import main
+
+    root = tmp_path_factory.mktemp("int8_verb")
+    assert main(["synth-data", str(root / "data"), "--videos-per-class", "3", "--size", "32", "--frames", "8"]) == 0
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv2_100", num_classes=6)
+    for m in model.modules():  # random norms, as _converted: every shifted channel matters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+            torch.nn.init.uniform_(m.bias, -0.2, 0.2)
+            m.running_mean.uniform_(-0.1, 0.1)
+    checkpoint = root / "mbv2.pth"
+    torch.save(model.state_dict(), checkpoint)
+    return root, checkpoint
+
+
+def _export(tmp_path, checkpoint, target, *extra):
+    from tsm_surgery.cli import main
+    from tsm_surgery.integrations.export import SUFFIX
+
+    out = tmp_path / f"m{SUFFIX[target]}"
+    argv = ["export", "--target", target, "--model", "timm:mobilenetv2_100", "--num-classes", "6", "--size",
+            str(SIZE), "--checkpoint", str(checkpoint), "--output", str(out), *extra]
+    assert main(argv) == 0
+    return str(out.with_suffix(".json"))
+
+
+def _stream_top1(sidecar: str, clips) -> tuple[list[int], "np.ndarray"]:
+    from tsm_surgery.integrations.export.runtime import load as load_sidecar
+
+    runner = load_sidecar(sidecar)
+    tops, logits = [], []
+    for clip in clips:
+        runner.reset()
+        for t in range(clip.shape[0]):
+            out = runner.step(clip[t:t + 1])
+            logits.append(out.numpy())
+            tops.append(int(out.argmax()))
+    return tops, np.concatenate(logits)
+
+
+def test_export_verb_int8_onnx_streams_through_the_runner(tmp_path, verb_inputs):
+    from tsm_surgery.integrations.streaming.calibration import load_calibration
+
+    root, checkpoint = verb_inputs
+    float_sidecar = _export(tmp_path / "f32", checkpoint, "onnx")
+    int8_sidecar = _export(tmp_path / "int8", checkpoint, "onnx", "--int8", "--calibration", str(root / "data"))
+    assert sorted(p.name for p in (tmp_path / "int8").iterdir()) == ["m.json", "m.onnx"]
+    import json
+
+    side = json.loads(open(int8_sidecar).read())
+    assert side["dtype"] == "int8" and side["form"] == "online" and side["calibration"] == str(root / "data")
+    assert all(c["dtype"] == "int8" and isinstance(c["zero_point"], int) and c["scale"] > 0 for c in side["state"])
+    clips = load_calibration(root / "data", size=SIZE, n_frames=8, max_clips=4)
+    float_top, float_logits = _stream_top1(float_sidecar, clips)
+    int8_top, int8_logits = _stream_top1(int8_sidecar, clips)
+    _assert_int8_follows_float(float_top, float_logits, int8_top, int8_logits)
+
+
+def _assert_int8_follows_float(float_top, float_logits, int8_top, int8_logits):
+    """int8 tracks float32: logits correlated, top-1 the same on most frames.
+
+    Not on all: these are random weights, whose class margins are often smaller than the error
+    that int8 accumulates over ~50 layers (about a tenth of the logits' range here), so near-ties
+    flip. 0.75 is well above chance (1/6) and below the 0.84 measured on onnxruntime.
+    """
+    agree = np.mean(np.array(float_top) == np.array(int8_top))
+    corr = np.corrcoef(float_logits.ravel(), int8_logits.ravel())[0, 1]
+    print(f"int8/float top-1 agreement {agree:.3f} over {len(float_top)} frames; logit correlation {corr:.4f}")
+    assert corr >= 0.9 and agree >= 0.75
+
+
+_OV_CLIP_GAP = pytest.mark.xfail(
+    strict=True, raises=AssertionError,
+    reason="open: the NNCF-quantized OpenVINO clip network (int8.quantize(..., form='clip')) is saved but its IR "
+           "does not compile when read back (Concat of the zero slot [1,1,20,1] with [T,7,20,1]: shapes "
+           "inconsistent), at n_segments 4 and 8; the online step is not affected")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["onnx", "openvino", "executorch"])
+@pytest.mark.parametrize("form", ["online", "offline"])
+def test_export_verb_int8_every_target_and_form(request, tmp_path, verb_inputs, target, form):
+    from tsm_surgery.integrations.export.runtime import ClipRunner
+    from tsm_surgery.integrations.export.runtime import load as load_sidecar
+    from tsm_surgery.integrations.streaming.calibration import load_calibration
+
+    if target == "onnx" and form == "online":
+        pytest.skip("the fast test covers it")
+    if target == "openvino" and form == "offline":
+        request.applymarker(_OV_CLIP_GAP)
+    root, checkpoint = verb_inputs
+    extra = ["--offline", "--direction", "uni"] if form == "offline" else []
+    float_sidecar = _export(tmp_path / "f32", checkpoint, target, *extra)
+    int8_sidecar = _export(tmp_path / "int8", checkpoint, target, *extra, "--int8", "--calibration", str(root / "data"))
+    clips = load_calibration(root / "data", size=SIZE, n_frames=8, max_clips=4)
+    if form == "online":
+        _assert_int8_follows_float(*_stream_top1(float_sidecar, clips), *_stream_top1(int8_sidecar, clips))
+        return
+    runs = []
+    for sidecar in (float_sidecar, int8_sidecar):
+        runner = load_sidecar(sidecar)
+        assert isinstance(runner, ClipRunner)
+        logits = np.concatenate([runner.run(clip) for clip in clips])
+        runs += [logits.argmax(-1).tolist(), logits]
+    _assert_int8_follows_float(*runs)
+
+
+@pytest.mark.parametrize("extra, word", [(["--calibration", "no/such/dir"], "no such directory"),
+                                         (["--batch-size", "2"], "one stream")])
+def test_export_verb_int8_bad_input_is_one_line(tmp_path, capsys, extra, word):
+    from tsm_surgery.cli import main
+
+    argv = ["export", "--model", "timm:mobilenetv2_100", "--size", str(SIZE), "--int8", *extra,
+            "--output", str(tmp_path / "m.onnx")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("tsm-surgery export: ") and word in err
+    assert os.listdir(tmp_path) == []

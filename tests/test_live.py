@@ -382,3 +382,56 @@ def test_real_time_drop_policies_on_a_paced_file(tmp_path):
     every = Source(clip, realtime=True, drop="every-k", every=3, buffer=8).start()
     assert _drain(every) == ([0, 3, 6], ["end"]) and every.dropped == 5
     assert _drain(Source(clip, buffer=8).start()) == (list(range(8)), ["end"])  # not real time: nothing dropped
+
+
+# ------------------------------------------------------------------------------------------- --engine
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["float32", "int8"])
+def test_stream_engine_onnx_equals_stream_model(tmp_path, capsys, int8):
+    """``stream --engine onnx SIDECAR`` streams an export as ``stream --model`` streams its weights.
+
+    float32: equal within float tolerance. int8 (calibrated on the same demo frames): the
+    logits follow float32's within a tenth of their range, the class ranking on most frames.
+    """
+    pytest.importorskip("onnxruntime")
+    from tsm_surgery.integrations.models import build_model
+
+    torch.manual_seed(0)
+    weights = tmp_path / "weights.pth"
+    torch.save(randomize_norms(build_model("timm:test_resnet", num_classes=4)).state_dict(), weights)
+    model = ["--model", "timm:test_resnet", "--num-classes", "4", "--size", "32", "--checkpoint", str(weights)]
+    sidecar = tmp_path / "step.json"
+    quant = ["--int8", "--calibration", str(tmp_path / "videos")] if int8 else []
+    if int8:
+        os.makedirs(tmp_path / "videos")
+        for seed in range(3):
+            _video(tmp_path / "videos" / f"v{seed}.mp4", server_frames(8, seed, size=48))
+    assert main(["export", "--target", "onnx", *model, *quant, "--output", str(tmp_path / "step.onnx")]) == 0
+    clip = _video(tmp_path / "clip.mp4", server_frames(10, 5, size=48))
+
+    def scores(argv, name):
+        out = tmp_path / name
+        assert main(["stream", *argv, "--quiet", "--topk", "4", "--warmup", "0", "--json", str(out)]) == 0
+        return np.array([[{t["class"]: t["score"] for t in r["top"]}[c] for c in range(4)] for r in _records(out)])
+
+    runtime = scores(["--engine", "onnx", str(sidecar), clip], "engine.jsonl")
+    torch_run = scores([clip, *model, "--threads", "1"], "model.jsonl")
+    capsys.readouterr()
+    assert runtime.shape == torch_run.shape == (10, 4)
+    if not int8:
+        np.testing.assert_allclose(runtime, torch_run, atol=1e-4)  # probabilities, rounded to 1e-6 in the JSON
+        return
+    assert np.abs(runtime - torch_run).max() < 0.1
+    assert np.mean(runtime.argmax(1) == torch_run.argmax(1)) >= 0.7
+
+
+def test_stream_engine_bad_input_is_one_line(tmp_path, capsys):
+    clip = _video(tmp_path / "clip.mp4", server_frames(4, 1, size=32))
+    for argv, word in ((["--engine", "onnx", clip], "sidecar"),
+                       (["--engine", "onnx", str(tmp_path / "none.json"), clip], "no such sidecar"),
+                       (["--engine", "onnx", str(tmp_path / "none.json"), clip, "--size", "32"], "--size"),
+                       ([clip], "--engine")):
+        assert main(["stream", *argv]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("tsm-surgery stream: ") and word in err, err

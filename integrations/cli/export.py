@@ -9,13 +9,18 @@ Two forms:
 * ``--offline``: the converted clip network, input ``clips`` ``(N*T, C, H, W)``; ONNX keeps ``N``
   dynamic, OpenVINO and ExecuTorch fix it (``--clips``).
 
-:func:`tsm_surgery.integrations.export.load` runs the result.
+``--int8`` writes the static int8 network instead, calibrated on ``--calibration`` (a folder of
+videos or an MMAction2 data config; default the demo's synthetic videos) with the runtime's own
+quantizer; the sidecar gives each cache its int8 dtype, scale and zero point (docs/deploy.md).
+
+:func:`tsm_surgery.integrations.export.load` runs the result; ``tsm-surgery stream --engine`` streams it.
 
 Example::
 
     tsm-surgery export --model timm:mobilenetv2_100 --online --size 224 --output mbv2_online.onnx
     tsm-surgery export --target openvino --model timm:mobilenetv2_100 --checkpoint tsm_uni.pth --output mbv2.xml
     tsm-surgery export --target executorch --model timm:resnet50 --offline --n-segments 8 --output r50.pte
+    tsm-surgery export --target onnx --model timm:mobilenetv2_100 --checkpoint tsm_uni.pth --int8 --output m8.onnx
 """
 
 import argparse
@@ -29,7 +34,7 @@ import tsm_surgery
 from tsm_surgery.cli import positive_int
 from tsm_surgery.integrations.checkpoints import check_checkpoint_layout, shift_for_checkpoint
 from tsm_surgery.integrations.checkpoints.loading import cli_log
-from tsm_surgery.integrations.export import SUFFIX, TARGETS, export_set, target_module
+from tsm_surgery.integrations.export import SUFFIX, TARGETS, export_int8_set, export_set, target_module
 from tsm_surgery.integrations.export.artifacts import require_target
 from tsm_surgery.integrations.models import build_model, default_frame_size
 from tsm_surgery.integrations.outputs import claim_outputs
@@ -68,9 +73,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exporter", choices=("dynamo", "legacy"), default="dynamo",
                         help="onnx: torch.onnx exporter, dynamo (torch.export based, default) or legacy (TorchScript)")
     parser.add_argument("--int8", action="store_true",
-                        help="static post-training int8 quantization with the runtime's own tool (needs --calibration)")
+                        help="static post-training int8 quantization with the runtime's own tool (onnxruntime "
+                             "quantize_static QDQ, NNCF, PT2E + XNNPACK), calibrated on --calibration")
     parser.add_argument("--calibration", metavar="VIDEO_DIR_OR_DATA_CONFIG",
-                        help="decoded clips for --int8 calibration: a folder of videos or an MMAction2 data config")
+                        help="videos for --int8 calibration: a folder of videos or an MMAction2 data config "
+                             "(default: the demo's synthetic videos)")
     parser.add_argument("--output", help="artifact path (default: <model>_<online|offline><suffix>, suffix .onnx, "
                         ".xml or .pte); the sidecar is the same path with .json, ONNX weights go to <output>.data, "
                         "OpenVINO weights to .bin")
@@ -85,8 +92,13 @@ def _check(args: argparse.Namespace) -> None:
                          "future frames); drop --direction bi or use --offline.")
     if args.calibration and not args.int8:
         raise ValueError("--calibration is for --int8; add --int8 or drop --calibration.")
-    if args.int8:
-        raise ValueError("--int8: int8 quantization is not in this build yet; export float32 (drop --int8).")
+    if args.int8 and args.batch_size != 1:
+        raise ValueError(f"--batch-size {args.batch_size}: the int8 online step takes one stream; drop --batch-size.")
+    if args.int8 and args.precision != "f32":
+        raise ValueError(f"--precision {args.precision}: an --int8 export runs int8; drop --precision.")
+    if args.calibration and not os.path.exists(args.calibration):
+        raise FileNotFoundError(f"--calibration {args.calibration}: no such directory or config; pass a folder of "
+                                "videos or an MMAction2 data config, or drop it for the demo data.")
     if args.precision != "f32" and args.target != "openvino":
         raise ValueError(f"--precision {args.precision}: only --target openvino chooses a precision at run time.")
 
@@ -113,7 +125,6 @@ def run(args: argparse.Namespace) -> int:
     net = tsm_surgery.convert(model, args.n_segments, shift_div=args.shift_div, direction=direction,
                               uni_slot=slot, example_input=torch.randn((1,) + frame_shape), inplace=True)
     check_checkpoint_layout(args.checkpoint, net, "--checkpoint", log=cli_log)
-    network = tsm_surgery.to_online(net, frame_shape=frame_shape, inplace=True) if args.online else net
     cfg = getattr(model, "pretrained_cfg", None) or {}
     metadata = {
         "model": args.model, "checkpoint": args.checkpoint, "shift_div": args.shift_div, "direction": direction,
@@ -121,9 +132,29 @@ def run(args: argparse.Namespace) -> int:
         "preprocess": {"size": size, "mean": list(cfg.get("mean", (0.485, 0.456, 0.406))),
                        "std": list(cfg.get("std", (0.229, 0.224, 0.225))), "scale": "RGB in [0, 1]"},
     }
-    export_set(args.target, network, path, frame_shape=frame_shape, batch_size=args.batch_size, clips=args.clips,
-               precision=args.precision, exporter=args.exporter, force=args.force, metadata=metadata)
+    if args.int8:
+        _export_int8(args, net, path, frame_shape, metadata)
+    else:
+        network = tsm_surgery.to_online(net, frame_shape=frame_shape, inplace=True) if args.online else net
+        export_set(args.target, network, path, frame_shape=frame_shape, batch_size=args.batch_size,
+                   clips=args.clips, precision=args.precision, exporter=args.exporter, force=args.force,
+                   metadata=metadata)
     written = [p for p, _ in outputs if os.path.exists(p)]
-    print(f"wrote {', '.join(written)} ({args.target}, {form}, {len(net.sites)} shift sites, "
+    kind = f"{args.target} int8" if args.int8 else args.target
+    print(f"wrote {', '.join(written)} ({kind}, {form}, {len(net.sites)} shift sites, "
           f"{time.perf_counter() - start:.1f} s); they belong together")
     return 0
+
+
+def _export_int8(args: argparse.Namespace, net: "tsm_surgery.TSMNet", path: str, frame_shape: tuple[int, int, int],
+                 metadata: dict) -> None:
+    """Calibrates on decoded clips (preprocessed as the sidecar says) and writes the int8 set."""
+    from tsm_surgery.integrations.streaming.calibration import load_calibration
+
+    pre = metadata["preprocess"]
+    clips = load_calibration(args.calibration, size=frame_shape[-1], n_frames=args.n_segments,
+                             mean=pre["mean"], std=pre["std"])
+    metadata = {**metadata, "calibration": args.calibration or "demo data (tsm-surgery synth-data)",
+                "calibration_clips": len(clips)}
+    export_int8_set(args.target, net, path, clips, frame_shape=frame_shape, online=args.online, force=args.force,
+                    metadata=metadata)

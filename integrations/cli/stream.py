@@ -10,6 +10,7 @@ Example::
 
     tsm-surgery stream video.mp4 --model timm:mobilenetv2_100 --topk 3 --benchmark
     tsm-surgery stream /dev/video0 --model timm:mobilenetv2_100 --smooth avg:12 --hysteresis 6
+    tsm-surgery stream --engine openvino mbv2_int8.json video.mp4 --smooth avg:12
     tsm-surgery stream rtsp://cam1/live rtsp://cam2/live --config cfg.py --checkpoint ckpt.pth --events ev.jsonl
 """
 
@@ -24,12 +25,14 @@ import threading
 import torch
 
 from tsm_surgery.cli import non_negative_int, positive_int
+from tsm_surgery.integrations.export.runtime import ENGINES
 from tsm_surgery.integrations.streaming.annotate import Annotator
 from tsm_surgery.integrations.streaming.batch import StreamBatch
+from tsm_surgery.integrations.streaming.engine import StepEngine
 from tsm_surgery.integrations.streaming.loop import FrameLoop, FrameResult
 from tsm_surgery.integrations.streaming.post import ClassMask, Hysteresis, PostProcess, parse_smoothing
 from tsm_surgery.integrations.streaming.sources import Source, redact
-from tsm_surgery.integrations.streaming.stream import MAX_FRAME_SIZE, build_models
+from tsm_surgery.integrations.streaming.stream import MAX_FRAME_SIZE, Preprocess, build_models
 
 __all__ = ["add_arguments", "run"]
 
@@ -53,9 +56,13 @@ def _positive_float(text: str) -> float:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sources", nargs="+", metavar="SOURCE",
                         help="video files, capture devices (/dev/video0) or URLs (rtsp://, tcp://, udp://, http(s)://)")
-    model = parser.add_mutually_exclusive_group(required=True)
+    model = parser.add_mutually_exclusive_group()
     model.add_argument("--model", help="timm:NAME or torchvision:NAME (random weights unless --checkpoint)")
     model.add_argument("--config", help="an MMAction2 config whose backbone is TSMSurgeryBackbone(direction='uni')")
+    model.add_argument("--engine", choices=ENGINES,
+                       help="run an exported online step in this runtime instead: the first SOURCE is the sidecar "
+                            "SIDECAR.json that tsm-surgery export wrote (float32 or --int8); it sets the "
+                            "preprocessing")
     parser.add_argument("--checkpoint", help="weights (state_dict for --model, MMAction2 checkpoint for --config)")
     parser.add_argument("--num-classes", type=positive_int,
                         help="classifier size for --model (default: the model's own)")
@@ -236,14 +243,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    engine, preprocess, plain = _engine_of_sidecar(args) if args.engine else _engine_of_model(args)
+    dtype = getattr(torch, args.dtype)
     sources = _sources(args, say)
     if not sources:
         return 1
-    models = build_models(args)
-    dtype = getattr(torch, args.dtype)
-    models.cast(dtype)
-    engine = models.engine()
-    probe, _ = engine.step(models.preprocess(_blank()).to(dtype), engine.init_state(1))
+    probe, _ = engine.step(preprocess(_blank()).to(dtype), engine.init_state(1))
     num_classes = probe.shape[-1]
     labels = _read_labels(args.labels, num_classes) if args.labels else None
     ignore = _class_list(args.ignore_classes, labels, "--ignore-classes") or []
@@ -258,14 +263,51 @@ def run(args: argparse.Namespace) -> int:
 
     with contextlib.ExitStack() as stack:
         outputs = _Outputs(args, sources, labels, stack)
-        loop = FrameLoop(sources, StreamBatch(engine), models.preprocess, make_post, outputs.result, outputs.end,
+        loop = FrameLoop(sources, StreamBatch(engine), preprocess, make_post, outputs.result, outputs.end,
                          say, warmup=args.warmup, duration_s=args.duration, dtype=dtype,
-                         plain=models.plain if args.benchmark else None)
+                         plain=plain if args.benchmark else None)
         started = _now()
         stats = loop.run()
         wall = _now() - started
     _summary(args, loop, stats, wall)
     return 1 if len(sources) < len(args.sources) or any(s.failed for s in stats.values()) else 0
+
+
+def _engine_of_model(args: argparse.Namespace) -> tuple[StepEngine, Preprocess, object]:
+    """``--model``/``--config``: the PyTorch online network, in ``--dtype``."""
+    if not (args.model or args.config):
+        raise ValueError("give the network: --model NAME, --config CFG.py, or --engine RUNTIME SIDECAR.json.")
+    models = build_models(args)
+    models.cast(getattr(torch, args.dtype))
+    return models.engine(), models.preprocess, models.plain
+
+
+def _engine_of_sidecar(args: argparse.Namespace) -> tuple[StepEngine, Preprocess, None]:
+    """``--engine``: the first source is an export's sidecar; its runner is the step, its preprocess the frames'."""
+    from tsm_surgery.integrations.export.runtime import OnlineRunner, load
+
+    given = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--num-classes", args.num_classes),
+                                      ("--size", args.size), ("--uni-slot", args.uni_slot),
+                                      ("--benchmark", args.benchmark)) if value]
+    if args.dtype != "float32":
+        given.append("--dtype")
+    if given:
+        raise ValueError(f"{', '.join(given)}: with --engine the exported artifact fixes the network, weights, "
+                         "size and dtype; drop them (or stream --model instead).")
+    sidecar, *videos = args.sources
+    if not sidecar.endswith(".json") or not videos:
+        raise ValueError(f"--engine {args.engine}: the first SOURCE is the export's sidecar .json, then the videos "
+                         f"(got {sidecar!r} first{'' if videos else ' and no video'}).")
+    runner = load(sidecar, engine=args.engine, threads=args.threads)
+    if not isinstance(runner, OnlineRunner):
+        raise ValueError(f"{sidecar} is an offline (clip) export; stream needs the online step: "
+                         "tsm-surgery export --online.")
+    args.sources = videos
+    pre = runner.sidecar["preprocess"]
+    scale = pre.get("scale")  # "RGB in [0, 1]" (what export writes) or a number to divide by
+    preprocess = Preprocess(pre["size"], pre["mean"], pre["std"],
+                            255.0 if scale is None or isinstance(scale, str) else float(scale))
+    return runner.step_engine(), preprocess, None
 
 
 def _blank():
@@ -284,7 +326,7 @@ def _summary(args: argparse.Namespace, loop: FrameLoop, stats: dict, wall: float
     count = sum(s.frames for s in stats.values())
     if count == 0:
         return
-    weights = "" if args.checkpoint else " (random weights: no --checkpoint)"
+    weights = "" if args.checkpoint or args.engine else " (random weights: no --checkpoint)"
     if loop.step_times:
         step = statistics.median(loop.step_times)
         step_text = f"online step median {1e3 * step:.2f} ms = {1.0 / step:.1f} steps/s"

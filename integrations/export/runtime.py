@@ -207,7 +207,7 @@ class OnlineRunner:
 
         A quantized cache (sidecar ``dtype`` ``int8``) starts at its ``zero_point``: the quantized zero.
         """
-        return {s["input"]: torch.full([batch_size] + list(s["shape"][1:]), s.get("zero_point", 0),
+        return {s["input"]: torch.full([batch_size] + list(s["shape"][1:]), _initial_value(s),
                                        dtype=getattr(torch, s.get("dtype", "float32")))
                 for s in self.sidecar["state"]}
 
@@ -265,6 +265,15 @@ class StepEngine:
         self.runner = runner
         self.init_state = runner.init_state
         self.step = runner.step_state
+
+
+def _initial_value(cache: dict[str, Any]) -> int:
+    """A cache's value before the first frame: the zero point of int8 codes, else 0.0.
+
+    A float cache of a quantized network (OpenVINO's, quantized on entry) also records a zero
+    point; it still starts at the real zero.
+    """
+    return int(cache.get("zero_point") or 0) if cache.get("dtype") == "int8" else 0
 
 
 def _numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -14,15 +14,18 @@ Example::
 import importlib
 import json
 import os
+from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
+
+import torch
 
 import tsm_surgery
 from tsm_surgery.integrations.outputs import atomic_outputs
 
 from .artifacts import SIDECAR_FORMAT, TARGETS, require_target
 
-__all__ = ["export_set", "target_module", "SUFFIX"]
+__all__ = ["export_set", "export_int8_set", "target_module", "SUFFIX"]
 
 SUFFIX = {"onnx": ".onnx", "openvino": ".xml", "executorch": ".pte"}
 
@@ -104,3 +107,82 @@ def export_set(target: str, network: "tsm_surgery.OnlineTSM | tsm_surgery.TSMNet
         with open(staged(outputs[-1][0]), "w") as f:
             json.dump(sidecar, f, indent=2)
     return sidecar
+
+
+def export_int8_set(target: str, net: "tsm_surgery.TSMNet", path: str, calibration: Sequence[torch.Tensor], *,
+                    frame_shape: tuple[int, int, int] = (3, 224, 224), online: bool = True, force: bool = False,
+                    metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Static int8 of ``net`` for ``target`` (:func:`.int8.quantize`) at ``path`` with its sidecar, all or nothing.
+
+    The sidecar is :func:`export_set`'s, read off the quantized artifact itself (names, shapes,
+    dtypes), with ``dtype: "int8"`` and each cache's ``dtype``, ``scale`` and ``zero_point``
+    (``runtime.load`` starts an int8 cache at its zero point, the quantized zero). The online
+    step takes one stream (batch 1); the offline network takes clips of ``n_segments`` frames.
+
+    Args:
+        target: ``onnx``, ``openvino`` or ``executorch``.
+        net: a converted network (``direction="uni"`` for ``online``); not modified.
+        path: the artifact (``.onnx``, ``.xml``, ``.pte``); the other files go beside it.
+        calibration: clips ``(T, *frame_shape)`` of preprocessed frames (``load_calibration``).
+        frame_shape: ``(C, H, W)`` of one preprocessed frame.
+        online: the one-frame step (default) or the clip network.
+        force: replace an existing set.
+        metadata: more sidecar fields (model, checkpoint, preprocess, ...).
+
+    Raises:
+        ValueError: calibration of the wrong shape, a bi network asked for the online form.
+        FileExistsError: a file of the set exists and ``force`` is false; nothing is written.
+        ImportError: the target's runtime or quantizer is not installed (the message names the extra).
+    """
+    from . import int8, runtime
+
+    outputs = target_module(target).output_files(path)
+    require_target(target)
+    with atomic_outputs(outputs, force) as temps:
+        staged = dict(zip([p for p, _ in outputs], temps)).__getitem__
+        art = int8.quantize(target, net, calibration, staged(path), frame_shape, "online" if online else "clip")
+        sites = list(tsm_surgery.to_online(net, frame_shape=frame_shape).init_state(1, frame_shape=frame_shape)
+                     ) if online else []
+        io = _int8_io(runtime.open_engine(target, art.files[0]), art, net.n_segments, sites)
+        sidecar = {
+            "format": SIDECAR_FORMAT, "target": target, "artifact": os.path.basename(path),
+            "files": [os.path.basename(p) for p, _ in outputs[:-1] if os.path.exists(staged(p))],
+            **({"onnx": os.path.basename(path)} if target == "onnx" else {}),
+            "form": "online" if online else "offline", "dtype": "int8", "quantization": _QUANTIZERS[target],
+            "precision": "f32", "batch_size": io["inputs"][0]["shape"][0],
+            "n_segments": None if online else net.n_segments, "direction": net.direction,
+            "shift_div": net.shift_div, "input_size": frame_shape[-1], "preprocess": _default_preprocess(frame_shape),
+            "sites": [s.name for s in net.sites],
+            **(metadata or {}), **io, "usage": _usage(online, None if online else net.n_segments)
+            + ("; an int8 cache starts at its zero_point (the quantized zero)" if online else ""),
+        }
+        with open(staged(outputs[-1][0]), "w") as f:
+            json.dump(sidecar, f, indent=2)
+    return sidecar
+
+
+# The tool behind each target's int8 (recorded in the sidecar).
+_QUANTIZERS = {"onnx": "onnxruntime quantize_static (QDQ)", "openvino": "NNCF",
+               "executorch": "PT2E XNNPACKQuantizer"}
+
+
+def _int8_io(engine: Any, art: Any, n_segments: int, sites: list[str]) -> dict[str, Any]:
+    """Sidecar ``inputs``/``outputs``/``state`` of an int8 artifact, shapes as the artifact declares them."""
+    def shape(dims: list[int | None]) -> list[int | str]:
+        return [f"N*{n_segments}" if d is None else d for d in dims]
+
+    if art.form == "clip":
+        return {"inputs": [{"name": "clips", "shape": shape(engine.input_shapes[0]), "dtype": "float32"}],
+                "outputs": [{"name": "output", "shape": shape(engine.output_shapes[0]), "dtype": "float32"}],
+                "state": []}
+    caches = art.caches
+    state = [{"site": site, "input": c["input"], "output": c["output"], "shape": list(c["shape"]),
+              "dtype": c["dtype"], "scale": c["scale"], "zero_point": c["zero_point"], "init": "zero_point"}
+             for site, c in zip(sites, caches)]
+    return {
+        "inputs": [{"name": "frames", "shape": shape(engine.input_shapes[0]), "dtype": "float32"}]
+        + [{"name": c["input"], "shape": list(c["shape"]), "dtype": c["dtype"]} for c in caches],
+        "outputs": [{"name": "output", "shape": shape(engine.output_shapes[0]), "dtype": "float32"}]
+        + [{"name": c["output"], "shape": list(c["shape"]), "dtype": c["dtype"]} for c in caches],
+        "state": state,
+    }

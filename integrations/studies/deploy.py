@@ -11,8 +11,13 @@ one set of weights:
 * **streaming equality**: the runtime's online outputs on a ``clip_frames``-frame clip against
   PyTorch's offline uni network on the whole clip, relative to its largest output.
 
-int8 columns appear when an int8 quantizer for the runtime is installed in this build; accuracy
-on trained checkpoints is measured when a checkpoint is given (the same weights everywhere).
+* **int8** (``int8=True``, float32 runtimes): the runtime's static int8 online step
+  (:func:`~tsm_surgery.integrations.export.export_int8_set`, calibrated on the demo's videos)
+  against the same runtime's float32 step, paired the same way (target on AVX-512 VNNI: <= 0.6x),
+  and how far its streamed outputs are from the float32 step's on the same clip.
+
+Accuracy on trained checkpoints is not measured here yet (the same weights go everywhere when a
+checkpoint is given).
 The report is the ``deploy`` section of ``docs/BENCHMARKS.md`` (:func:`~.bench.merge_sections`).
 
 Example::
@@ -31,14 +36,15 @@ import numpy as np
 import torch
 
 import tsm_surgery
-from tsm_surgery.integrations.export import export_set, load, open_engine, target_module
+from tsm_surgery.integrations.export import export_int8_set, export_set, load, open_engine, target_module
 from tsm_surgery.integrations.export.artifacts import require_target
 from tsm_surgery.integrations.models import build_model, randomize_norms
 from tsm_surgery.integrations.studies.bench.machine import describe, load_average
 from tsm_surgery.integrations.studies.bench.measure import CONTROL, paired_ratios, wall_time
 from tsm_surgery.integrations.studies.bench.report import merge_sections
 
-__all__ = ["DeploySettings", "DeployResult", "QUICK", "RUNTIMES", "run_deploy", "render", "write", "describe"]
+__all__ = ["DeploySettings", "DeployResult", "Int8Row", "QUICK", "RUNTIMES", "run_deploy", "render", "write",
+           "describe"]
 
 # runtime name -> (export target, run-time precision)
 RUNTIMES = {"onnx": ("onnx", "f32"), "openvino": ("openvino", "f32"), "openvino-bf16": ("openvino", "bf16"),
@@ -58,10 +64,12 @@ class DeploySettings:
     threads: int | None = None
     checkpoint: str | None = None  # one state_dict for every model (same weights in every runtime)
     seed: int = 0
+    int8: bool = True  # int8 rows for the float32 runtimes
+    calibration_clips: int = 8  # demo videos the int8 step is calibrated on
 
 
 QUICK = dict(models=("timm:mobilenetv2_100", "timm:resnet18"), size=32, n_segments=4, clip_frames=8, rounds=5,
-             clip_rounds=3)
+             clip_rounds=3, calibration_clips=3)
 
 
 @dataclass
@@ -79,9 +87,23 @@ class Row:
 
 
 @dataclass
+class Int8Row:
+    model: str
+    runtime: str
+    int8_ms: float
+    float_ms: float
+    ratio: float
+    ratio_iqr: tuple[float, float]
+    difference: float  # int8 stream vs float32 stream, relative to the float32 stream's largest output
+    top1_agreement: float  # frames whose top-1 class is the float32 step's
+    quantize_s: float
+
+
+@dataclass
 class DeployResult:
     settings: DeploySettings
     rows: list[Row] = field(default_factory=list)
+    int8_rows: list[Int8Row] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     machine: Any = None
     load_end: tuple[float, float, float] = (0.0, 0.0, 0.0)
@@ -101,7 +123,8 @@ def _rel(a: Any, b: Any) -> float:
 
 
 @torch.no_grad()
-def _measure(spec: str, runtime: str, settings: DeploySettings, folder: str) -> Row:
+def _measure(spec: str, runtime: str, settings: DeploySettings, folder: str,
+             calibration: list[torch.Tensor] | None = None, int8_rows: list[Int8Row] | None = None) -> Row:
     target, precision = RUNTIMES[runtime]
     frame_shape = (3, settings.size, settings.size)
     model = _model(spec, settings)
@@ -138,9 +161,44 @@ def _measure(spec: str, runtime: str, settings: DeploySettings, folder: str) -> 
     clips.run(one_clip)
     clip_s = statistics.median(wall_time(lambda: clips.run(one_clip)) for _ in range(settings.clip_rounds))
     online_t = timed["online"]
+    if calibration is not None and precision == "f32":
+        net = tsm_surgery.convert(model, n_segments=settings.n_segments, direction="uni").eval()
+        int8_rows.append(_measure_int8(spec, runtime, net, step, streamed, clip, calibration, settings,
+                                       base + "_online_int8" + SUFFIX[target]))
     return Row(spec, runtime, 1e3 * online_t["median_s"], 1e3 * timed["2d"]["median_s"], online_t["ratio"],
                (online_t["ratio_p25"], online_t["ratio_p75"]), timed[CONTROL]["ratio"], 1.0 / clip_s, equality,
                export_s)
+
+
+@torch.no_grad()
+def _measure_int8(spec: str, runtime: str, net: "tsm_surgery.TSMNet", float_step: Any, float_out: torch.Tensor,
+                  clip: torch.Tensor, calibration: list[torch.Tensor], settings: DeploySettings, path: str) -> Int8Row:
+    """The int8 online step of ``net`` against the float32 step, in the same runtime, on the same frames."""
+    frame_shape = tuple(clip.shape[1:])
+    start = time.perf_counter()
+    export_int8_set(RUNTIMES[runtime][0], net, path, calibration, frame_shape=frame_shape, force=True)
+    quantize_s = time.perf_counter() - start
+    step = load(path.rsplit(".", 1)[0] + ".json", threads=settings.threads)
+    step.reset()
+    streamed = torch.cat([step.step(clip[t:t + 1]) for t in range(clip.shape[0])])
+    agreement = float((streamed.argmax(-1) == float_out.argmax(-1)).float().mean())
+    frame = clip[:1]
+    step.reset()
+    float_step.reset()
+    timed = paired_ratios({"f32": lambda: float_step.step(frame), "int8": lambda: step.step(frame)}, "f32",
+                          rounds=settings.rounds, seed=settings.seed)
+    t = timed["int8"]
+    return Int8Row(spec, runtime, 1e3 * t["median_s"], 1e3 * timed["f32"]["median_s"], t["ratio"],
+                   (t["ratio_p25"], t["ratio_p75"]), _rel(streamed, float_out), agreement, quantize_s)
+
+
+def _calibration(settings: DeploySettings) -> list[torch.Tensor] | None:
+    if not settings.int8:
+        return None
+    from tsm_surgery.integrations.streaming.calibration import load_calibration
+
+    return load_calibration(None, size=settings.size, n_frames=settings.n_segments,
+                            max_clips=settings.calibration_clips)
 
 
 def run_deploy(settings: DeploySettings, log: Any = print) -> DeployResult:
@@ -150,6 +208,7 @@ def run_deploy(settings: DeploySettings, log: Any = print) -> DeployResult:
         raise ValueError(f"runtime {unknown[0]!r}: choose from {', '.join(RUNTIMES)}.")
     result = DeployResult(settings, machine=describe(torch.device("cpu")))
     start = time.perf_counter()
+    calibration = _calibration(settings)
     with tempfile.TemporaryDirectory(prefix="tsm-deploy-") as folder:
         for runtime in settings.runtimes:
             try:
@@ -158,10 +217,14 @@ def run_deploy(settings: DeploySettings, log: Any = print) -> DeployResult:
                 result.skipped[runtime] = str(err)
                 continue
             for spec in settings.models:
-                row = _measure(spec, runtime, settings, folder)
+                row = _measure(spec, runtime, settings, folder, calibration, result.int8_rows)
                 log(f"{spec} {runtime}: step {row.step_ms:.2f} ms, 2D {row.plain_ms:.2f} ms, ratio {row.ratio:.3f}, "
                     f"{row.clips_per_s:.1f} clips/s, equality {row.equality:.1e}")
                 result.rows.append(row)
+                if result.int8_rows and result.int8_rows[-1].runtime == runtime and result.int8_rows[-1].model == spec:
+                    q = result.int8_rows[-1]
+                    log(f"{spec} {runtime} int8: step {q.int8_ms:.2f} ms, f32 {q.float_ms:.2f} ms, int8/f32 "
+                        f"{q.ratio:.3f}, difference {q.difference:.1e}, top-1 agreement {q.top1_agreement:.2f}")
     result.load_end = load_average()
     result.elapsed_s = time.perf_counter() - start
     return result
@@ -197,10 +260,27 @@ def render(r: DeployResult) -> str:
     lines.append("")
     for runtime, why in r.skipped.items():
         lines.append(f"- {runtime}: not measured: {why}")
-    lines.append("- int8: no int8 quantizer in this build yet; its rows appear here when one is installed.")
+    lines += _int8_lines(r)
     lines.append("- accuracy on trained checkpoints: not measured in this run (pass `--checkpoint` for the weights; "
                  "the test-set comparison is a later step).")
     return "\n".join(lines) + "\n"
+
+
+def _int8_lines(r: DeployResult) -> list[str]:
+    if not r.int8_rows:
+        return ["- int8: not measured in this run."]
+    lines = [f"**int8** (static, calibrated on {r.settings.calibration_clips} demo videos; the online step): "
+             "**int8 / f32**: median over paired rounds of the int8 step / the same runtime's float32 step "
+             "(target <= 0.6 on AVX-512 VNNI); **difference**: the int8 stream's largest difference from the "
+             "float32 stream on the same clip, relative to its largest output; **top-1 agreement**: frames "
+             "whose top-1 class is the float32 step's (random weights have small margins).", "",
+             "| model | runtime | int8 ms | f32 ms | int8 / f32 | difference | top-1 agreement | quantize s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for row in r.int8_rows:
+        lines.append(f"| `{row.model}` | {row.runtime} | {row.int8_ms:.2f} | {row.float_ms:.2f} | {row.ratio:.3f} "
+                     f"({row.ratio_iqr[0]:.2f}-{row.ratio_iqr[1]:.2f}) | {row.difference:.1e} | "
+                     f"{row.top1_agreement:.2f} | {row.quantize_s:.0f} |")
+    return lines + [""]
 
 
 def write(path: str, r: DeployResult) -> str:
