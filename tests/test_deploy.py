@@ -70,7 +70,7 @@ def exported(tmp_path_factory):
 
 CASES = [
     ("onnx", MBV2), ("onnx", R18), ("openvino", MBV2), pytest.param("openvino", R18, marks=SLOW),
-    ("executorch", MBV2), pytest.param("executorch", R18, marks=SLOW),
+    pytest.param("executorch", MBV2, marks=SLOW), pytest.param("executorch", R18, marks=SLOW),
 ]
 
 

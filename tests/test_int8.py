@@ -135,6 +135,7 @@ def test_onnx_graph_shift_and_caches(clips, tmp_path):
         assert qparams(model, dq) == qparams(model, sibling) == (cache["scale"], cache["zero_point"])
 
 
+@pytest.mark.slow
 def test_onnx_clip_zero_slot_is_quantized_with_the_shifted_tensor(clips, tmp_path):
     import onnx
 
@@ -212,6 +213,7 @@ def test_int8_stream_equals_int8_clip_network(clips, tmp_path, target, name):
     assert worst <= 0.02 * spread, (worst, spread)
 
 
+@pytest.mark.slow  # about a minute on 2 cores; the export verb's int8 test streams onnx in the fast set
 def test_onnx_stream_equals_clip_network_mobilenetv2(clips, tmp_path):
     worst, spread, _ = _stream_vs_clip("onnx", "mobilenetv2", clips[:3], tmp_path)
     assert worst <= 0.02 * spread, (worst, spread)

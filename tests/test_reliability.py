@@ -400,6 +400,7 @@ def test_training_checkpoint_on_a_full_disk_leaves_no_truncated_file(config, tmp
     assert not list(work.glob("*.pth")) and _leftovers(work) == []
 
 
+@pytest.mark.slow  # two real training processes, about a minute on 2 cores
 def test_a_second_run_into_a_held_work_dir_stops_naming_the_holder(config, tmp_path):
     work = tmp_path / "w"
     first = subprocess.Popen(CLI + ["train", config, "--work-dir", str(work)],

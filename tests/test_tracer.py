@@ -170,7 +170,8 @@ def test_branches_on_values_or_the_batch_size_still_fail():
 
 @pytest.mark.parametrize(("name", "sizes", "branchings"), [
     ("vgg11", (96, 224, 64), 2),  # pre_logits pads maps under 7x7 (96 and 64) and holds a first_conv site
-    ("tiny_vit_5m_224", (56, 64, 224), 3),  # a block attends in one window when its map is the window
+    # a block attends in one window when its map is the window
+    pytest.param("tiny_vit_5m_224", (56, 64, 224), 3, marks=pytest.mark.slow),
 ])
 def test_a_converted_network_serves_every_input_size(monkeypatch, name, sizes, branchings):
     """Converted with the default example (224), a network whose shifted sites lie inside branches on
