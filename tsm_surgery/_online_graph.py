@@ -133,6 +133,8 @@ def _join(left: Tensor, right: Tensor) -> Tensor:
     """
     if isinstance(left, fx.Proxy):  # re-tracing a pickled graph: keep the node
         return left.tracer.create_proxy("call_function", _join, (left, right), {})
+    if torch.jit.is_tracing() or in_graph_capture():  # exporters record the plain sum (no shape test in the graph)
+        return left + right
     if isinstance(right, Tensor) and right.shape == left.shape and right.dtype == left.dtype:
         return left.add_(right)
     return left + right
