@@ -41,7 +41,7 @@ from tsm_surgery.integrations.export.artifacts import require_target
 from tsm_surgery.integrations.models import build_model, randomize_norms
 from tsm_surgery.integrations.studies.bench.machine import describe, load_average
 from tsm_surgery.integrations.studies.bench.measure import CONTROL, paired_ratios, wall_time
-from tsm_surgery.integrations.studies.bench.report import merge_sections
+from tsm_surgery.integrations.studies.bench.report import write_section
 
 __all__ = ["DeploySettings", "DeployResult", "Int8Row", "QUICK", "RUNTIMES", "run_deploy", "render", "write",
            "describe"]
@@ -286,11 +286,5 @@ def _int8_lines(r: DeployResult) -> list[str]:
 def write(path: str, r: DeployResult) -> str:
     """Renders ``r`` into the ``deploy`` section of ``path`` (other sections kept); returns the section."""
     section = render(r)
-    try:
-        with open(path) as f:
-            existing = f.read()
-    except FileNotFoundError:
-        existing = ""
-    with open(path, "w") as f:
-        f.write(merge_sections(existing, "deploy", section))
+    write_section(path, "deploy", section)
     return section

@@ -275,10 +275,9 @@ def report(result: dict) -> str:
 
 def write_section(path: Path, section: str) -> None:
     """Replaces this command's section of ``path`` (the bench's report); the bench's own sections are kept."""
-    from .bench import merge_sections
+    from .bench.report import write_section as write_report_section
 
-    existing = path.read_text() if path.is_file() else ""
-    path.write_text(merge_sections(existing, SECTION, section))
+    write_report_section(path, SECTION, section)
 
 
 def plot(result: dict, path: Path) -> None:

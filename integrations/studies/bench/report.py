@@ -10,6 +10,7 @@ Example:
 """
 
 import datetime
+import os
 import re
 from collections.abc import Callable
 
@@ -18,7 +19,7 @@ from .headline import COLUMNS, figures, judge, mib, ms, pct, ratio, targets_for
 from .measure import CONTROL
 from .running import BenchResult
 
-__all__ = ["render", "merge_sections", "write"]
+__all__ = ["render", "merge_sections", "write", "write_section"]
 
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16 autocast", "fp16": "float16 autocast"}
 _MARK = re.compile(r"<!-- bench:(\w+) -->\n(.*?)<!-- /bench:\1 -->\n?", re.S)
@@ -53,16 +54,21 @@ def merge_sections(existing: str, device: str, section: str) -> str:
     return "\n".join(f"<!-- bench:{d} -->\n{sections[d]}<!-- /bench:{d} -->\n" for d in order)
 
 
-def write(path: str, r: BenchResult) -> str:
-    """Renders ``r`` into its section of ``path`` (created when missing); returns the section."""
-    section = render(r)
+def write_section(path: str | os.PathLike, key: str, section: str) -> None:
+    """Replaces section ``key`` of the Markdown report ``path`` (created when missing); other sections are kept."""
     try:
         with open(path) as f:
             existing = f.read()
     except FileNotFoundError:
         existing = ""
     with open(path, "w") as f:
-        f.write(merge_sections(existing, r.settings.device, section))
+        f.write(merge_sections(existing, key, section))
+
+
+def write(path: str, r: BenchResult) -> str:
+    """Renders ``r`` into its section of ``path`` (created when missing); returns the section."""
+    section = render(r)
+    write_section(path, r.settings.device, section)
     return section
 
 
