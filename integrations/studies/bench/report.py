@@ -111,7 +111,7 @@ def _setup(r: BenchResult, add) -> None:
     add(f"Models: **2d** the plain backbone; **{CONTROL}** a deep copy of it (the A/A control); **ours** "
         "`tsm_surgery.convert(2d)`; **mmaction** MMAction2's `ResNetTSM(shift_place='blockres')` loaded with "
         "the same weights; **zero-fill** ours with every shift replaced by the paper's formulation (zeros, "
-        "then slice copies), written in `integrations/bench/peers.py` as a reference.")
+        "then slice copies), written in `integrations/studies/bench/peers.py` as a reference.")
     if r.agreement:
         parts = ", ".join(f"{k} {v:.1e}" for k, v in r.agreement.items())
         add("")
