@@ -28,8 +28,8 @@ SUBSET = [
     ("timm", "nf_regnet_b0", "nfnet", "residual", "NCHW"),  # timm-registered blocks traced into
     ("timm", "convmixer_768_32", "convmixer", "residual", "NCHW"),  # single-layer identity residuals
     ("timm", "cspnext_tiny", "cspnext", "residual", "NCHW"),
-    ("torchvision", "squeezenet1_1", "tv.squeezenet", "first_conv", "NCHW"),
-    ("torchvision", "googlenet", "tv.googlenet", "first_conv", "NCHW"),  # aux heads in train mode only
+    ("torchvision", "squeezenet1_1", "tv.squeezenet", "block_entry", "NCHW"),
+    ("torchvision", "googlenet", "tv.googlenet", "block_entry", "NCHW"),  # aux heads in train mode only
     ("timm", "vit_tiny_patch16_224", "vision_transformer", "residual", "tokens"),
     ("timm", "deit_tiny_patch16_224", "deit", "residual", "tokens"),
     ("timm", "swin_tiny_patch4_window7_224", "swin_transformer", "residual", "NHWC/tokens"),

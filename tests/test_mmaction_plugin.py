@@ -267,11 +267,11 @@ def test_mobileone_is_shifted_at_block_inputs_by_default():
     assert len(ours.sites) == sum(type(m).__name__ == "TemporalShift" for m in stock.modules()) - 1
 
 
-def test_densenet_wraps_with_first_conv_policy():
+def test_densenet_wraps_with_block_entry_policy():
     dense = dict(type="torchvision.densenet121", weights=None)
-    with pytest.raises(ValueError, match="no_residual='first_conv'"):
+    with pytest.raises(ValueError, match="no_residual='block_entry'"):
         TSMSurgeryBackbone(backbone=dense, example_input_size=32)
-    ours = MODELS.build(dict(type="TSMSurgeryBackbone", num_segments=2, backbone=dense, no_residual="first_conv",
+    ours = MODELS.build(dict(type="TSMSurgeryBackbone", num_segments=2, backbone=dense, no_residual="block_entry",
                              example_input_size=32))
-    assert ours.sites and all(s.kind == "first_conv" for s in ours.sites)
+    assert ours.sites and all(s.kind == "block_entry" for s in ours.sites)
     assert ours(torch.randn(4, 3, 32, 32)).shape == (4, 1024, 1, 1)

@@ -62,7 +62,7 @@ def test_shift_inputs_shifts_each_matching_module_input(model):
     x = torch.randn(2 * T, 3, 16, 16)
     net = tsm_surgery.convert(model, T, shift_inputs="blocks.*", example_input=x[:1])
     assert [s.name for s in net.sites] == ["blocks.0", "blocks.1", "blocks.2"]
-    assert all(s.kind == "first_conv" and s.channels == 16 for s in net.sites)
+    assert all(s.kind == "block_entry" and s.channels == 16 for s in net.sites)
     assert list(net.state_dict()) == list(model.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(net.eval()(x), _by_hand(model, x, shifted=(0, 1, 2)), rtol=0, atol=0)

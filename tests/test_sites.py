@@ -55,14 +55,14 @@ class DenseLike(nn.Module):
 
 def test_no_residual_policy_is_opt_in_and_streams():
     model, x = DenseLike().eval(), torch.randn(1, 3, 8, 8)
-    with pytest.raises(ValueError, match="no_residual='first_conv'"):
+    with pytest.raises(ValueError, match="no_residual='block_entry'"):
         convert(model, 3, example_input=x)
-    sites = [s for s in find_residual_sites(model, x, all_joins=True) if s.kind == "first_conv"]
+    sites = [s for s in find_residual_sites(model, x, all_joins=True) if s.kind == "block_entry"]
     # the dense layer (after its norm+act), the two-branch module (one site for both branches),
     # every layer of the plain stack but none reading the image or the pooled features
     assert [s.name for s in sites] == ["layer", "mixed", "plain.0", "plain.1", "plain.2", "plain.3"]
     assert sites[1].branch_consumers == ("mixed_a", "mixed_b")
-    net = convert(model, 3, direction="uni", example_input=x, no_residual="first_conv").eval()
+    net = convert(model, 3, direction="uni", example_input=x, no_residual="block_entry").eval()
     clip = torch.randn(3, 3, 8, 8)
     with torch.no_grad():
         offline, plain = net(clip), model(clip)
@@ -167,8 +167,8 @@ def test_analysis_writes_nothing_to_the_graph():
     assert analyse_graph(model, graph, torch.randn(1, 3, 16, 16))[1] == sites
 
 
-def test_first_conv_entries_name_their_tensor_not_a_join():
+def test_block_entry_entries_name_their_tensor_not_a_join():
     sites = [s for s in find_residual_sites(DenseLike(), torch.randn(1, 3, 8, 8), all_joins=True)]
-    assert sites and all(s.kind == "first_conv" and s.join == "" for s in sites)
+    assert sites and all(s.kind == "block_entry" and s.join == "" for s in sites)
     # each entry's tensor feeds its first layers; the branch consumers are those readers
     assert sites[0].branch_consumers == ("layer_0",)

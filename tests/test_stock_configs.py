@@ -137,7 +137,7 @@ def _wrapped_tsn(stock_path: str, frames: int) -> dict:
         inner["pretrained"] = False  # no downloads in tests; the architecture is the stock one
     wrapper = dict(type="TSMSurgeryBackbone", backbone=inner, num_segments=frames)
     if inner["type"] == "torchvision.densenet161":
-        wrapper["no_residual"] = "first_conv"  # DenseNet has no residual join: the documented policy
+        wrapper["no_residual"] = "block_entry"  # DenseNet has no residual join: the documented policy
     model.backbone = wrapper
     return model.to_dict() if hasattr(model, "to_dict") else dict(model)
 

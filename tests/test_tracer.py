@@ -169,7 +169,7 @@ def test_branches_on_values_or_the_batch_size_still_fail():
 
 
 @pytest.mark.parametrize(("name", "sizes", "branchings"), [
-    ("vgg11", (96, 224, 64), 2),  # pre_logits pads maps under 7x7 (96 and 64) and holds a first_conv site
+    ("vgg11", (96, 224, 64), 2),  # pre_logits pads maps under 7x7 (96 and 64) and holds a block_entry site
     # a block attends in one window when its map is the window
     pytest.param("tiny_vit_5m_224", (56, 64, 224), 3, marks=pytest.mark.slow),
 ])
@@ -182,7 +182,7 @@ def test_a_converted_network_serves_every_input_size(monkeypatch, name, sizes, b
     from utils import randomize_norms
 
     model = randomize_norms(timm.create_model(name, num_classes=5)).eval()
-    kwargs = {"no_residual": "first_conv"} if name == "vgg11" else {}
+    kwargs = {"no_residual": "block_entry"} if name == "vgg11" else {}
     net = convert(model, 2, **kwargs).eval()
     clips = {size: torch.randn(4, 3, size, size) for size in sizes}
     with torch.no_grad():

@@ -14,11 +14,12 @@ Example:
     torch.Size([8, 1000])
 """
 
+from . import _sites
 from ._boundary import insert_module
 from ._convert import TSMNet, convert
 from ._online import OnlineTSM, to_online
 from ._shift import TemporalShift, temporal_shift
-from ._sites import ResidualSite, find_residual_sites, site_table
+from ._sites import ShiftSite, find_residual_sites, site_table
 from ._tracer import TraceError, leaf_modules, notrace_functions, register_leaf_module, register_notrace_function
 
 __all__ = [
@@ -29,7 +30,7 @@ __all__ = [
     "temporal_shift",
     "TemporalShift",
     "TSMNet",
-    "ResidualSite",
+    "ShiftSite",
     "TraceError",
     "register_leaf_module",
     "register_notrace_function",
@@ -38,3 +39,7 @@ __all__ = [
     "to_online",
     "OnlineTSM",
 ]
+
+
+def __getattr__(name: str):
+    return _sites.__getattr__(name)  # deprecated 0.1 names

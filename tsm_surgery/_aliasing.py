@@ -25,7 +25,7 @@ from torch import fx
 
 from ._index import GraphIndex
 
-__all__ = ["ShiftPlan", "plan_shift", "writes_in_place"]
+__all__ = ["ShiftPlacement", "place_shift", "writes_in_place"]
 
 _IN_PLACE_OPERATORS = {
     operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
@@ -68,7 +68,7 @@ def _same_tensor(index: GraphIndex, a: fx.Node, b: fx.Node) -> bool:
 
 
 @dataclass(frozen=True)
-class ShiftPlan:
+class ShiftPlacement:
     """Where one site's shift goes.
 
     Attributes:
@@ -95,7 +95,7 @@ def _refusal(site: str, node: fx.Node, why: str) -> ValueError:
     )
 
 
-def plan_shift(index: GraphIndex, site: str, fork: fx.Node, readers: Sequence[fx.Node], place: str) -> ShiftPlan:
+def place_shift(index: GraphIndex, site: str, fork: fx.Node, readers: Sequence[fx.Node], place: str) -> ShiftPlacement:
     """Places one site's shift.
 
     Args:
@@ -113,9 +113,9 @@ def plan_shift(index: GraphIndex, site: str, fork: fx.Node, readers: Sequence[fx
     writers = [n for n in later if key is not None and key in _written(n, index)]
     if place == "block":
         _check_block(index, site, fork, writers)
-        return ShiftPlan(fork, fork.next, tuple(fork.users), (fork,))
+        return ShiftPlacement(fork, fork.next, tuple(fork.users), (fork,))
     if not writers:
-        return ShiftPlan(fork, fork.next, tuple(readers), (fork,))
+        return ShiftPlacement(fork, fork.next, tuple(readers), (fork,))
     trunk, plain = _split_branch_start(index, fork, list(readers), writers)
     if not plain:
         raise _refusal(site, trunk[-1], "and nothing on the branch reads the result")
@@ -132,7 +132,7 @@ def plan_shift(index: GraphIndex, site: str, fork: fx.Node, readers: Sequence[fx
             raise _refusal(site, w, "through a view the branch made of it")
     late = any(index.position[w] > index.position[first] for w in writers)
     source = max(reads, key=index.position.__getitem__)
-    return ShiftPlan(source, first, tuple(plain), tuple(dict.fromkeys(reads)), not late)
+    return ShiftPlacement(source, first, tuple(plain), tuple(dict.fromkeys(reads)), not late)
 
 
 def _split_branch_start(index: GraphIndex, fork: fx.Node, plain: list[fx.Node],

@@ -18,7 +18,7 @@ from torch import fx, nn
 from ._fast_paths import add_fast_paths, without_fast_paths
 from ._index import GraphIndex
 from ._net import TSMNet
-from ._sites import ResidualSite
+from ._sites import ShiftSite
 
 __all__ = ["insert_module", "input_sites", "path_matches", "WHERE"]
 
@@ -86,11 +86,11 @@ def _insert_call(graph: fx.Graph, path: str, target: str, where: str) -> None:
     anchor.replace_all_uses_with(new, delete_user_cb=moves)
 
 
-def input_sites(index: GraphIndex, patterns: Sequence[str], shift_div: int) -> list[ResidualSite]:
+def input_sites(index: GraphIndex, patterns: Sequence[str], shift_div: int) -> list[ShiftSite]:
     """A site at the input of every module whose path matches one of ``patterns``.
 
     A module whose input has fewer channels than ``shift_div`` (the image, for a stem) is left
-    out: ``C // shift_div`` would be 0 channels. The sites are of kind ``"first_conv"``: the
+    out: ``C // shift_div`` would be 0 channels. The sites are of kind ``"block_entry"``: the
     tensor entering a block, read by the block's operations only.
     """
     graph = index.nodes[0].graph
@@ -105,7 +105,7 @@ def input_sites(index: GraphIndex, patterns: Sequence[str], shift_div: int) -> l
         if shape is None or len(shape) < 2 or shape[1] < shift_div:
             continue
         consumers = tuple(u.name for u in entry.users if u in members)
-        sites.append(ResidualSite(name=path, kind="first_conv", join="", fork=entry.name,
+        sites.append(ShiftSite(name=path, kind="block_entry", join="", fork=entry.name,
                                   branch_consumers=consumers, channels=int(shape[1]), channel_dim=1,
                                   shape=tuple(shape), reason=_BLOCK_INPUT))
     return sites

@@ -2,33 +2,35 @@
 
 import copy
 import fnmatch
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import fx, nn
 
-from ._aliasing import plan_shift
+from ._aliasing import place_shift
 from ._boundary import input_sites
 from ._fast_paths import add_fast_paths
-from ._graph import SHIFTS, module_key
+from ._graph_module import SHIFTS, module_key
 from ._index import GraphIndex
 from ._net import SizeVariants, TSMNet
 from ._online import OnlineShift, OnlineTSM, to_online
 from ._shift import TemporalShift, check_shift_args
-from ._sites import ResidualSite, analyse_graph, default_example_input
+from ._sites import ShiftSite, analyse_graph, default_example_input
 from ._tracer import MODULE_PATH, LeafSpec, trace_train_and_eval
 
 __all__ = ["convert", "TSMNet", "PLACES"]
 
 PLACES = ("residual", "block")
-NO_RESIDUAL = ("error", "first_conv")  # policies for networks without a residual join
+NO_RESIDUAL = ("error", "block_entry")  # policies for networks without a residual join
+RENAMED_POLICIES = {"first_conv": "block_entry"}  # 0.1 names, still accepted (DeprecationWarning) for one release
 
-Select = str | Sequence[str] | Callable[[ResidualSite], bool] | None
+Select = str | Sequence[str] | Callable[[ShiftSite], bool] | None
 # (a graph's index, its classified joins) -> the sites that may be shifted
-Candidates = Callable[[GraphIndex, list[ResidualSite]], list[ResidualSite]]
+Candidates = Callable[[GraphIndex, list[ShiftSite]], list[ShiftSite]]
 
 
-def _select_sites(sites: list[ResidualSite], select: Select) -> list[ResidualSite]:
+def _select_sites(sites: list[ShiftSite], select: Select) -> list[ShiftSite]:
     if select is None:
         return sites
     if callable(select):
@@ -37,11 +39,11 @@ def _select_sites(sites: list[ResidualSite], select: Select) -> list[ResidualSit
     return [s for s in sites if any(fnmatch.fnmatchcase(s.name, p) for p in patterns)]
 
 
-def _insert_shifts(index: GraphIndex, sites: list[ResidualSite], place: str) -> dict[str, bool]:
-    """Inserts each site's shift where :func:`plan_shift` puts it; returns which sites may recompute it."""
+def _insert_shifts(index: GraphIndex, sites: list[ShiftSite], place: str) -> dict[str, bool]:
+    """Inserts each site's shift where :func:`place_shift` puts it; returns which sites may recompute it."""
     graph = index.nodes[0].graph
     nodes = {node.name: node for node in index.nodes}
-    plans = [plan_shift(index, site.name, nodes[site.fork], [nodes[c] for c in site.branch_consumers], place)
+    plans = [place_shift(index, site.name, nodes[site.fork], [nodes[c] for c in site.branch_consumers], place)
              for site in sites]  # all plans first: they read the graph as analysed
     for site, plan in zip(sites, plans):
         with graph.inserting_before(plan.before):
@@ -52,7 +54,7 @@ def _insert_shifts(index: GraphIndex, sites: list[ResidualSite], place: str) -> 
     return {site.name: plan.recompute for site, plan in zip(sites, plans)}
 
 
-def _no_sites_error(model: nn.Module, found: list[ResidualSite], select: Select, candidates: Candidates) -> ValueError:
+def _no_sites_error(model: nn.Module, found: list[ShiftSite], select: Select, candidates: Candidates) -> ValueError:
     if isinstance(candidates, _InputSites) and not found:
         return ValueError(f"no module matched by shift_inputs={candidates.patterns} takes a tensor with "
                           "shift_div or more channels. Hint: shift_inputs takes glob patterns over module paths, "
@@ -66,9 +68,19 @@ def _no_sites_error(model: nn.Module, found: list[ResidualSite], select: Select,
         "shortcut was found. Hint: inspect the additions with "
         "tsm_surgery.find_residual_sites(model, all_joins=True); a residual block hidden inside a leaf "
         "module cannot be seen, so trace into it (drop it from leaf_modules). A network built without "
-        "residual joins (DenseNet, VGG, Inception) converts with no_residual='first_conv', which shifts "
+        "residual joins (DenseNet, VGG, Inception) converts with no_residual='block_entry', which shifts "
         "the input of each block's first layer."
     )
+
+
+def _current_policy(no_residual: str) -> str:
+    """``no_residual`` under its current name (settings pickled by 0.1 may hold the old one)."""
+    if no_residual in RENAMED_POLICIES:
+        new = RENAMED_POLICIES[no_residual]
+        warnings.warn(f"no_residual={no_residual!r} is deprecated; use no_residual={new!r} (same behaviour).",
+                      DeprecationWarning, stacklevel=3)
+        return new
+    return no_residual
 
 
 def _check_settings(model: nn.Module, direction: str, place: str, online: bool, no_residual: str) -> None:
@@ -102,7 +114,7 @@ class _InputSites:
     def __init__(self, patterns: list[str], shift_div: int):
         self.patterns, self.shift_div = patterns, shift_div
 
-    def __call__(self, index: GraphIndex, found: list[ResidualSite]) -> list[ResidualSite]:
+    def __call__(self, index: GraphIndex, found: list[ShiftSite]) -> list[ShiftSite]:
         return input_sites(index, self.patterns, self.shift_div)
 
 
@@ -111,10 +123,10 @@ def _site_rule(no_residual: str, shift_inputs: str | Sequence[str] | None, shift
     if shift_inputs is not None:
         return _InputSites([shift_inputs] if isinstance(shift_inputs, str) else list(shift_inputs), shift_div)
 
-    def residual(index: GraphIndex, found: list[ResidualSite]) -> list[ResidualSite]:
+    def residual(index: GraphIndex, found: list[ShiftSite]) -> list[ShiftSite]:
         sites = [s for s in found if s.kind == "residual"]
-        if not sites and no_residual == "first_conv":
-            sites = [s for s in found if s.kind == "first_conv"]
+        if not sites and no_residual == "block_entry":
+            sites = [s for s in found if s.kind == "block_entry"]
         return sites
 
     return residual
@@ -122,7 +134,7 @@ def _site_rule(no_residual: str, shift_inputs: str | Sequence[str] | None, shift
 
 def _choose_sites(root: nn.Module, graphs: dict[str, fx.Graph], example_input: torch.Tensor, select: Select,
                   candidates: Candidates, model: nn.Module
-                  ) -> tuple[dict[str, list[ResidualSite]], dict[str, GraphIndex]]:
+                  ) -> tuple[dict[str, list[ShiftSite]], dict[str, GraphIndex]]:
     """The sites to shift in each mode's graph (the eval graph's choice, found again in the train
     graph), and each graph's analysis."""
     per_mode, indexes = {}, {}
@@ -146,7 +158,7 @@ def _choose_sites(root: nn.Module, graphs: dict[str, fx.Graph], example_input: t
     return per_mode, indexes
 
 
-def _size_branches_without_sites(graphs: dict[str, fx.Graph], per_mode: dict[str, list[ResidualSite]]) -> list[str]:
+def _size_branches_without_sites(graphs: dict[str, fx.Graph], per_mode: dict[str, list[ShiftSite]]) -> list[str]:
     """Paths of the modules that branch on the example input's size and hold no chosen site.
 
     Rule: such a module is kept whole (a leaf), so it takes its own branch at every input size
@@ -177,9 +189,9 @@ def _trace_sites(root: nn.Module, leaf_modules: Sequence[LeafSpec], example_inpu
     return graphs, per_mode, indexes
 
 
-def _shift_graphs(graphs: dict[str, fx.Graph], per_mode: dict[str, list[ResidualSite]],
+def _shift_graphs(graphs: dict[str, fx.Graph], per_mode: dict[str, list[ShiftSite]],
                   indexes: dict[str, GraphIndex], place: str, shifts: nn.ModuleDict,
-                  make_shift: Callable[[ResidualSite], TemporalShift]) -> None:
+                  make_shift: Callable[[ShiftSite], TemporalShift]) -> None:
     """Inserts a shift at every chosen site of both graphs, adding the sites' modules ``shifts`` lacks."""
     for site in per_mode["eval"]:
         key = module_key(site.name)
@@ -209,7 +221,7 @@ def _specialise(net: TSMNet, root: nn.Module, settings: dict, example_input: tor
     # Tensors held by the root itself (not a child) may have been replaced on the net by .to(): share them again.
     root._parameters.update({k: v for k, v in net._parameters.items() if k in root._parameters})
     root._buffers.update({k: v for k, v in net._buffers.items() if k in root._buffers})
-    candidates = _site_rule(settings["no_residual"], settings.get("shift_inputs"), net.shift_div)
+    candidates = _site_rule(_current_policy(settings["no_residual"]), settings.get("shift_inputs"), net.shift_div)
     graphs, per_mode, indexes = _trace_sites(root, settings["leaf_modules"], example_input, settings["select"],
                                              candidates, root)
     _shift_graphs(graphs, per_mode, indexes, net.place, getattr(net, SHIFTS),
@@ -262,9 +274,9 @@ def convert(
         online: return ``to_online(net)``, the frame-by-frame streaming form (needs
             ``direction="uni"``), instead of the clip network.
         no_residual: what to do with a network that has no residual join (DenseNet, VGG,
-            Inception, LCNet): ``"error"`` raises (the default); ``"first_conv"`` shifts the
+            Inception, LCNet): ``"error"`` raises (the default); ``"block_entry"`` shifts the
             tensor entering the first layer(s) of each block instead (sites of kind
-            ``"first_conv"``; see :func:`find_residual_sites`).
+            ``"block_entry"``; see :func:`find_residual_sites`).
         shift_inputs: glob pattern(s) over module paths, matched segment by segment
             (``"stage[1-9].*"`` is a stage's children): shift the input of each matching module,
             for the operations inside it, instead of residual branches. The rule of networks
@@ -292,6 +304,7 @@ def convert(
         with :func:`register_leaf_module`. Residual joins inside a leaf are not shifted.
     """
     check_shift_args(n_segments, shift_div, direction, uni_slot)
+    no_residual = _current_policy(no_residual)
     _check_settings(model, direction, place, online, no_residual)
     root = model if inplace else copy.deepcopy(model)
     example_input = default_example_input(root) if example_input is None else example_input

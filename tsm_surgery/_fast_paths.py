@@ -21,7 +21,7 @@ import copy
 
 from torch import fx, nn
 
-from ._graph import SHIFTS
+from ._graph_module import SHIFTS
 from ._online_graph import swap_consumer
 from ._recompute import close_site_hooks, open_site_hooks
 from ._shift import restore_slots

@@ -6,10 +6,10 @@ import torch
 from torch import fx, nn
 
 from ._fast_paths import add_fast_paths, without_fast_paths
-from ._graph import SHIFTS, adopt_module_tree, deepcopy_graph_module, module_key, reduce_graph_module
+from ._graph_module import SHIFTS, adopt_module_tree, deepcopy_graph_module, module_key, reduce_graph_module
 from ._recompute import in_graph_capture, install_recompute_scope
 from ._shift import TemporalShift, check_shift_args
-from ._sites import ResidualSite
+from ._sites import ShiftSite
 
 __all__ = ["TSMNet", "SizeVariants"]
 
@@ -24,7 +24,7 @@ class TSMNet(fx.GraphModule):
     training and the eval-mode graph otherwise.
 
     Attributes:
-        sites: the shifted :class:`ResidualSite` objects, in graph order.
+        sites: the shifted :class:`ShiftSite` objects, in graph order.
         shift_div, direction, uni_slot, place: the conversion settings.
     """
 
@@ -35,7 +35,7 @@ class TSMNet(fx.GraphModule):
                                  "direction", "uni_slot"]
 
     def __init__(self, root: nn.Module, train_graph: fx.Graph, eval_graph: fx.Graph,
-                 shifts: nn.ModuleDict, sites: list[ResidualSite], place: str, class_name: str | None = None):
+                 shifts: nn.ModuleDict, sites: list[ShiftSite], place: str, class_name: str | None = None):
         holder = nn.Module()
         adopt_module_tree(holder, root)
         holder.add_module(SHIFTS, shifts)
@@ -116,7 +116,7 @@ class TSMNet(fx.GraphModule):
         return reduce_graph_module(self, graphs, _rebuild, args, state)
 
 
-def _rebuild(tree: nn.Module, graphs: list[fx.Graph], sites: list[ResidualSite], place: str,
+def _rebuild(tree: nn.Module, graphs: list[fx.Graph], sites: list[ShiftSite], place: str,
              class_name: str) -> TSMNet:
     shifts = tree._modules.pop(SHIFTS)
     assert isinstance(shifts, nn.ModuleDict)

@@ -1,4 +1,4 @@
-"""The no-residual policy (``convert(..., no_residual="first_conv")``): where to shift a network
+"""The no-residual policy (``convert(..., no_residual="block_entry")``): where to shift a network
 that has no residual join (VGG, DenseNet, Inception, LCNet).
 
 A *block* is the innermost module holding two or more mixing layers (DenseNet's dense layer, an

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, fx, nn
 
-from ._graph import (
+from ._graph_module import (
     ONLINE_SHIFTS,
     SHIFTS,
     adopt_module_tree,

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.nn import functional as F
 
-from ._graph import ONLINE_SHIFTS, SHIFTS
+from ._graph_module import ONLINE_SHIFTS, SHIFTS
 from ._recompute import in_graph_capture
 from ._shift import check_shift_args, restore_slots
 

@@ -11,11 +11,12 @@ one-layer projection: the shortcut). The other additions are reported, not shift
 * ``multi_branch``: parallel single-layer branches summed (RepVGG, MobileOne, ACNet);
 * ``internal``: any other sum inside a block (Res2Net's split sums, GRN's ``x + f(x)``).
 
-Networks without any residual join (VGG, DenseNet, Inception) get ``first_conv`` entries
+Networks without any residual join (VGG, DenseNet, Inception) get ``block_entry`` entries
 instead: the tensor entering the first layer(s) of each block, shifted only on request.
 """
 
 import copy
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal, NamedTuple, get_args
@@ -27,25 +28,28 @@ from ._index import GraphIndex, common_prefix, is_add, is_layer, module_path, re
 from ._no_residual import BlockEntry, block_entries
 from ._tracer import LeafSpec, trace
 
-__all__ = ["ResidualSite", "SiteKind", "KINDS", "SHIFTED_KINDS", "find_residual_sites", "site_table"]
+__all__ = ["ShiftSite", "SiteKind", "KINDS", "SHIFTED_KINDS", "find_residual_sites", "site_table"]
 
-SiteKind = Literal["residual", "first_conv", "multi_branch", "internal", "broadcast"]
+SiteKind = Literal["residual", "block_entry", "multi_branch", "internal", "broadcast"]
 KINDS: tuple[SiteKind, ...] = get_args(SiteKind)
-SHIFTED_KINDS: tuple[SiteKind, ...] = ("residual", "first_conv")  # the kinds convert may shift
+SHIFTED_KINDS: tuple[SiteKind, ...] = ("residual", "block_entry")  # the kinds convert may shift
 
 
 @dataclass(frozen=True)
-class ResidualSite:
-    """One addition in the traced network, and for residual joins what ``convert`` would shift.
+class ShiftSite:
+    """A place where ``convert`` may shift, or an addition it looked at and left alone.
+
+    A residual join's site is where its branch starts; a block entry or a module input (see
+    ``shift_inputs``) has no join. ``ResidualSite`` is this class's 0.1 name, deprecated.
 
     Attributes:
         name: stable name built from module paths, e.g. ``"layer2.1"`` or ``"blocks.0.attn"``.
         kind: ``"residual"`` (shifted), ``"multi_branch"``, ``"internal"``, ``"broadcast"``, or
-            ``"first_conv"`` (the entry of a block in a network without residual joins, shifted
-            only with ``convert(..., no_residual="first_conv")``).
-        join: graph node name of the addition (``""`` for ``"first_conv"``: there is none).
+            ``"block_entry"`` (the entry of a block in a network without residual joins, shifted
+            only with ``convert(..., no_residual="block_entry")``).
+        join: graph node name of the addition (``""`` for ``"block_entry"``: there is none).
         fork: graph node name of the tensor the residual branch starts from (for
-            ``"first_conv"``, the tensor entering the block).
+            ``"block_entry"``, the tensor entering the block).
         branch_consumers: nodes reading ``fork`` on the branch side (rewired to the shifted tensor).
         shortcut_consumers: nodes reading ``fork`` on the shortcut side (left alone).
         channels: channel count of ``fork``.
@@ -72,7 +76,7 @@ class ResidualSite:
 class _Join(NamedTuple):
     """A classified addition and the common module path of its branch's mixing layers (for naming)."""
 
-    site: ResidualSite
+    site: ShiftSite
     scope: str = ""
 
 
@@ -116,7 +120,7 @@ def _classify(index: GraphIndex, join: fx.Node, kinds: dict[fx.Node, SiteKind]) 
     base = dict(join=join.name, fork=fork.name if fork is not None else "")
     early = _not_a_join(index, a, b, fork)
     if early is not None:
-        return _Join(ResidualSite(name=join.name, kind=early[0], reason=early[1], join=base["join"], fork=base["fork"]))
+        return _Join(ShiftSite(name=join.name, kind=early[0], reason=early[1], join=base["join"], fork=base["fork"]))
     assert fork is not None  # _not_a_join refuses operands without a common fork
     depth_a, depth_b = index.depth(fork, a), index.depth(fork, b)
     branch, shortcut = (a, b) if depth_a >= depth_b else (b, a)
@@ -134,7 +138,7 @@ def _classify(index: GraphIndex, join: fx.Node, kinds: dict[fx.Node, SiteKind]) 
     fork_shape = index.shape(fork)
     assert fork_shape is not None  # _not_a_join refuses a fork without a shape
     channel_dim = index.channel_dim(fork_shape, branch_nodes)
-    site = ResidualSite(
+    site = ShiftSite(
         name=module_path(join) or scope or join.name, kind=kind, reason=reason,
         branch_consumers=tuple(u.name for u in on_branch),
         shortcut_consumers=tuple(u.name for u in on_shortcut),
@@ -145,16 +149,16 @@ def _classify(index: GraphIndex, join: fx.Node, kinds: dict[fx.Node, SiteKind]) 
     return _Join(site, scope)
 
 
-def _entry_site(entry: BlockEntry) -> ResidualSite:
-    return ResidualSite(
-        name=entry.block, kind="first_conv", join="", fork=entry.entry,
+def _entry_site(entry: BlockEntry) -> ShiftSite:
+    return ShiftSite(
+        name=entry.block, kind="block_entry", join="", fork=entry.entry,
         branch_consumers=entry.first_readers, shortcut_consumers=entry.other_readers,
         channels=entry.channels, channel_dim=entry.channel_dim, shape=entry.shape,
-        reason="no residual join in the network: the input of a block's first layers (no_residual='first_conv')",
+        reason="no residual join in the network: the input of a block's first layers (no_residual='block_entry')",
     )
 
 
-def _unique_names(joins: list[_Join]) -> list[ResidualSite]:
+def _unique_names(joins: list[_Join]) -> list[ShiftSite]:
     """Names a join by the module whose forward adds; several joins in one module (a ViT block's
     attention and MLP residuals) by the module holding each branch's layers; ``#k`` otherwise."""
     counts: dict[str, int] = {}
@@ -171,7 +175,7 @@ def _unique_names(joins: list[_Join]) -> list[ResidualSite]:
     return out
 
 
-def classify_joins(index: GraphIndex) -> list[ResidualSite]:
+def classify_joins(index: GraphIndex) -> list[ShiftSite]:
     """Every addition of ``index``'s graph, classified; the no-residual entries when no join is residual."""
     joins: list[_Join] = []
     kinds: dict[fx.Node, SiteKind] = {}
@@ -196,7 +200,7 @@ def default_example_input(model: nn.Module) -> torch.Tensor:
 
 
 def analyse_graph(root: nn.Module, graph: fx.Graph,
-                  example_input: torch.Tensor) -> tuple[GraphIndex, list[ResidualSite]]:
+                  example_input: torch.Tensor) -> tuple[GraphIndex, list[ShiftSite]]:
     """Records shapes through ``graph`` (with ``root`` in eval mode) and classifies every addition.
 
     Nothing is written to ``graph`` or ``root``; ``root``'s train/eval mode is restored. The
@@ -228,7 +232,7 @@ def find_residual_sites(
     leaf_modules: Sequence[LeafSpec] = (),
     all_joins: bool = False,
     train: bool = False,
-) -> list[ResidualSite]:
+) -> list[ShiftSite]:
     """Lists the residual joins ``convert`` would shift, without changing anything.
 
     The model is deep-copied, traced with ``torch.fx`` (honouring the leaf registry and timm's
@@ -242,7 +246,7 @@ def find_residual_sites(
         train: analyse the train-mode graph instead of the eval-mode one.
 
     Returns:
-        One :class:`ResidualSite` per join, in graph order.
+        One :class:`ShiftSite` per join, in graph order.
 
     Example:
         >>> import torchvision
@@ -263,7 +267,7 @@ def find_residual_sites(
     return sites if all_joins else [s for s in sites if s.kind == "residual"]
 
 
-def site_table(sites: Sequence[ResidualSite]) -> str:
+def site_table(sites: Sequence[ShiftSite]) -> str:
     """A plain-text table of sites, one row each."""
     rows = [("#", "site", "kind", "channels", "dim", "depth", "shape")]
     for i, s in enumerate(sites):
@@ -271,3 +275,11 @@ def site_table(sites: Sequence[ResidualSite]) -> str:
                      f"{s.branch_depth}/{s.shortcut_depth}", "x".join(map(str, s.shape))))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def __getattr__(name: str):
+    if name == "ResidualSite":  # the 0.1 name, kept for one release (networks pickled by 0.1 refer to it)
+        warnings.warn("ResidualSite is deprecated; use tsm_surgery.ShiftSite (the same class).",
+                      DeprecationWarning, stacklevel=2)
+        return ShiftSite
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -191,7 +191,7 @@ class TSMSurgeryBackbone(BaseModule):
         leaf_modules: module classes or paths not to trace through.
         example_input_size: side of the square example image used to learn shapes while
             converting; defaults to the model's own input size (224 if unknown).
-        no_residual: ``'first_conv'`` converts a network without residual joins (DenseNet, VGG)
+        no_residual: ``'block_entry'`` converts a network without residual joins (DenseNet, VGG)
             by shifting the input of each block's first layers; see :func:`tsm_surgery.convert`.
         shift_inputs: glob patterns over module paths, matched segment by segment
             (``'stage[1-4].*'``): shift the input of each matching module instead of residual
@@ -271,7 +271,7 @@ class TSMSurgeryBackbone(BaseModule):
 
     @property
     def sites(self):
-        """The shifted residual sites, see :class:`tsm_surgery.ResidualSite`."""
+        """The shifted residual sites, see :class:`tsm_surgery.ShiftSite`."""
         return self._net.sites
 
     @property

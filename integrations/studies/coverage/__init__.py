@@ -6,7 +6,7 @@ timm model module, plus the smallest of every torchvision classification family;
 
 * ``build``: the model at the smallest square input it accepts, norms randomised;
 * ``sites``: the graph traces and its joins are classified (networks without residual joins
-  get the ``first_conv`` policy);
+  get the ``block_entry`` policy);
 * ``bi``: ``convert(direction="bi")`` runs and changes the output (effective);
 * ``online``: ``convert(direction="uni")`` runs and its streaming form, run frame by frame,
   equals the offline network;

@@ -31,7 +31,7 @@ class Blocks:
     """Blocks of one network.
 
     Attributes:
-        shifted: blocks that got a shift (residual joins, or block entries under ``first_conv``).
+        shifted: blocks that got a shift (residual joins, or block entries under ``block_entry``).
         kept: reason -> number of blocks kept whole for that reason, e.g. ``"internal"``,
             ``"multi_branch"`` or ``"inside TinyVitBlock (kept whole)"``.
     """
@@ -78,13 +78,13 @@ def _descendants(node: fx.Node) -> set[fx.Node]:
     return _reachable(node, lambda n: n.users)
 
 
-def _spans(graph: fx.Graph, sites: Sequence[tsm_surgery.ResidualSite]) -> dict[str, set[fx.Node]]:
+def _spans(graph: fx.Graph, sites: Sequence[tsm_surgery.ShiftSite]) -> dict[str, set[fx.Node]]:
     """join name -> the nodes strictly between the join's fork and the join: the block's inside."""
     nodes = {n.name: n for n in graph.nodes}
     spans = {}
     for site in sites:
         fork, join = nodes.get(site.fork), nodes.get(site.join)
-        if fork is not None and join is not None and site.kind != "first_conv":
+        if fork is not None and join is not None and site.kind != "block_entry":
             spans[site.join] = _descendants(fork) & _ancestors(join)
     return spans
 
@@ -145,7 +145,7 @@ def _joins_inside(model: nn.Module, paths: Iterable[str], image: torch.Tensor) -
     return counts
 
 
-def count_blocks(model: nn.Module, net: fx.GraphModule, sites: Sequence[tsm_surgery.ResidualSite],
+def count_blocks(model: nn.Module, net: fx.GraphModule, sites: Sequence[tsm_surgery.ShiftSite],
                  shifted_kind: str, image: torch.Tensor) -> Blocks:
     """Counts the blocks of ``model`` that ``net`` (its eval-mode conversion) shifts and keeps whole.
 
@@ -153,7 +153,7 @@ def count_blocks(model: nn.Module, net: fx.GraphModule, sites: Sequence[tsm_surg
         model: the 2D model, in eval mode (run once on ``image`` to look inside leaves).
         net: the converted network, in eval mode.
         sites: ``find_residual_sites(model, image, all_joins=True)``.
-        shifted_kind: the site kind the conversion shifted (``"residual"`` or ``"first_conv"``).
+        shifted_kind: the site kind the conversion shifted (``"residual"`` or ``"block_entry"``).
         image: one input image batch.
     """
     shifted = [s for s in sites if s.kind == shifted_kind]
@@ -163,7 +163,7 @@ def count_blocks(model: nn.Module, net: fx.GraphModule, sites: Sequence[tsm_surg
     shifted_forks = {s.fork for s in shifted}
     nodes = {n.name: n for n in net.graph.nodes}
     for site in candidates:
-        if site.kind in (shifted_kind, "residual", "first_conv"):
+        if site.kind in (shifted_kind, "residual", "block_entry"):
             continue  # shifted, or a site of the policy not used
         if nodes.get(site.join) in inside or site.fork in shifted_forks:
             continue

@@ -91,7 +91,7 @@ class _Run:
     model: nn.Module | None = None
     image: torch.Tensor | None = None
     clip: torch.Tensor | None = None
-    sites: Sequence[tsm_surgery.ResidualSite] = ()
+    sites: Sequence[tsm_surgery.ShiftSite] = ()
     convert_kwargs: dict[str, Any] = field(default_factory=dict)
     bi: nn.Module | None = None
 
@@ -124,7 +124,7 @@ def _short(err: BaseException, limit: int = 220) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-def _layout(sites: Sequence[tsm_surgery.ResidualSite]) -> str:
+def _layout(sites: Sequence[tsm_surgery.ShiftSite]) -> str:
     return "/".join(sorted({"NCHW" if s.channel_dim == 1 else ("tokens" if len(s.shape) == 3 else "NHWC")
                             for s in sites}))
 
@@ -196,12 +196,12 @@ def _step_sites(run: _Run) -> None:
     residual = [s for s in run.sites if s.kind == "residual"]
     others: dict[str, int] = {}
     for s in run.sites:
-        if s.kind not in ("residual", "first_conv"):
+        if s.kind not in ("residual", "block_entry"):
             others[s.kind] = others.get(s.kind, 0) + 1
     res.other_joins = ", ".join(f"{k} {v}" for k, v in sorted(others.items()))
     if not residual:  # the stated policy for networks without residual joins, reported as such
-        res.policy = "first_conv"
-        run.convert_kwargs["no_residual"] = "first_conv"
+        res.policy = "block_entry"
+        run.convert_kwargs["no_residual"] = "block_entry"
     shifted = [s for s in run.sites if s.kind == res.policy]
     res.sites, res.layout = len(shifted), _layout(shifted)
 
