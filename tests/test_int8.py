@@ -264,14 +264,14 @@ def verb_inputs(tmp_path_factory):
     return root, checkpoint
 
 
-def _export(tmp_path, checkpoint, target, *extra):
+def _export(tmp_path, checkpoint, target, *extra, size=SIZE, status=0):
     from tsm_surgery.cli import main
     from tsm_surgery.integrations.export import SUFFIX
 
     out = tmp_path / f"m{SUFFIX[target]}"
     argv = ["export", "--target", target, "--model", "timm:mobilenetv2_100", "--num-classes", "6", "--size",
-            str(SIZE), "--checkpoint", str(checkpoint), "--output", str(out), *extra]
-    assert main(argv) == 0
+            str(size), "--checkpoint", str(checkpoint), "--output", str(out), *extra]
+    assert main(argv) == status
     return str(out.with_suffix(".json"))
 
 
@@ -320,30 +320,29 @@ def _assert_int8_follows_float(float_top, float_logits, int8_top, int8_logits):
     assert corr >= 0.9 and agree >= 0.75
 
 
-_OV_CLIP_GAP = pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="open: the NNCF-quantized OpenVINO clip network (int8.quantize(..., form='clip')) is saved but its IR "
-           "does not compile when read back (Concat of the zero slot [1,1,20,1] with [T,7,20,1]: shapes "
-           "inconsistent), at n_segments 4 and 8; the online step is not affected")
+# OpenVINO's CPU plugin rejects the NNCF-quantized clip network when a shift site's activation is
+# 1x1 pixel (MobileNetV2's last stage at 32 px: a Concat of shapes it re-infers inconsistently);
+# from 64 px it compiles. The export checks that the saved IR compiles (next test).
+_OV_CLIP_SIZE = 64
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["onnx", "openvino", "executorch"])
 @pytest.mark.parametrize("form", ["online", "offline"])
-def test_export_verb_int8_every_target_and_form(request, tmp_path, verb_inputs, target, form):
+def test_export_verb_int8_every_target_and_form(tmp_path, verb_inputs, target, form):
     from tsm_surgery.integrations.export.runtime import ClipRunner
     from tsm_surgery.integrations.export.runtime import load as load_sidecar
     from tsm_surgery.integrations.streaming.calibration import load_calibration
 
     if target == "onnx" and form == "online":
         pytest.skip("the fast test covers it")
-    if target == "openvino" and form == "offline":
-        request.applymarker(_OV_CLIP_GAP)
+    size = _OV_CLIP_SIZE if (target, form) == ("openvino", "offline") else SIZE
     root, checkpoint = verb_inputs
     extra = ["--offline", "--direction", "uni"] if form == "offline" else []
-    float_sidecar = _export(tmp_path / "f32", checkpoint, target, *extra)
-    int8_sidecar = _export(tmp_path / "int8", checkpoint, target, *extra, "--int8", "--calibration", str(root / "data"))
-    clips = load_calibration(root / "data", size=SIZE, n_frames=8, max_clips=4)
+    float_sidecar = _export(tmp_path / "f32", checkpoint, target, *extra, size=size)
+    int8_sidecar = _export(tmp_path / "int8", checkpoint, target, *extra, "--int8", "--calibration", str(root / "data"),
+                           size=size)
+    clips = load_calibration(root / "data", size=size, n_frames=8, max_clips=4)
     if form == "online":
         _assert_int8_follows_float(*_stream_top1(float_sidecar, clips), *_stream_top1(int8_sidecar, clips))
         return
@@ -354,6 +353,17 @@ def test_export_verb_int8_every_target_and_form(request, tmp_path, verb_inputs, 
         logits = np.concatenate([runner.run(clip) for clip in clips])
         runs += [logits.argmax(-1).tolist(), logits]
     _assert_int8_follows_float(*runs)
+
+
+@pytest.mark.slow
+def test_openvino_int8_clip_the_plugin_rejects_is_one_line_and_not_written(tmp_path, verb_inputs, capsys):
+    pytest.importorskip("nncf")
+    root, checkpoint = verb_inputs
+    _export(tmp_path, checkpoint, "openvino", "--offline", "--direction", "uni", "--int8", "--calibration",
+            str(root / "data"), status=1)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "cannot compile the int8 network" in err[-1] and "larger --size" in err[-1]
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("extra, word", [(["--calibration", "no/such/dir"], "no such directory"),

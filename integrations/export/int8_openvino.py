@@ -34,6 +34,7 @@ def quantize_openvino(float_onnx: str, xml_path: str, feeds: Sequence[dict[str, 
     model.reshape({name: list(array.shape) for name, array in feeds[0].items()})
     quantized = nncf.quantize(model, nncf.Dataset(list(feeds)), subset_size=len(feeds))
     ov.save_model(quantized, xml_path, compress_to_fp16=False)
+    _check_compiles(ov, xml_path)
     found = {}
     for param in quantized.get_parameters():
         name = param.get_friendly_name()
@@ -45,6 +46,19 @@ def quantize_openvino(float_onnx: str, xml_path: str, feeds: Sequence[dict[str, 
                                    f"{[u.get_type_name() for u in users]})")
             found[name] = _scale_zero(*fake_quantize_ranges(fq))
     return found
+
+
+def _check_compiles(ov, xml_path: str) -> None:
+    """Reads the saved IR back and compiles it for the CPU, so that a model the plugin rejects is never written."""
+    try:
+        ov.Core().compile_model(ov.Core().read_model(xml_path), "CPU")
+    except RuntimeError as err:
+        cause = next((line for line in str(err).splitlines() if "While validating" in line), str(err).splitlines()[0])
+        raise RuntimeError(
+            f"OpenVINO's CPU plugin cannot compile the int8 network NNCF made ({cause.strip()[:200]}). Hint: "
+            "this is seen in the clip network when a shift site's activation is 1x1 pixel (MobileNetV2 below "
+            "64 px); export with a larger --size, or the online step (it has no such reshape)."
+        ) from err
 
 
 def fake_quantize_ranges(fq) -> tuple[float, float, int]:
