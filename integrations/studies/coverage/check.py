@@ -58,6 +58,7 @@ class Result:
     blocks: Blocks | None = None  # None: not counted (the check stopped before, or an older sweep)
     failed_at: str = ""
     reason: str = ""
+    note: str = ""  # what a passing check could not judge, and why
     seconds: float = 0.0
 
     @property
@@ -235,18 +236,45 @@ def _step_online(run: _Run) -> None:
         streamed = [_main_output(online(run.clip[t:t + 1])) for t in range(run.frames)]
     bad = _mismatched_frames(streamed, offline)
     if bad:
-        # Random deep networks amplify float32 rounding (a one-frame conv and a clip conv round
-        # differently) far past any tolerance; the equality is exact math, so judge it in float64.
-        with torch.no_grad():
-            uni64, clip64 = copy.deepcopy(uni).double(), run.clip.double()
-            offline = _main_output(uni64(clip64))
-            online = tsm_surgery.to_online(uni64)
-            streamed = [_main_output(online(clip64[t:t + 1])) for t in range(run.frames)]
-        bad = _mismatched_frames(streamed, offline)
+        bad = _rejudge_in_float64(run, uni)
     if bad:
         diff = max(float((streamed[t] - offline[t:t + 1]).abs().max()) for t in bad)
         raise RuntimeError(f"online output differs from offline at frames {bad} (max abs diff {diff:.3g})")
     res.online = True
+
+
+def _rejudge_in_float64(run: _Run, uni: nn.Module) -> list[int]:
+    """The frames where online and offline differ, judged in float64.
+
+    Random deep networks amplify float32 rounding (a one-frame conv and a clip conv round
+    differently) far past any tolerance; the equality is exact math, so it is judged in float64.
+    Frames that even float64 cannot decide (see :func:`_chaotic_frames`) are left out, with a
+    note, as long as frames 0 and 1 (the first read of the caches) are judged.
+    """
+    with torch.no_grad():
+        uni64, clip64 = copy.deepcopy(uni).double(), run.clip.double()
+        offline = _main_output(uni64(clip64))
+        online = tsm_surgery.to_online(uni64)
+        streamed = [_main_output(online(clip64[t:t + 1])) for t in range(run.frames)]
+    bad = _mismatched_frames(streamed, offline)
+    if not bad:
+        return bad
+    chaotic = _chaotic_frames(uni64, clip64, offline)
+    judged = [t for t in range(run.frames) if t not in chaotic]
+    if set(bad) <= set(chaotic) and {0, 1} <= set(judged):
+        run.result.note = (f"online equals offline on frames {judged}; frames {chaotic} are chaotic in this "
+                           "random network (a 1e-15 relative change of the input moves its float64 output past "
+                           "the tolerance), so no two ways of computing them agree")
+        return []
+    return bad
+
+
+def _chaotic_frames(net: nn.Module, clip: torch.Tensor, output: torch.Tensor) -> list[int]:
+    """Frames whose output a rounding-sized change of the input (1e-15 relative, a few float64 ulps) moves
+    past the tolerance: the network amplifies rounding there beyond any check of equal math."""
+    with torch.no_grad():
+        nudged = _main_output(net(clip * (1 + 1e-15)))
+    return _mismatched_frames(list(nudged.split(1)), output)
 
 
 def _mismatched_frames(streamed: list[torch.Tensor], offline: torch.Tensor) -> list[int]:

@@ -176,4 +176,10 @@ def render_markdown(report: Report) -> str:
     for r in failures:
         what = "fails" if r.status == "fail" else f"is {r.status}, but"
         lines.append(f"- `{r.model}` ({r.family}) {what} at `{r.failed_at}`: {r.reason.replace('|', '/')}")
-    return "\n".join(lines + ([] if failures else ["None."])) + "\n"
+    if not failures:
+        lines.append("None.")
+    notes = [r for r in results if r.note]
+    if notes:
+        lines += ["", "## Notes on passing checks", ""]
+        lines += [f"- `{r.model}` ({r.family}): {r.note}" for r in notes]
+    return "\n".join(lines) + "\n"
