@@ -67,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deploy-runtimes", help="--deploy: comma-separated runtimes among onnx, openvino, "
                         "openvino-bf16, executorch (default all)")
     parser.add_argument("--deploy-checkpoint", help="--deploy: a state_dict loaded into every model (default: random)")
+    parser.add_argument("--deploy-accuracy", metavar="RUN_DIR",
+                        help="instead: test top-1 of a `tsm-surgery demo` run's trained tsm and tsm-uni in PyTorch "
+                             "and each runtime, float32 and int8; writes the deploy-accuracy section of --output")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -113,7 +116,25 @@ def _run_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_deploy_accuracy(args: argparse.Namespace) -> int:
+    from tsm_surgery.integrations.studies import deploy_accuracy
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    targets = tuple(args.deploy_runtimes.split(",")) if args.deploy_runtimes else deploy_accuracy.TARGETS
+    unknown = [t for t in targets if t not in deploy_accuracy.TARGETS]
+    if unknown:
+        raise ValueError(f"--deploy-runtimes {unknown[0]}: with --deploy-accuracy choose among "
+                         f"{', '.join(deploy_accuracy.TARGETS)}.")
+    result = deploy_accuracy.measure_accuracy(args.deploy_accuracy, targets)
+    print(deploy_accuracy.write(args.output, result))
+    print(f"wrote the deploy-accuracy section of {args.output} in {result.elapsed_s:.0f} s")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.deploy_accuracy:
+        return _run_deploy_accuracy(args)
     if args.deploy:
         return _run_deploy(args)
     settings = settings_from_args(args)

@@ -62,9 +62,19 @@ def quantize_onnx(float_path: str, out_path: str, feeds: Iterable[dict[str, np.n
     model = onnx.load(out_path)
     tie_shift_qparams(model)
     found = int8_cache_io(model, cache_pairs) if cache_pairs else {}
+    _drop_unused_initializers(model)
     onnx.checker.check_model(model)
     onnx.save(model, out_path)
     return found
+
+
+def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+    """Removes the qparams the shift's ties replaced (onnxruntime would warn about each one when loading)."""
+    used = {name for node in model.graph.node for name in node.input}
+    used |= {o.name for o in model.graph.output}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
 
 
 class _Graph:
