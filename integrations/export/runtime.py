@@ -76,9 +76,10 @@ class _OpenVinoEngine(Engine):
         self.output_shapes = [_ov_shape(p.get_partial_shape()) for p in self.compiled.outputs]
 
     def run(self, inputs: Sequence[np.ndarray]) -> Arrays:
-        self.request.infer(list(inputs))
-        # The request reuses its output buffers: copy before they are fed back as inputs.
-        return [self.request.get_output_tensor(i).data.copy() for i in range(len(self.output_shapes))]
+        # share_inputs: the arrays are read in place during this synchronous call; the outputs come
+        # back as copies (share_outputs=False), since the request reuses its buffers at the next call.
+        results = self.request.infer(list(inputs), share_inputs=True, share_outputs=False)
+        return list(results.to_tuple())
 
 
 def _ov_shape(shape: Any) -> list[int | None]:
@@ -224,6 +225,8 @@ class OnlineRunner:
         if tuple(frames.shape[1:]) != self.frame_shape:
             raise ValueError(f"frames of shape {tuple(frames.shape)}: the artifact takes frames of "
                              f"{self.frame_shape}; re-export with --size to change it.")
+        if frames.shape[0] <= self.batch_size:  # one chunk: no copies into joined outputs
+            return self._run_chunk(frames, state)
         logits, states = [], []
         for start in range(0, frames.shape[0], self.batch_size):
             rows = slice(start, start + self.batch_size)
@@ -239,6 +242,8 @@ class OnlineRunner:
         # caches keep their dtype (float32, or int8 codes in a quantized step)
         inputs += [_pad_rows(np.ascontiguousarray(state[name].numpy()), self.batch_size) for name in self.state_names]
         outs = self.engine.run(inputs)
+        if n == self.batch_size:
+            return torch.from_numpy(outs[0]), dict(zip(self.state_names, map(torch.from_numpy, outs[1:])))
         new_state = {name: torch.from_numpy(out[:n]) for name, out in zip(self.state_names, outs[1:])}
         return torch.from_numpy(outs[0][:n]), new_state
 
