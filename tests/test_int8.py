@@ -193,15 +193,18 @@ def _stream_vs_clip(target, name, clips, tmp_path):
     return worst, spread, reference
 
 
-_ET_GAP = pytest.mark.xfail(
-    strict=False,
-    reason="open: the ExecuTorch int8 step streamed over a clip differs from the int8 clip program by 1.1 on "
-           "logits spanning 13.5 (MobileNetV2, 32 px); the cause (a quantizer pattern or XNNPACK op the two "
-           "graphs annotate differently) is not found yet")
+# ExecuTorch 1.5.1's XNNPACK int8 programs compute other outputs than the PT2E-quantized PyTorch
+# module they are lowered from: on the demo's trained TSM, top-1 falls from 100% to 26%, while the
+# PyTorch module keeps 100%; a plain 2D ResNet-18 on real frames diverges too, so it is not the
+# shift's graph. The export runs the written program against that module and refuses it
+# (test_executorch_int8_lowering_is_checked); these tests show where it stands.
+_ET_LOWERING = pytest.mark.xfail(
+    raises=RuntimeError, strict=False,
+    reason="open: ExecuTorch's XNNPACK int8 program differs from its PT2E reference; the export refuses it")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target", ["onnx", "openvino", pytest.param("executorch", marks=_ET_GAP)])
+@pytest.mark.parametrize("target", ["onnx", "openvino", pytest.param("executorch", marks=_ET_LOWERING)])
 @pytest.mark.parametrize("name", ["mobilenetv2", "resnet18"])
 def test_int8_stream_equals_int8_clip_network(clips, tmp_path, target, name):
     """Same calibration clips, min/max ranges: the two forms get the same scales, and the int8 codes
@@ -220,7 +223,7 @@ def test_onnx_stream_equals_clip_network_mobilenetv2(clips, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target", ["onnx", "openvino", "executorch"])
+@pytest.mark.parametrize("target", ["onnx", "openvino", pytest.param("executorch", marks=_ET_LOWERING)])
 def test_int8_close_to_float(clips, tmp_path, target):
     """int8 against float32 on the same clips: top-1 agrees on most frames. Random weights give
     logits with small margins between classes, so a quantization error of a few percent of the
@@ -327,7 +330,7 @@ _OV_CLIP_SIZE = 64
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target", ["onnx", "openvino", "executorch"])
+@pytest.mark.parametrize("target", ["onnx", "openvino", pytest.param("executorch", marks=_ET_LOWERING)])
 @pytest.mark.parametrize("form", ["online", "offline"])
 def test_export_verb_int8_every_target_and_form(tmp_path, verb_inputs, target, form):
     from tsm_surgery.integrations.export.runtime import ClipRunner
@@ -377,3 +380,24 @@ def test_export_verb_int8_bad_input_is_one_line(tmp_path, capsys, extra, word):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("tsm-surgery export: ") and word in err
     assert os.listdir(tmp_path) == []
+
+
+def test_executorch_int8_lowering_is_checked(tmp_path):
+    """The written program is run against the quantized module it came from: equal within rounding
+    passes, another module's outputs are refused with the hint."""
+    pytest.importorskip("executorch")
+    from tsm_surgery.integrations.export.int8_pt2e import quantize_module, to_executorch
+
+    def tiny(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
+        calibration = [torch.randn(2, 3, 8, 8) for _ in range(3)]
+        return quantize_module(model.eval(), (calibration[0],), lambda p: [p(c) for c in calibration]), calibration
+
+    quantized, calibration = tiny(0)
+    other, _ = tiny(1)
+    path = str(tmp_path / "tiny.pte")
+    to_executorch(quantized, (calibration[0],), path)
+    int8._check_lowering(path, quantized, (calibration[0],), {})
+    with pytest.raises(RuntimeError, match="computes other outputs than the quantized PyTorch model.*--target onnx"):
+        int8._check_lowering(path, other, (calibration[0],), {})

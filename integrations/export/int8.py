@@ -241,10 +241,40 @@ def _quantize_executorch(net, clips, staged, frame_shape, form, tmp) -> Int8Arti
     quantized = quantize_module(module, example, calibrate)
     caches = list(range(1, len(example)))
     found = to_executorch(quantized, example, staged, caches, caches)
+    _check_lowering(staged, quantized, example, found["inputs"])
     pairs = [(f"cache_{i - 1}", f"new_cache_{i - 1}") for i in caches]
     qparams = {pairs[k][0]: found["inputs"][i] for k, i in enumerate(caches)}
     return Int8Artifact("executorch", form, [staged], frame_shape, net.n_segments if form == "clip" else None,
                         _cache_specs(net, frame_shape, form, pairs, qparams, "int8"))
+
+
+# The lowered program's logits may differ from the quantized module's by requantization rounding
+# (a few percent of their range); a wrong lowering differs by about the range itself.
+LOWERING_TOLERANCE = 0.15
+
+
+def _check_lowering(path: str, quantized: nn.Module, example: tuple, int8_inputs: dict[int, tuple[float, int]]) -> None:
+    """Runs the written ExecuTorch program once against the quantized PyTorch module it was lowered from."""
+    from .runtime import open_engine
+
+    inputs = []
+    for i, x in enumerate(example):
+        if i in int8_inputs:  # a cache the program takes as int8 codes
+            scale, zero = int8_inputs[i]
+            inputs.append(np.clip(np.round(x.numpy() / scale) + zero, -128, 127).astype(np.int8))
+        else:
+            inputs.append(x.numpy())
+    with torch.no_grad():
+        expected = quantized(*example)
+    expected = (expected[0] if isinstance(expected, (tuple, list)) else expected).numpy()
+    got = open_engine("executorch", path).run(inputs)[0]
+    diff, scale = float(np.abs(got - expected).max()), float(np.abs(expected).max())
+    if diff > LOWERING_TOLERANCE * scale:
+        raise RuntimeError(
+            f"ExecuTorch's XNNPACK int8 program computes other outputs than the quantized PyTorch model it was "
+            f"lowered from (max difference {diff:.3g} on outputs up to {scale:.3g}), so it was not written. Hint: "
+            "int8 through --target onnx or openvino, or ExecuTorch in float32; in Python, "
+            "int8.quantize_pytorch gives the quantized model itself.")
 
 
 _QUANTIZERS: dict[str, Callable[..., Int8Artifact]] = {
