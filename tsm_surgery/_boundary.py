@@ -106,8 +106,8 @@ def input_sites(index: GraphIndex, patterns: Sequence[str], shift_div: int) -> l
             continue
         consumers = tuple(u.name for u in entry.users if u in members)
         sites.append(ShiftSite(name=path, kind="block_entry", join="", fork=entry.name,
-                                  branch_consumers=consumers, channels=int(shape[1]), channel_dim=1,
-                                  shape=tuple(shape), reason=_BLOCK_INPUT))
+                               branch_consumers=consumers, channels=int(shape[1]), channel_dim=1,
+                               shape=tuple(shape), reason=_BLOCK_INPUT))
     return sites
 
 

@@ -71,7 +71,7 @@ def quantize_onnx(float_path: str, out_path: str, feeds: Iterable[dict[str, np.n
 def _drop_unused_initializers(model: onnx.ModelProto) -> None:
     """Removes the qparams the shift's ties replaced (onnxruntime would warn about each one when loading)."""
     used = {name for node in model.graph.node for name in node.input}
-    used |= {o.name for o in model.graph.output}
+    used |= {v.name for v in [*model.graph.input, *model.graph.output]}
     kept = [t for t in model.graph.initializer if t.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)

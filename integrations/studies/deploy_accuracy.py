@@ -123,7 +123,7 @@ def _top1(logits: list[np.ndarray]) -> np.ndarray:
     return np.array([np.asarray(x).mean(0).argmax() for x in logits])
 
 
-def _rows(name: str, runtime: str, precision: str, predicted: np.ndarray, labels: np.ndarray,
+def _row(name: str, runtime: str, precision: str, predicted: np.ndarray, labels: np.ndarray,
           reference: np.ndarray) -> AccuracyRow:
     return AccuracyRow(name, runtime, precision, float((predicted == labels).mean()),
                        float((predicted == reference).mean()))
@@ -174,14 +174,14 @@ def measure_accuracy(run_dir: str, targets: tuple[str, ...] = TARGETS, calibrati
             reference = _top1([net(clip).numpy() for clip in clips])
             truth = np.array(labels)
             result.videos = len(clips)
-            result.rows.append(_rows(name, "pytorch", "f32", reference, truth, reference))
+            result.rows.append(_row(name, "pytorch", "f32", reference, truth, reference))
             quantized = int8.quantize_pytorch(net, calibration, tuple(clips[0].shape[1:]), form="clip")
-            result.rows.append(_rows(name, "pytorch (PT2E)", "int8", _top1([quantized(c).numpy() for c in clips]),
+            result.rows.append(_row(name, "pytorch (PT2E)", "int8", _top1([quantized(c).numpy() for c in clips]),
                                      truth, reference))
             for target in (t for t in targets if t not in result.skipped):
                 for precision, predicted in _in_runtime(target, net, clips, calibration, folder,
                                                         result.skipped).items():
-                    row = _rows(name, target, precision, predicted, truth, reference)
+                    row = _row(name, target, precision, predicted, truth, reference)
                     result.rows.append(row)
                     log(f"{name} {target} {precision}: top-1 {100 * row.top1:.1f}%, agreement with PyTorch "
                         f"float32 {100 * row.agreement:.1f}%")
