@@ -181,6 +181,16 @@ _SLOTS = {
 }
 
 
+def _move_slot(src: Tensor, dst: Tensor, offset: int) -> None:
+    """Writes slot ``src`` of a ``(N, T, ...)`` view into ``dst`` one frame along ``T`` (``offset`` +1: frame
+    ``t`` reads ``t+1``), and zeros the frame at the clip end that has nothing to read."""
+    frames = src.shape[1]
+    if frames > 1:
+        read_from, write_to = (1, 0) if offset > 0 else (0, 1)
+        dst.narrow(1, write_to, frames - 1).copy_(src.narrow(1, read_from, frames - 1))
+    dst.narrow(1, frames - 1 if offset > 0 else 0, 1).zero_()
+
+
 def _shift_copy(v: Tensor, channel_dim: int, fold: int, direction: str, reverse: bool) -> Tensor:
     """Eager form: one uninitialised output and strided copies, no zero-filled full tensor.
 
@@ -198,18 +208,13 @@ def _shift_copy(v: Tensor, channel_dim: int, fold: int, direction: str, reverse:
         direction: the kernel mode, ``"bi"``, ``"uni"`` or ``"uni_first"`` (see :func:`_mode`).
         reverse: shift the other way (the backward of the forward shift).
     """
-    frames = v.shape[1]
     channels = v.shape[channel_dim]
     whole_first = channel_dim == v.dim() - 1
     out = v.clone() if whole_first else torch.empty_like(v)
     for slot, offset in _SLOTS[(direction, reverse)]:
         src = v.narrow(channel_dim, slot * fold, fold)
         dst = out.narrow(channel_dim, slot * fold, fold)
-        if frames > 1:
-            read_from = 1 if offset > 0 else 0
-            write_to = 0 if offset > 0 else 1
-            dst.narrow(1, write_to, frames - 1).copy_(src.narrow(1, read_from, frames - 1))
-        dst.narrow(1, frames - 1 if offset > 0 else 0, 1).zero_()
+        _move_slot(src, dst, offset)
     if whole_first:
         return out
     slots = [slot for slot, _ in _SLOTS[(direction, reverse)]]
@@ -228,18 +233,13 @@ def _shift_slots_in_place(v: Tensor, channel_dim: int, fold: int, direction: str
     back and the restore, each of ``2/shift_div`` of the tensor for ``"bi"``: 0.75 of a clone's
     traffic, with no new full-size tensor.
     """
-    frames = v.shape[1]
     slots = _SLOTS[(direction, False)]
     lo = min(slot for slot, _ in slots) * fold
     scratch = v.narrow(channel_dim, lo, (max(slot for slot, _ in slots) + 1) * fold - lo).clone()
     for slot, offset in slots:
         src = scratch.narrow(channel_dim, slot * fold - lo, fold)
         dst = v.narrow(channel_dim, slot * fold, fold)
-        if frames > 1:
-            read_from = 1 if offset > 0 else 0
-            write_to = 0 if offset > 0 else 1
-            dst.narrow(1, write_to, frames - 1).copy_(src.narrow(1, read_from, frames - 1))
-        dst.narrow(1, frames - 1 if offset > 0 else 0, 1).zero_()
+        _move_slot(src, dst, offset)
     return scratch
 
 

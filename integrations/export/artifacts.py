@@ -60,6 +60,16 @@ def online_example(online: "tsm_surgery.OnlineTSM", batch_size: int, frame_shape
     return frames, state, out
 
 
+def offline_example(net: "tsm_surgery.TSMNet", frame_shape: tuple[int, int, int], clips: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero clips (``clips * n_segments`` frames, on the net's device and dtype) and the net's output on them."""
+    net.eval()
+    param = next(net.parameters())  # a model on CUDA exports from CUDA inputs
+    x = torch.zeros((clips * net.n_segments,) + tuple(frame_shape), dtype=param.dtype, device=param.device)
+    with torch.no_grad():
+        return x, net(x)
+
+
 def online_io(frames: torch.Tensor, state: dict[str, torch.Tensor], out: torch.Tensor) -> dict[str, Any]:
     """Sidecar ``inputs``/``outputs``/``state`` of an online step: ``frames``, ``cache_<i>`` -> ``output``,
     ``new_cache_<i>``, ``i`` in the network's ``state_names`` order."""

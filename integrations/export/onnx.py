@@ -23,7 +23,7 @@ from torch import nn
 
 import tsm_surgery
 
-from .artifacts import offline_io, online_example, online_io, require, sidecar_path
+from .artifacts import offline_example, offline_io, online_example, online_io, require, sidecar_path
 
 __all__ = ["export_online", "export_offline", "output_files", "write"]
 
@@ -85,12 +85,8 @@ def export_offline(net: "tsm_surgery.TSMNet", path: str, frame_shape: tuple[int,
 
     Returns the sidecar's ``inputs``/``outputs``/``state``.
     """
-    net.eval()
     segments = net.n_segments
-    param = next(net.parameters())  # a model on CUDA exports from CUDA inputs
-    clips = torch.zeros((2 * segments,) + tuple(frame_shape), dtype=param.dtype, device=param.device)
-    with torch.no_grad():
-        out = net(clips)
+    clips, out = offline_example(net, frame_shape, clips=2)
     write(net, (clips,), path, ["clips"], ["output"], exporter=exporter, dynamic={"clips": {0: ("clips", segments)}})
     return offline_io(clips, out, segments, dynamic=True)
 

@@ -14,12 +14,11 @@ Example::
 
 from typing import Any
 
-import torch
 from torch import nn
 
 import tsm_surgery
 
-from .artifacts import offline_io, online_example, online_io, require, sidecar_path, torch_export
+from .artifacts import offline_example, offline_io, online_example, online_io, require, sidecar_path, torch_export
 
 __all__ = ["export_online", "export_offline", "output_files", "write", "PRECISIONS"]
 
@@ -53,10 +52,7 @@ def export_online(online: "tsm_surgery.OnlineTSM", path: str, batch_size: int = 
 def export_offline(net: "tsm_surgery.TSMNet", path: str, frame_shape: tuple[int, int, int] = (3, 224, 224),
                    clips: int = 1) -> dict[str, Any]:
     """Exports the clip network for ``clips`` clips of ``net.n_segments`` frames (a fixed batch)."""
-    net.eval()
-    x = torch.zeros((clips * net.n_segments,) + tuple(frame_shape))
-    with torch.no_grad():
-        out = net(x)
+    x, out = offline_example(net, frame_shape, clips)
     write(net, (x,), path, ["clips"], ["output"])
     return offline_io(x, out, net.n_segments, dynamic=False)
 
