@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, fx, nn
 
+from ._fold_shifts import fold_shifts
 from ._graph_module import (
     ONLINE_SHIFTS,
     SHIFTS,
@@ -129,6 +130,26 @@ class OnlineTSM(nn.Module):
         ``torch.export.export(online.step_module, (frames, *state.values()))``.
         """
         return self._step_module
+
+    def folded_step_module(self) -> fx.GraphModule:
+        """:attr:`step_module` with each site's shift folded into the layer that reads it, for graph runtimes.
+
+        Where a site's branch starts with a convolution or linear layer, the shifted input
+        ``conv(x with the slot replaced by the cache)`` becomes ``conv(x, W with the slot's input
+        channels zeroed) + conv(cache, W[:, slot])``: no channel split and concat of the
+        activation, one small extra layer. Same inputs and outputs as :attr:`step_module`, equal
+        up to float rounding; the folded sites are in its ``folded_sites``. New weights are
+        copies: this module and its parameters are not changed. Exporters where the concat is
+        the expensive part (OpenVINO's CPU plugin) take this form.
+
+        Example:
+            >>> import torchvision, tsm_surgery
+            >>> online = tsm_surgery.convert(torchvision.models.resnet18(), direction="uni", online=True)
+            >>> folded = online.folded_step_module()
+            >>> len(folded.folded_sites)                     # every branch starts with a conv
+            8
+        """
+        return fold_shifts(self._step_module)
 
     def _specs(self, frame_shape: tuple[int, ...] | None) -> list[tuple[tuple[int, ...], torch.dtype]]:
         """Per-site cache shape without the batch, and dtype, for frames of ``frame_shape``."""
