@@ -52,6 +52,16 @@ def test_paired_ratios_take_ratios_within_rounds_and_keep_the_fastest_pass():
     assert res["ours"]["median_s"] == pytest.approx(2.25)
 
 
+def test_interleaved_minima_time_each_call_after_an_untimed_one_in_turns():
+    calls = []
+    durations = {"a": iter([9.0, 4.0, 9.0, 2.0]), "b": iter([9.0, 3.0, 9.0, 5.0])}
+    fns = {name: (lambda name=name, it=it: calls.append(name) or next(it)) for name, it in durations.items()}
+    best = bench.interleaved_min_times(fns, repeats=2, clock=lambda fn: fn())
+    # each turn: an untimed call (9.0) then the timed one; the minimum over the timed calls
+    assert best == {"a": 2.0, "b": 3.0}
+    assert calls[:2] in (["a", "a"], ["b", "b"]) and sorted(calls) == ["a"] * 4 + ["b"] * 4
+
+
 def test_a_a_control_of_identical_work_is_near_one():
     x = torch.randn(128, 128)
     res = bench.paired_ratios({"2d": lambda: x @ x, bench.CONTROL: lambda: x @ x}, "2d", rounds=5, repeats=3)

@@ -6,7 +6,9 @@ measures (:mod:`.running`, with the tools of :mod:`.measure`):
 
 * op-level shift cost: for every shift site, the minimum over ``--op-repeats`` runs of that
   site's shift on its real input, summed over the sites, as a fraction of the minimum 2D
-  forward; eager, and with each site's shift compiled by ``torch.compile``;
+  forward; eager, and with each site's shift compiled by ``torch.compile``; per site the
+  shifts and a ``clone`` of the input (the floor) are timed in turns, so their ratios compare
+  the same moments;
 * eval latency and a training step (forward + backward), as paired interleaved ratios: every
   round runs each model once in a shuffled order and the ratio is taken within the round;
 * peak memory of a training step;
@@ -34,6 +36,7 @@ from .measure import (
     count_packs,
     cuda_time,
     faulted_mib,
+    interleaved_min_times,
     keep_freed_memory,
     min_time,
     paired_ratios,
@@ -47,6 +50,6 @@ from .running import BenchResult, Settings, run_bench
 __all__ = [
     "Settings", "run_bench", "BenchResult", "render", "merge_sections",
     "TARGETS", "Target", "Figure", "figures", "verdict",
-    "CONTROL", "paired_ratios", "min_time", "wall_time", "cuda_time", "clock_for", "peak_bytes",
-    "LiveTensorBytes", "count_packs", "keep_freed_memory", "faulted_mib", "ZeroFillShift",
+    "CONTROL", "paired_ratios", "min_time", "interleaved_min_times", "wall_time", "cuda_time", "clock_for",
+    "peak_bytes", "LiveTensorBytes", "count_packs", "keep_freed_memory", "faulted_mib", "ZeroFillShift",
 ]

@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 __all__ = ["CONTROL", "Clock", "wall_time", "cuda_time", "clock_for", "paired_ratios", "min_time",
-           "LiveTensorBytes", "count_packs", "peak_bytes", "keep_freed_memory", "faulted_mib"]
+           "interleaved_min_times", "LiveTensorBytes", "count_packs", "peak_bytes", "keep_freed_memory", "faulted_mib"]
 
 # The A/A control: a deep copy of the baseline timed like the others. Its distance from 1.00x
 # is what the machine's noise alone does to a ratio.
@@ -105,6 +105,27 @@ def _quantile(sorted_values: Sequence[float], q: float) -> float:
 def min_time(fn: Callable[[], object], repeats: int, clock: Clock = wall_time) -> float:
     """The fastest of ``repeats`` calls of ``fn``, in seconds."""
     return min(clock(fn) for _ in range(max(1, repeats)))
+
+
+def interleaved_min_times(fns: dict[str, Callable[[], object]], repeats: int, clock: Clock = wall_time,
+                          seed: int = 0) -> dict[str, float]:
+    """The fastest of ``repeats`` timed calls of each callable, taken in turns (a shuffled order per turn).
+
+    Memory-bound copies share the host's memory bandwidth with other tenants: timed one after
+    the other, two copies can meet different conditions, and their ratio swung by 2x between
+    runs here; taken in turns, the minima come from the same stretch of time. Each timed call
+    follows an untimed one of the same callable, so each is timed warm (its data in cache), as
+    a series of one callable would be.
+    """
+    rng = random.Random(seed)
+    best = {name: float("inf") for name in fns}
+    for _ in range(max(1, repeats)):
+        order = list(fns)
+        rng.shuffle(order)
+        for name in order:
+            fns[name]()
+            best[name] = min(best[name], clock(fns[name]))
+    return best
 
 
 def count_packs(fn: Callable[[], object]) -> int:

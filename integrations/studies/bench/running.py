@@ -30,6 +30,7 @@ from .measure import (
     clock_for,
     count_packs,
     faulted_mib,
+    interleaved_min_times,
     keep_freed_memory,
     min_time,
     paired_ratios,
@@ -173,8 +174,7 @@ def run_bench(settings: Settings) -> BenchResult:
     faults, tuned = _faults(run, models, x_eval) if device.type == "cpu" else ({}, False)
     sites = shift_inputs(models["ours"], x_eval, run.autocast)
     base_2d = min_time(lambda: run.eval_call(models["2d"], x_eval), _base_repeats(settings), run.clock)
-    op_eager, copy_floor = _op_level(run, models, sites, notes)
-    op_in_place = _op_in_place(run, sites)
+    op_eager, copy_floor, op_in_place = _op_level(run, models, sites, notes)
     eval_res = run.paired({n: (lambda m=m: run.eval_call(m, x_eval)) for n, m in models.items()}, settings.rounds, 0)
     # The op-level denominator is the fastest 2D forward seen at all: on a shared machine a
     # short minimum series can fall in a busy moment and flatter the fraction.
@@ -244,39 +244,45 @@ def _faults(run: _Run, models: dict[str, nn.Module], x: Tensor) -> tuple[dict[st
     return faults, tuned
 
 
+_CLONE, _IN_PLACE = "clone", "in place"  # op-level entries that are not a peer's shift
+
+
 def _op_level(run: _Run, models: dict[str, nn.Module], sites: list[Tensor],
-              notes: list[str]) -> tuple[dict[str, float], float]:
-    """Per peer, the summed minimum of its shift on every site input; and a clone of the same inputs."""
-    frames, repeats = run.settings.frames, run.settings.op_repeats
-    op_fns: dict[str, Callable[[Tensor], Tensor]] = {
+              notes: list[str]) -> tuple[dict[str, float], float, float]:
+    """Summed per-site minima: each peer's shift, a clone of the input, and ours' eval form in place.
+
+    Per site the candidates are timed in turns (:func:`interleaved_min_times`), so their ratios
+    compare the same moments of the machine. Ours' eval form moves the slots in place and puts
+    them back (``swap=True`` and ``restore``).
+    """
+    frames = run.settings.frames
+    shift = tsm_surgery.TemporalShift(frames, 8, "bi")
+    op_fns: dict[str, Callable[[Tensor], object]] = {
         "ours": lambda t: tsm_surgery.temporal_shift(t, frames, 8, "bi"),
         "zero-fill": ZeroFillShift(frames, 8),
+        _CLONE: lambda t: t.clone(memory_format=torch.preserve_format),
+        _IN_PLACE: lambda t: tsm_surgery.TemporalShift.restore(shift(t, swap=True)),
     }
     if "mmaction" in models:
         from mmaction.models.backbones.resnet_tsm import TemporalShift as MMShift
 
         op_fns["mmaction"] = lambda t: MMShift.shift(t, frames, shift_div=8)
-    op_eager = {}
+    totals, failed = dict.fromkeys(op_fns, 0.0), set()
     with torch.no_grad():
-        for name, fn in op_fns.items():
-            try:
-                op_eager[name] = sum(min_time(lambda t=t, fn=fn: fn(t), repeats, run.clock) for t in sites)
-            except Exception as err:
-                notes.append(f"op level, {name}: {type(err).__name__}: {err}")
-        floor = sum(min_time(lambda t=t: t.clone(memory_format=torch.preserve_format), repeats, run.clock)
-                    for t in sites)
-    return op_eager, floor
-
-
-def _op_in_place(run: _Run, sites: list[Tensor]) -> float | None:
-    """Ours' eval form at each site: the moving slots shifted in place and put back (``swap=True``)."""
-    shift = tsm_surgery.TemporalShift(run.settings.frames, 8, "bi")
-
-    def swap_and_restore(t: Tensor) -> None:
-        tsm_surgery.TemporalShift.restore(shift(t, swap=True))
-
-    with torch.no_grad():
-        return sum(min_time(lambda t=t: swap_and_restore(t), run.settings.op_repeats, run.clock) for t in sites)
+        for i, t in enumerate(sites):
+            working = {}
+            for name, fn in op_fns.items():
+                try:
+                    if name not in failed:
+                        fn(t)  # a warm-up, and a peer that fails is reported and left out
+                        working[name] = lambda t=t, fn=fn: fn(t)
+                except Exception as err:
+                    notes.append(f"op level, {name}: {type(err).__name__}: {err}")
+                    failed.add(name)
+            for name, seconds in interleaved_min_times(working, run.settings.op_repeats, run.clock, seed=i).items():
+                totals[name] += seconds
+    op_eager = {name: total for name, total in totals.items() if name not in failed | {_CLONE, _IN_PLACE}}
+    return op_eager, totals[_CLONE], totals[_IN_PLACE]
 
 
 def _memory(run: _Run, models: dict[str, nn.Module], x: Tensor) -> dict[str, int | None]:
@@ -336,8 +342,9 @@ def _compiled(run: _Run, models: dict[str, nn.Module], sites: list[Tensor], x: T
         for t in sites:  # compile for every site shape before timing
             shift_c(t)
             clone_c(t)
-        op = sum(min_time(lambda t=t: shift_c(t), s.op_repeats, run.clock) for t in sites)
-        floor = sum(min_time(lambda t=t: clone_c(t), s.op_repeats, run.clock) for t in sites)
+        minima = [interleaved_min_times({"shift": lambda t=t: shift_c(t), "clone": lambda t=t: clone_c(t)},
+                                        s.op_repeats, run.clock, seed=i) for i, t in enumerate(sites)]
+        op, floor = sum(m["shift"] for m in minima), sum(m["clone"] for m in minima)
     base = min_time(lambda: run.eval_call(nets["2d"], x), _base_repeats(s), run.clock)
     eval_res = run.paired({name: (lambda n=net: run.eval_call(n, x)) for name, net in nets.items()}, s.rounds, 3)
     return Compiled(graph_breaks=graph_breaks, compile_s=compile_s, op_s=op, copy_floor_s=floor,
