@@ -268,6 +268,23 @@ def test_online_residual_joins_add_into_the_layer_output(monkeypatch):
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
 
 
+def test_eval_residual_joins_add_into_the_layer_output():
+    """The clip network's eval graph adds each `out += identity` into the fresh layer output, as eager
+    torchvision does; exact, differentiable, and the train graph and TorchScript keep the plain sum."""
+    net = convert(randomize_norms(torchvision.models.resnet18(num_classes=5)), SEGMENTS,
+                  example_input=torch.randn(1, 3, 32, 32)).eval()
+    assert len([n for n in net.eval_graph.nodes if n.target is _online_graph._join]) == 8  # one per BasicBlock
+    assert not any(n.target is _online_graph._join for n in net.train_graph.nodes)
+    assert not any(n.target is _online_graph._join for n in without_fast_paths(net.eval_graph).nodes)
+    plain = fx.GraphModule(net, without_fast_paths(net.eval_graph))
+    x = torch.randn(2 * SEGMENTS, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(net(x), plain(x))
+    leaf = x.clone().requires_grad_()  # eval mode with autograd on: the in-place sum stays exact
+    grads = [torch.autograd.grad(module(leaf).sum(), leaf)[0] for module in (net, plain)]
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
 def test_join_writes_in_place_only_when_the_sum_fits_the_left_operand():
     left, right = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
     expected = left + right

@@ -3,7 +3,10 @@
 * Train graph: each consumer of a shift output runs between :func:`open_site_hooks` and
   :func:`close_site_hooks`, so the saved-tensor hooks that store a shift output as a recipe
   (``_recompute``) see only what those consumers save, not every tensor of the forward.
-* Eval graph: a site whose shifted tensor feeds one layer that only reads it, right after the
+* Eval graph: a residual ``left + right`` whose left operand is a fresh layer output read only
+  there adds into it (``_online_graph._join``), as an eager ``out += identity`` does: FX records
+  ``+=`` as ``+``, which would allocate one more activation per block than the 2D network.
+  A site whose shifted tensor feeds one layer that only reads it, right after the
   shift, runs the shift with ``swap=True`` (the slots of the block input move in place, with a
   scratch copy of the moving slots) and :func:`restore_slots` right after that layer, before
   any other reader of the block input. Anything else keeps the shifted copy: another node
@@ -18,11 +21,12 @@ for the shifts (the online rewrite, MMAction2's module insertion) sees the same 
 """
 
 import copy
+import operator
 
 from torch import fx, nn
 
 from ._graph_module import SHIFTS
-from ._online_graph import swap_consumer
+from ._online_graph import _join, _join_in_place, swap_consumer
 from ._recompute import close_site_hooks, open_site_hooks
 from ._shift import restore_slots
 
@@ -78,12 +82,13 @@ def _add_slot_swaps(graph: fx.Graph, root: nn.Module) -> None:
 
 
 def add_fast_paths(train_graph: fx.Graph, eval_graph: fx.Graph, root: nn.Module) -> None:
-    """Adds the per-site recompute hooks to ``train_graph`` and the in-place slot moves to ``eval_graph``.
+    """Adds the per-site recompute hooks to ``train_graph``, the in-place slot moves and joins to ``eval_graph``.
 
     Idempotent: a graph that has them already is left as it is.
     """
     _add_site_hooks(train_graph)
     _add_slot_swaps(eval_graph, root)
+    _join_in_place(eval_graph, root)
 
 
 def swapped_sites(graph: fx.Graph) -> list:
@@ -106,6 +111,8 @@ def without_fast_paths(graph: fx.Graph) -> fx.Graph:
     for node in reversed(list(graph.nodes)):
         if node.op == "call_function" and node.target in _MARKERS:
             graph.erase_node(node)
+        elif node.op == "call_function" and node.target is _join:
+            node.target = operator.add
     for shift in _shift_nodes(graph):
         shift.kwargs = {}
     return graph

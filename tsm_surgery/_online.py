@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, fx, nn
 
+from ._fast_paths import without_fast_paths
 from ._fold_shifts import fold_shifts
 from ._graph_module import (
     ONLINE_SHIFTS,
@@ -382,7 +383,7 @@ def to_online(net: TSMNet, *, frame_shape: Sequence[int] | None = None, inplace:
     if not inplace:
         net = copy.deepcopy(net)
     keys = [module_key(site.name) for site in net.sites]
-    graph = rewrite(copy.deepcopy(net.eval_graph), keys, net)
+    graph = rewrite(without_fast_paths(net.eval_graph), keys, net)  # the online graph decides its own
     root = module_tree(net, skip=(SHIFTS,))
     online_shifts = nn.ModuleDict()
     for site, key in zip(net.sites, keys):

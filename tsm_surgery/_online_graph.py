@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from ._graph_module import ONLINE_SHIFTS, SHIFTS
 from ._recompute import in_graph_capture
-from ._shift import check_shift_args, restore_slots
+from ._shift import check_shift_args
 
 __all__ = ["OnlineShift", "rewrite", "swap_consumer"]
 
@@ -165,7 +165,7 @@ def describe(t: Tensor) -> str:
 
 
 def rewrite(graph: fx.Graph, keys: Sequence[str], root: nn.Module) -> fx.Graph:
-    """Turns the shift nodes of an eval graph into online shifts with cache inputs and outputs.
+    """Turns the shift nodes of an eval graph (without its fast paths) into online shifts with cache inputs and outputs.
 
     A site whose shifted tensor feeds one layer that only reads it (:data:`_SWAP_SAFE_CONSUMERS`,
     :data:`_SWAP_SAFE_FUNCTIONS`), and whose input is not the network's own input, gets the
@@ -173,7 +173,6 @@ def rewrite(graph: fx.Graph, keys: Sequence[str], root: nn.Module) -> fx.Graph:
     runs just before that layer and :func:`_restore_slot` just after it, so no other node can
     see the swapped activation.
     """
-    _drop_eval_swaps(graph)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise ValueError(
@@ -210,15 +209,6 @@ def rewrite(graph: fx.Graph, keys: Sequence[str], root: nn.Module) -> fx.Graph:
     output.args = ((output.args[0], *new_caches),)
     graph.lint()
     return graph
-
-
-def _drop_eval_swaps(graph: fx.Graph) -> None:
-    """Removes the clip network's in-place slot moves (the online shifts make their own)."""
-    for node in list(graph.nodes):
-        if node.op == "call_function" and node.target is restore_slots:
-            graph.erase_node(node)
-        elif node.op == "call_module" and str(node.target).startswith(SHIFTS + ".") and node.kwargs:
-            node.kwargs = {}
 
 
 def _from_data(node: fx.Node) -> bool:
