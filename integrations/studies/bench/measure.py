@@ -112,10 +112,10 @@ def interleaved_min_times(fns: dict[str, Callable[[], object]], repeats: int, cl
     """The fastest of ``repeats`` timed calls of each callable, taken in turns (a shuffled order per turn).
 
     Memory-bound copies share the host's memory bandwidth with other tenants: timed one after
-    the other, two copies can meet different conditions, and their ratio swung by 2x between
-    runs here; taken in turns, the minima come from the same stretch of time. Each timed call
-    follows an untimed one of the same callable, so each is timed warm (its data in cache), as
-    a series of one callable would be.
+    the other, two copies can meet different conditions; taken in turns, the minima come from
+    the same stretch of time. (Between processes their ratio still swings, by up to 2x on the
+    2-core host the committed figures come from.) Each timed call follows an untimed one of the
+    same callable, so each is timed warm (its data in cache), as a series of one would be.
     """
     rng = random.Random(seed)
     best = {name: float("inf") for name in fns}
