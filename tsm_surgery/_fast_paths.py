@@ -4,7 +4,7 @@
   :func:`close_site_hooks`, so the saved-tensor hooks that store a shift output as a recipe
   (``_recompute``) see only what those consumers save, not every tensor of the forward.
 * Eval graph: a residual ``left + right`` whose left operand is a fresh layer output read only
-  there adds into it (``_online_graph._join``), as an eager ``out += identity`` does: FX records
+  there adds into it (:mod:`._joins`), as an eager ``out += identity`` does: FX records
   ``+=`` as ``+``, which would allocate one more activation per block than the 2D network.
   A site whose shifted tensor feeds one layer that only reads it, right after the
   shift, runs the shift with ``swap=True`` (the slots of the block input move in place, with a
@@ -26,7 +26,8 @@ import operator
 from torch import fx, nn
 
 from ._graph_module import SHIFTS
-from ._online_graph import _join, _join_in_place, swap_consumer
+from ._joins import _join, _join_in_place
+from ._online_graph import swap_consumer
 from ._recompute import close_site_hooks, open_site_hooks
 from ._shift import restore_slots
 

@@ -4,9 +4,8 @@ Every ``TemporalShift`` node becomes an :class:`OnlineShift` node with a cache i
 graph returns the new caches next to the output: frame + caches in, output + new caches out,
 no Python state. Run without autograd, most sites swap the cache into their input in place for
 the length of one layer and swap it back (:func:`_restore_slot`); traced, exported or
-differentiated, every site makes a shifted copy instead. A residual join whose left operand is a
-fresh layer output read by nothing else adds into it (:func:`_join`), as the eager ``out += identity``
-does: FX records ``+=`` as ``+``, which would allocate one more activation per block.
+differentiated, every site makes a shifted copy instead. Residual joins add in place where they
+may (:mod:`._joins`).
 """
 
 import operator
@@ -17,6 +16,7 @@ from torch import Tensor, fx, nn
 from torch.nn import functional as F
 
 from ._graph_module import ONLINE_SHIFTS, SHIFTS
+from ._joins import _join, _join_in_place  # noqa: F401  (_join: the name graphs pickled by 0.2.0 import)
 from ._recompute import in_graph_capture
 from ._shift import check_shift_args
 
@@ -122,42 +122,6 @@ def _restore_slot(x: Tensor, shifted: Tensor, new_cache: Tensor, channel_dim: in
         dim = channel_dim % x.dim()
         fold = new_cache.shape[dim]
         x.narrow(dim, slot * fold, fold).copy_(new_cache)
-
-
-def _join(left: Tensor, right: Tensor) -> Tensor:
-    """``left + right``, written into ``left`` when the result has its shape and dtype.
-
-    :func:`rewrite` routes a join here only when ``left`` is a fresh layer output (see
-    :data:`_FRESH_OUTPUTS`) that nothing else reads and that its layer did not save for backward,
-    so the sum is bit for bit that of ``left + right`` and nothing can tell ``left`` was reused.
-    """
-    if isinstance(left, fx.Proxy):  # re-tracing a pickled graph: keep the node
-        return left.tracer.create_proxy("call_function", _join, (left, right), {})
-    if torch.jit.is_tracing() or in_graph_capture():  # exporters record the plain sum (no shape test in the graph)
-        return left + right
-    if isinstance(right, Tensor) and right.shape == left.shape and right.dtype == left.dtype:
-        return left.add_(right)
-    return left + right
-
-
-# Layers whose output is a new tensor that they do not keep for backward (convolution, linear
-# and normalization layers save their input, not their output): a join may add into it.
-_FRESH_OUTPUTS = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
-
-
-def _join_in_place(graph: fx.Graph, root: nn.Module) -> None:
-    """Routes each ``left + right`` whose ``left`` is a fresh layer output read only there to :func:`_join`."""
-    for node in graph.nodes:
-        if node.op != "call_function" or node.target is not operator.add or len(node.args) != 2 or node.kwargs:
-            continue
-        left, right = node.args
-        if not isinstance(left, fx.Node) or not isinstance(right, fx.Node) or left is right or len(left.users) != 1:
-            continue
-        if left.op != "call_module":
-            continue
-        module = root.get_submodule(str(left.target))
-        if isinstance(module, _FRESH_OUTPUTS) and not module._forward_hooks:
-            node.target = _join
 
 
 def describe(t: Tensor) -> str:

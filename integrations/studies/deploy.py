@@ -36,7 +36,7 @@ import torch
 
 import tsm_surgery
 from tsm_surgery.integrations.export import export_int8_set, export_set, load, open_engine, target_module
-from tsm_surgery.integrations.export.artifacts import require_target
+from tsm_surgery.integrations.export.artifacts import require_target, sidecar_path
 from tsm_surgery.integrations.models import build_model, randomize_norms
 from tsm_surgery.integrations.studies.bench.machine import describe, load_average
 from tsm_surgery.integrations.studies.bench.measure import CONTROL, paired_ratios, wall_time
@@ -181,7 +181,7 @@ def _measure_int8(spec: str, runtime: str, net: "tsm_surgery.TSMNet", float_step
     start = time.perf_counter()
     export_int8_set(RUNTIMES[runtime][0], net, path, calibration, frame_shape=frame_shape, force=True)
     quantize_s = time.perf_counter() - start
-    step = load(path.rsplit(".", 1)[0] + ".json", threads=settings.threads)
+    step = load(sidecar_path(path), threads=settings.threads)
     step.reset()
     streamed = torch.cat([step.step(clip[t:t + 1]) for t in range(clip.shape[0])])
     agreement = float((streamed.argmax(-1) == float_out.argmax(-1)).float().mean())

@@ -16,6 +16,7 @@ Example::
 """
 
 import datetime
+import json
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ import tsm_surgery
 from tsm_surgery.integrations.checkpoints import layout_adapter
 from tsm_surgery.integrations.checkpoints.loading import load_state_dict_file
 from tsm_surgery.integrations.export import export_int8_set, export_set, int8, load
-from tsm_surgery.integrations.export.artifacts import require_target
+from tsm_surgery.integrations.export.artifacts import require_target, sidecar_path
 from tsm_surgery.integrations.export.writer import SUFFIX
 from tsm_surgery.integrations.studies.bench.report import write_section
 
@@ -136,11 +137,11 @@ def _in_runtime(target: str, net: tsm_surgery.TSMNet, clips: list[torch.Tensor],
     path = f"{folder}/{target}_f32{SUFFIX[target]}"
     export_set(target, net, path, frame_shape=frame_shape, force=True,
                **({"exporter": "legacy"} if target == "onnx" else {}))
-    runs = {"f32": load(path.rsplit(".", 1)[0] + ".json")}
+    runs = {"f32": load(sidecar_path(path))}
     path = f"{folder}/{target}_int8{SUFFIX[target]}"
     try:
         export_int8_set(target, net, path, calibration, frame_shape=frame_shape, online=False, force=True)
-        runs["int8"] = load(path.rsplit(".", 1)[0] + ".json")
+        runs["int8"] = load(sidecar_path(path))
     except RuntimeError as err:  # the export refuses an int8 artifact that does not compute its model
         refused[f"{target} int8"] = str(err)
     return {precision: _top1([runner.run(clip) for clip in clips]) for precision, runner in runs.items()}
@@ -150,8 +151,6 @@ def _in_runtime(target: str, net: tsm_surgery.TSMNet, clips: list[torch.Tensor],
 def measure_accuracy(run_dir: str, targets: tuple[str, ...] = TARGETS, calibration_clips: int = 16,
                      log: Any = print) -> AccuracyResult:
     """Test top-1 of the demo's ``tsm`` and ``tsm-uni`` in PyTorch and in each installed runtime."""
-    import json
-
     start = time.perf_counter()
     root = Path(run_dir)
     result = AccuracyResult(str(root), calibration_clips=calibration_clips)
@@ -170,12 +169,13 @@ def measure_accuracy(run_dir: str, targets: tuple[str, ...] = TARGETS, calibrati
             clips, labels = _clips(cfg, "test")
             calibration, _ = _clips(cfg, "train", calibration_clips)
             result.calibration_clips = len(calibration)
-            net = frame_classifier(recognizer, tuple(clips[0].shape[1:]))
+            frame_shape = tuple(clips[0].shape[1:])
+            net = frame_classifier(recognizer, frame_shape)
             reference = _top1([net(clip).numpy() for clip in clips])
             truth = np.array(labels)
             result.videos = len(clips)
             result.rows.append(_row(name, "pytorch", "f32", reference, truth, reference))
-            quantized = int8.quantize_pytorch(net, calibration, tuple(clips[0].shape[1:]), form="clip")
+            quantized = int8.quantize_pytorch(net, calibration, frame_shape, form="clip")
             result.rows.append(_row(name, "pytorch (PT2E)", "int8", _top1([quantized(c).numpy() for c in clips]),
                                      truth, reference))
             for target in (t for t in targets if t not in result.skipped):
