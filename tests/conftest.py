@@ -1,5 +1,6 @@
 import importlib.util
 import os
+import sys
 
 import pytest
 import torch
@@ -18,3 +19,16 @@ torch.set_num_threads(int(os.environ.get("TSM_TEST_THREADS", "1")))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _loggers_on_open_streams():
+    """mmengine's loggers keep the stream that was ``sys.stdout`` when they were made; under pytest
+    that is an earlier test's capture, closed after it. Point such handlers at this test's stream."""
+    logging = sys.modules.get("mmengine.logging")
+    if logging is not None:
+        for logger in logging.MMLogger._instance_dict.values():
+            for handler in logger.handlers:
+                stream = getattr(handler, "stream", None)
+                if getattr(stream, "closed", False):
+                    handler.stream = sys.stdout  # not setStream: it flushes the closed one

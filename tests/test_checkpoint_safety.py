@@ -35,16 +35,6 @@ class Marker:
         return os.makedirs, (self.path,)
 
 
-def _fresh_logger():
-    """mmengine's current logger writes to the streams that were open when it was made (pytest's
-    fixture set-up streams are closed by now): start a new one."""
-    import uuid
-
-    from mmengine.logging import MMLogger
-
-    MMLogger.get_instance(f"checkpoint-safety-{uuid.uuid4().hex}")
-
-
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
     data = make_dataset(str(tmp_path_factory.mktemp("videos")), per_class=1, frames=8)
@@ -77,7 +67,6 @@ def evil(resumable, tmp_path, monkeypatch):
 
 def _fails_naming(capsys, argv, *needles):
     """Exit 1 and, as the last line on stderr (`test` logs there too), one line naming the cause."""
-    _fresh_logger()
     assert main(argv) == 1
     err = capsys.readouterr().err.strip()
     line = err.splitlines()[-1]
@@ -215,7 +204,6 @@ def test_stream_config_uses_the_checkpoint_weights(config, tmp_path, capsys):
     torch.save({"state_dict": recognizer.state_dict(), "message_hub": hub.state_dict(), "meta": {}}, checkpoint)
     video = str(tmp_path / "v.mp4")
     write_video(video, 1)
-    _fresh_logger()
     assert main(["stream", video, "--config", str(uni_config), "--checkpoint", str(checkpoint), "--size", "32"]) == 0
     frames = [line for line in capsys.readouterr().out.splitlines() if line.startswith("frame")]
     assert len(frames) == 8 and all("top-2: 1:1.000" in line for line in frames), frames

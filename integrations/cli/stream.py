@@ -306,7 +306,8 @@ def _engine_of_sidecar(args: argparse.Namespace) -> tuple[StepEngine, Preprocess
     pre = runner.sidecar["preprocess"]
     scale = pre.get("scale")  # "RGB in [0, 1]" (what export writes) or a number to divide by
     preprocess = Preprocess(pre["size"], pre["mean"], pre["std"],
-                            255.0 if scale is None or isinstance(scale, str) else float(scale))
+                            255.0 if scale is None or isinstance(scale, str) else float(scale),
+                            flip_channels=bool(pre.get("flip_channels", False)))
     return runner.step_engine(), preprocess, None
 
 

@@ -70,7 +70,7 @@ def _clip_of(path: Path, preprocess, n_frames: int) -> torch.Tensor | None:
 
 def load_calibration(source: str | os.PathLike | None, size: int, n_frames: int = 8, max_clips: int = 16,
                      mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225),
-                     scale: float = 255.0) -> list[torch.Tensor]:
+                     scale: float = 255.0, flip_channels: bool = False) -> list[torch.Tensor]:
     """Decodes up to ``max_clips`` clips of ``n_frames`` frames, each ``(n_frames, 3, size, size)``.
 
     Args:
@@ -80,7 +80,7 @@ def load_calibration(source: str | os.PathLike | None, size: int, n_frames: int 
         size: frame height and width after resize (short side) and centre crop.
         n_frames: frames per clip, sampled uniformly over each video.
         max_clips: at most this many videos, spread over the sorted list.
-        mean, std, scale: normalisation, as :class:`.stream.Preprocess`.
+        mean, std, scale, flip_channels: normalisation, as :class:`.stream.Preprocess`.
 
     Raises:
         FileNotFoundError: ``source`` does not exist.
@@ -97,7 +97,7 @@ def load_calibration(source: str | os.PathLike | None, size: int, n_frames: int 
                                     "`tsm-surgery synth-data OUT_DIR`.")
         videos = _videos_of_config(path) if path.is_file() else _videos_in(path)
     try:
-        preprocess = Preprocess(size, mean, std, scale)
+        preprocess = Preprocess(size, mean, std, scale, flip_channels)
         clips = [c for c in (_clip_of(v, preprocess, n_frames) for v in _spread(videos, max_clips)) if c is not None]
     finally:
         if tmp is not None:

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import tsm_surgery
-from tsm_surgery.integrations.checkpoints import check_checkpoint_layout, layout_adapter, shift_for_checkpoint
-from tsm_surgery.integrations.checkpoints.loading import cli_log, load_state_dict_file
+from tsm_surgery.integrations.checkpoints import check_checkpoint_layout, shift_for_checkpoint
+from tsm_surgery.integrations.checkpoints.loading import cli_log
 from tsm_surgery.integrations.models import build_model, default_frame_size
 
 from .engine import TorchEngine
@@ -163,35 +163,20 @@ def _from_mmaction(args: argparse.Namespace) -> Models:
     online backbone's features go through the config's head with ``num_segs=1``.
     """
     try:
-        from mmaction.apis import init_recognizer
-
-        import tsm_surgery.integrations.mmaction
+        from tsm_surgery.integrations.mmaction.recognizer import load_recognizer, normalization, tsm_backbone_net
     except ImportError as err:
         raise ImportError(f"--config needs MMAction2 ({err}). "
                           "Install the extras: pip install 'tsm_surgery[mmaction]'.") from None
-    if not os.path.isfile(args.config):
-        raise FileNotFoundError(f"--config {args.config!r} does not exist.")
-    recognizer = init_recognizer(args.config, None, device="cpu")
-    if args.checkpoint:  # mmengine's load_checkpoint is not strict: it would stream random weights
-        load_state_dict_file(args.checkpoint, recognizer, source="--checkpoint",
-                             adapt=layout_adapter(recognizer, "--checkpoint"))
-    recognizer.eval()
-    backbone, head = recognizer.backbone, recognizer.cls_head
-    net = getattr(backbone, "net", None)
-    if not isinstance(net, tsm_surgery.TSMNet):
-        raise ValueError(f"--config {args.config}: the backbone is {type(backbone).__name__}; "
-                         "streaming needs TSMSurgeryBackbone(direction='uni').")
+    recognizer = load_recognizer(args.config, args.checkpoint)
+    net = tsm_backbone_net(recognizer, f"--config {args.config}")
     if net.direction != "uni":
         raise ValueError(f"--config {args.config}: the backbone shifts direction='bi' (it reads future "
                          "frames); train a config with direction='uni' to stream it.")
     online = tsm_surgery.to_online(net, inplace=True)
-    preprocessor = recognizer.data_preprocessor
-    mean = getattr(preprocessor, "mean", None)
-    std = getattr(preprocessor, "std", None)
-    mean = (0.0, 0.0, 0.0) if mean is None else [float(v) for v in mean.flatten()]
-    std = (1.0, 1.0, 1.0) if std is None else [float(v) for v in std.flatten()]
+    mean, std, to_rgb = normalization(recognizer)
     # MMAction2 normalises on the 0-255 scale; its decoders give RGB, which to_rgb would flip.
-    pre = Preprocess(args.size or 224, mean, std, scale=1.0, flip_channels=bool(getattr(preprocessor, "to_rgb", False)))
+    pre = Preprocess(args.size or 224, mean, std, scale=1.0, flip_channels=to_rgb)
+    backbone, head = recognizer.backbone, recognizer.cls_head
     two_d = getattr(backbone, "model2d", backbone)
     one_frame_head = _OneFrameHead(head)
     return Models(lambda frames: one_frame_head(two_d(frames)), online, one_frame_head, pre)

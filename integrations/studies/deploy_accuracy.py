@@ -28,14 +28,13 @@ import torch
 from torch import nn
 
 import tsm_surgery
-from tsm_surgery.integrations.checkpoints import layout_adapter
-from tsm_surgery.integrations.checkpoints.loading import load_state_dict_file
 from tsm_surgery.integrations.export import export_int8_set, export_set, int8, load
 from tsm_surgery.integrations.export.artifacts import require_target, sidecar_path
 from tsm_surgery.integrations.export.writer import SUFFIX
+from tsm_surgery.integrations.mmaction.recognizer import frame_classifier, load_recognizer
 from tsm_surgery.integrations.studies.bench.report import write_section
 
-__all__ = ["AccuracyRow", "AccuracyResult", "frame_classifier", "measure_accuracy", "render", "write"]
+__all__ = ["AccuracyRow", "AccuracyResult", "measure_accuracy", "render", "write"]
 
 MODELS = ("tsm", "tsm-uni")
 TARGETS = ("onnx", "openvino", "executorch")
@@ -73,33 +72,10 @@ def _checkpoint(work_dir: Path) -> Path:
 
 
 def _recognizer(run_dir: Path, name: str) -> tuple[nn.Module, Any]:
-    from mmaction.apis import init_recognizer
-
     from tsm_surgery.integrations.demo.pipeline import build_cfg
 
     cfg = build_cfg(name, run_dir / "data", run_dir / name, epochs=1, seed=0)
-    recognizer = init_recognizer(cfg, None, device="cpu")
-    load_state_dict_file(str(_checkpoint(run_dir / name)), recognizer, source=f"{name} checkpoint",
-                         adapt=layout_adapter(recognizer, f"{name} checkpoint"))
-    return recognizer.eval(), cfg
-
-
-def frame_classifier(recognizer: nn.Module, frame_shape: tuple[int, int, int]) -> tsm_surgery.TSMNet:
-    """The recognizer's TSM backbone and its head's pooling and classifier as one converted clip network.
-
-    The backbone's 2D module tree is converted again with the plugin's settings, so the sites and
-    weights are the trained ones; the output is one row of class logits per frame.
-    """
-    backbone, head = recognizer.backbone, recognizer.cls_head
-    net = backbone.net
-    classifier = nn.Sequential(backbone.model2d, head.avg_pool, nn.Flatten(1), head.fc_cls).eval()
-    converted = tsm_surgery.convert(classifier, n_segments=net.n_segments, shift_div=net.shift_div,
-                                    direction=net.direction, uni_slot=net.uni_slot, place=net.place,
-                                    example_input=torch.zeros(1, *frame_shape)).eval()
-    if [s.name.removeprefix("0.") for s in converted.sites] != [s.name for s in net.sites]:
-        raise ValueError("the backbone's shifted sites are not the default ones (a select= in the config?); "
-                         "this study converts the 2D backbone again and needs the same sites.")
-    return converted
+    return load_recognizer(cfg, str(_checkpoint(run_dir / name)), checkpoint_flag=f"{name} checkpoint"), cfg
 
 
 def _clips(cfg: Any, split: str, limit: int | None = None) -> tuple[list[torch.Tensor], list[int]]:
@@ -170,7 +146,7 @@ def measure_accuracy(run_dir: str, targets: tuple[str, ...] = TARGETS, calibrati
             calibration, _ = _clips(cfg, "train", calibration_clips)
             result.calibration_clips = len(calibration)
             frame_shape = tuple(clips[0].shape[1:])
-            net = frame_classifier(recognizer, frame_shape)
+            net = frame_classifier(recognizer, frame_shape, name)
             reference = _top1([net(clip).numpy() for clip in clips])
             truth = np.array(labels)
             result.videos = len(clips)
