@@ -196,3 +196,47 @@ def test_int8_export_of_a_config_calibrates_on_its_normalisation(trained, tmp_pa
         head.num_segments = SEGMENTS
     # int8 on calibrated data: close to float32 (a wrong normalisation would put the range elsewhere)
     assert _rel(got, expected) <= 0.15
+
+
+def _stock_recognizer(backbone, channels):
+    from mmengine.config import Config
+
+    from tsm_surgery.integrations.mmaction.recognizer import load_recognizer
+
+    head = dict(type="TSMHead", num_classes=CLASSES, in_channels=channels, num_segments=SEGMENTS, spatial_type="avg",
+                consensus=dict(type="AvgConsensus", dim=1), is_shift=True, average_clips="prob")
+    cfg = Config(dict(default_scope="mmaction", model=dict(type="Recognizer2D", backbone=backbone, cls_head=head)))
+    torch.manual_seed(0)
+    return randomize_norms(load_recognizer(cfg))
+
+
+STOCK = dict(num_segments=SEGMENTS, pretrained=None, pretrained2d=False)
+
+
+@pytest.mark.parametrize("backbone,channels", [
+    (dict(type="TSMSurgeryResNet", depth=18, **STOCK), 512),
+    (dict(type="TSMSurgeryMobileNetV2", **STOCK), 1280),
+], ids=["ResNetTSM", "MobileNetV2TSM"])
+@torch.no_grad()
+def test_stock_types_per_frame_network_is_the_recognizers(backbone, channels):
+    from tsm_surgery.integrations.mmaction.recognizer import frame_classifier
+
+    recognizer = _stock_recognizer(backbone, channels)
+    net = frame_classifier(recognizer, (3, SIZE, SIZE))
+    assert [s.name for s in net.sites] == [f"0.{s.name}" for s in recognizer.backbone.net.sites]
+    clip = torch.randn(SEGMENTS, 3, SIZE, SIZE)
+    head = recognizer.cls_head
+    head.num_segments = 1
+    expected = head(recognizer.backbone(clip), num_segs=1)
+    torch.testing.assert_close(net(clip), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backbone,channels,says", [
+    (dict(type="TSMSurgeryResNet", depth=18, temporal_pool=True, **STOCK), 512, "temporal pooling"),
+    (dict(type="TSMSurgeryMobileOne", arch="s0", num_segments=SEGMENTS), 1024, "block inputs"),
+], ids=["temporal_pool", "MobileOne"])
+def test_backbones_without_a_per_frame_form_are_refused(backbone, channels, says):
+    from tsm_surgery.integrations.mmaction.recognizer import frame_classifier
+
+    with pytest.raises(ValueError, match=says):
+        frame_classifier(_stock_recognizer(backbone, channels), (3, SIZE, SIZE))

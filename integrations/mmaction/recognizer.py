@@ -64,7 +64,8 @@ def frame_classifier(recognizer: nn.Module, frame_shape: tuple[int, int, int],
 
     Raises:
         ValueError: the backbone is not a ``TSMSurgeryBackbone``, has modules a 2D network cannot
-            hold (temporal pooling, non-local blocks), or the head has no ``avg_pool`` and ``fc_cls``.
+            hold (temporal pooling, non-local blocks) or shifts block inputs instead of residual
+            sites (MobileOne), or the head has no ``avg_pool`` and ``fc_cls``.
     """
     from ._temporal import temporal_modules
 
@@ -75,6 +76,9 @@ def frame_classifier(recognizer: nn.Module, frame_shape: tuple[int, int, int],
         raise ValueError(f"{flag}: the backbone has {len(inserted)} clip-level module(s) "
                          f"({type(inserted[0]).__name__}: temporal pooling or non-local blocks), which a per-frame "
                          "network cannot hold. Hint: export a config without temporal_pool and non_local.")
+    if any(site.kind != "residual" for site in net.sites):
+        raise ValueError(f"{flag}: the backbone shifts block inputs (shift_inputs=/no_residual=, e.g. MobileOne), "
+                         "not residual sites; a per-frame network of it is not supported yet.")
     pool, fc = getattr(head, "avg_pool", None), getattr(head, "fc_cls", None)
     if pool is None or fc is None:
         raise ValueError(f"{flag}: the head {type(head).__name__} has no avg_pool and fc_cls; a per-frame "
@@ -85,8 +89,8 @@ def frame_classifier(recognizer: nn.Module, frame_shape: tuple[int, int, int],
                                     select=[f"0.{s.name}" for s in net.sites],
                                     example_input=torch.zeros(1, *frame_shape)).eval()
     if [s.name.removeprefix("0.") for s in converted.sites] != [s.name for s in net.sites]:
-        raise ValueError(f"{flag}: the backbone's shift sites ({len(net.sites)}) are not residual sites of its 2D "
-                         "network (shift_inputs= or no_residual=?); a per-frame network of it is not supported.")
+        raise ValueError(f"{flag}: the per-frame network's shift sites differ from the backbone's "
+                         f"({len(converted.sites)} against {len(net.sites)}); please report this config.")
     return converted
 
 
