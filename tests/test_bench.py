@@ -203,6 +203,16 @@ def test_sections_replace_their_own_and_adopt_an_old_report():
     assert "an old report" not in text and "## GPU: B\n" in text and text.count("<!-- bench:") == 2
 
 
+def test_every_section_key_survives_another_sections_write():
+    """A key with a hyphen is a section too: writing "deploy" once dropped "deploy-accuracy" as old text."""
+    text = merge_sections("", "cpu", "# Benchmarks\n")
+    text = merge_sections(text, "deploy-accuracy", "## Deploy accuracy\n")
+    text = merge_sections(text, "deploy", "## Deploy\n")
+    assert "## Deploy accuracy\n" in text and text.count("<!-- bench:") == 3
+    text = merge_sections(text, "deploy-accuracy", "## Deploy accuracy, again\n")
+    assert "## Deploy accuracy\n" not in text and "again" in text and text.count("<!-- bench:") == 3
+
+
 def test_bench_uses_only_the_public_core_api():
     root = pathlib.Path(bench.__file__).parent
     for path in root.glob("*.py"):

@@ -23,6 +23,10 @@ def _converted(name: str, direction: str = "uni") -> tsm_surgery.TSMNet:
         import timm
 
         model = timm.create_model("mobilenetv2_100", num_classes=6)
+    elif name == "resnet10":  # ResNet-18 with one block per stage: 4 shift sites, 10 layers
+        from torchvision.models.resnet import BasicBlock, ResNet
+
+        model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=6)
     else:
         import torchvision
 
@@ -172,15 +176,37 @@ def test_openvino_graph_shift_is_one_unified_quantizer(clips, tmp_path):
             assert abs(zero_level - round(zero_level)) < 1e-3, row
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["online", "clip"])
+def test_openvino_int8_shift_and_its_convolutions_run_in_int8(clips, tmp_path, form):
+    """The CPU plugin runs every Concat of the shift and every convolution on int8 codes. In the clip
+    network the zero slot is made from data (``quantize_zero_slots``): a FakeQuantize of a constant is
+    folded into a float constant, and a Concat with a float input ran in float, with the convolution
+    reading it (every site's first layer)."""
+    pytest.importorskip("nncf")
+    import openvino as ov
+
+    art = int8.quantize("openvino", _converted("resnet10"), clips[:2], str(tmp_path / "m.xml"), FRAME, form=form)
+    compiled = ov.Core().compile_model(ov.Core().read_model(art.files[0]), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    layers = [(op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["runtimePrecision"].astype(str))
+              for op in compiled.get_runtime_model().get_ordered_ops()]
+    convs = [p for kind, p in layers if kind == "Convolution"]
+    concats = [p for kind, p in layers if kind == "Concatenation"]
+    # 12 convolutions (stem, 2 per block, 3 projections), 4 sites with one Concat online and two offline
+    assert len(convs) == 12 and len(concats) == (4 if form == "online" else 8), layers
+    assert set(convs + concats) <= {"u8", "i8"}, layers
+
+
 # -- streams -------------------------------------------------------------------------------------------------------
 
 
 def _stream_vs_clip(target, name, clips, tmp_path):
     net = _converted(name)
-    online = int8.quantize(target, net, clips, str(tmp_path / "step"), FRAME)
-    clip_net = int8.quantize(target, net, clips, str(tmp_path / "clip"), FRAME, form="clip")
+    frame = tuple(clips[0].shape[1:])
+    online = int8.quantize(target, net, clips, str(tmp_path / "step"), frame)
+    clip_net = int8.quantize(target, net, clips, str(tmp_path / "clip"), frame, form="clip")
     run_step, run_clip = int8.load(online), int8.load(clip_net)
-    worst, spread = 0.0, 0.0
+    worst, spread = np.zeros(T), 0.0  # worst difference at each frame
     for clip in clips[:3]:
         x = clip.numpy()
         reference = run_clip(x)[0]
@@ -188,43 +214,36 @@ def _stream_vs_clip(target, name, clips, tmp_path):
         for t in range(T):
             out, *caches = run_step(x[t:t + 1], *caches)
             assert [c.dtype for c in caches] == [np.dtype(k["dtype"]) for k in online.caches]
-            worst = max(worst, float(np.abs(out[0] - reference[t]).max()))
+            worst[t] = max(worst[t], float(np.abs(out[0] - reference[t]).max()))
             spread = max(spread, float(np.abs(reference[t]).max()))
     return worst, spread, reference
 
 
-# ExecuTorch 1.5.1's XNNPACK int8 programs compute other outputs than the PT2E-quantized PyTorch
-# module they are lowered from: on the demo's trained TSM, top-1 falls from 100% to 26%, while the
-# PyTorch module keeps 100%; a plain 2D ResNet-18 diverges too under some calibrations (the cause
-# in the lowering is not found; see docs/deploy.md). The export runs the written program against
-# that module and refuses it (test_executorch_int8_lowering_is_checked); these tests show where it
-# stands.
-_ET_LOWERING = pytest.mark.xfail(
-    raises=RuntimeError, strict=False,
-    reason="open: ExecuTorch's XNNPACK int8 program differs from its PT2E reference; the export refuses it")
-
-
+# Code-level equality needs a network whose int8 codes are stable. In the random MobileNetV2 and
+# ResNet-18 a relative change of 1e-6 (onnxruntime ResNet-18) or 1e-4 (OpenVINO MobileNetV2) of the
+# input moves the int8 clip network's own logits by 3-9% of their spread: a few codes at a rounding
+# edge flip and the flips grow through the layers, so two int8 graphs whose float calibration
+# statistics differ in the seventh digit cannot be compared there. With four blocks the codes are
+# stable, and the two forms give the same logits exactly or within one step of an int8 output.
 @pytest.mark.slow
-@pytest.mark.parametrize("target", ["onnx", "openvino", pytest.param("executorch", marks=_ET_LOWERING)])
-@pytest.mark.parametrize("name", ["mobilenetv2", "resnet18"])
-def test_int8_stream_equals_int8_clip_network(clips, tmp_path, target, name):
+@pytest.mark.parametrize("target", int8.TARGETS)
+def test_int8_stream_equals_int8_clip_network(clips, tmp_path, target):
     """Same calibration clips, min/max ranges: the two forms get the same scales, and the int8 codes
-    flowing through them are the same, so the logits agree to about one quantization step of the
-    output (the last dequantized layer), far below the logits' spread."""
+    flowing through them are the same, frame by frame with the int8 caches fed back."""
     if target != "onnx":
         pytest.importorskip({"openvino": "nncf", "executorch": "executorch"}[target])
-    worst, spread, _ = _stream_vs_clip(target, name, clips, tmp_path)
-    assert worst <= 0.02 * spread, (worst, spread)
+    worst, spread, _ = _stream_vs_clip(target, "resnet10", clips, tmp_path)
+    assert worst.max() <= 1.5 / 127 * spread, (worst, spread)
 
 
 @pytest.mark.slow  # about a minute on 2 cores; the export verb's int8 test streams onnx in the fast set
 def test_onnx_stream_equals_clip_network_mobilenetv2(clips, tmp_path):
     worst, spread, _ = _stream_vs_clip("onnx", "mobilenetv2", clips[:3], tmp_path)
-    assert worst <= 0.02 * spread, (worst, spread)
+    assert worst.max() <= 0.02 * spread, (worst, spread)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target", ["onnx", "openvino", pytest.param("executorch", marks=_ET_LOWERING)])
+@pytest.mark.parametrize("target", ["onnx", "openvino", "executorch"])
 def test_int8_close_to_float(clips, tmp_path, target):
     """int8 against float32 on the same clips: top-1 agrees on most frames. Random weights give
     logits with small margins between classes, so a quantization error of a few percent of the
@@ -324,14 +343,10 @@ def _assert_int8_follows_float(float_top, float_logits, int8_top, int8_logits):
     assert corr >= 0.9 and agree >= 0.75
 
 
-# OpenVINO's CPU plugin rejects the NNCF-quantized clip network when a shift site's activation is
-# 1x1 pixel (MobileNetV2's last stage at 32 px: a Concat of shapes it re-infers inconsistently);
-# from 64 px it compiles. The export checks that the saved IR compiles (next test).
-_OV_CLIP_SIZE = 64
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target", ["onnx", "openvino", pytest.param("executorch", marks=_ET_LOWERING)])
+@pytest.mark.parametrize("target", ["onnx", "openvino", "executorch"])
 @pytest.mark.parametrize("form", ["online", "offline"])
 def test_export_verb_int8_every_target_and_form(tmp_path, verb_inputs, target, form):
     from tsm_surgery.integrations.export.runtime import ClipRunner
@@ -340,13 +355,11 @@ def test_export_verb_int8_every_target_and_form(tmp_path, verb_inputs, target, f
 
     if target == "onnx" and form == "online":
         pytest.skip("the fast test covers it")
-    size = _OV_CLIP_SIZE if (target, form) == ("openvino", "offline") else SIZE
     root, checkpoint = verb_inputs
     extra = ["--offline", "--direction", "uni"] if form == "offline" else []
-    float_sidecar = _export(tmp_path / "f32", checkpoint, target, *extra, size=size)
-    int8_sidecar = _export(tmp_path / "int8", checkpoint, target, *extra, "--int8", "--calibration", str(root / "data"),
-                           size=size)
-    clips = load_calibration(root / "data", size=size, n_frames=8, max_clips=4)
+    float_sidecar = _export(tmp_path / "f32", checkpoint, target, *extra)
+    int8_sidecar = _export(tmp_path / "int8", checkpoint, target, *extra, "--int8", "--calibration", str(root / "data"))
+    clips = load_calibration(root / "data", size=SIZE, n_frames=8, max_clips=4)
     if form == "online":
         _assert_int8_follows_float(*_stream_top1(float_sidecar, clips), *_stream_top1(int8_sidecar, clips))
         return
@@ -360,13 +373,20 @@ def test_export_verb_int8_every_target_and_form(tmp_path, verb_inputs, target, f
 
 
 @pytest.mark.slow
-def test_openvino_int8_clip_the_plugin_rejects_is_one_line_and_not_written(tmp_path, verb_inputs, capsys):
+def test_openvino_int8_clip_the_plugin_rejects_is_one_line_and_not_written(tmp_path, verb_inputs, capsys, monkeypatch):
+    """With the zero slots left as NNCF leaves them (constants), the CPU plugin rejects MobileNetV2's
+    int8 clip network at 32 px (a shift site of 1x1 pixel: a Concat whose input shape it re-infers
+    wrongly); the export compiles the saved IR once, so that is one line and nothing is written. The
+    export itself makes the zero slots from data, and the same network compiles (test above)."""
     pytest.importorskip("nncf")
+    from tsm_surgery.integrations.export import int8_openvino
+
+    monkeypatch.setattr(int8_openvino, "quantize_zero_slots", lambda model: 0)
     root, checkpoint = verb_inputs
     _export(tmp_path, checkpoint, "openvino", "--offline", "--direction", "uni", "--int8", "--calibration",
             str(root / "data"), status=1)
     err = capsys.readouterr().err.strip().splitlines()
-    assert "cannot compile the int8 network" in err[-1] and "larger --size" in err[-1]
+    assert "cannot compile the int8 network" in err[-1] and "without --int8" in err[-1]
     assert list(tmp_path.iterdir()) == []
 
 
@@ -393,12 +413,28 @@ def test_executorch_int8_lowering_is_checked(tmp_path):
         torch.manual_seed(seed)
         model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
         calibration = [torch.randn(2, 3, 8, 8) for _ in range(3)]
-        return quantize_module(model.eval(), (calibration[0],), lambda p: [p(c) for c in calibration]), calibration
+        quantized = quantize_module(model.eval(), (calibration[0],), lambda p: [p(c) for c in calibration])
+        return quantized, model, calibration
 
-    quantized, calibration = tiny(0)
-    other, _ = tiny(1)
+    quantized, model, calibration = tiny(0)
+    other, other_model, _ = tiny(1)
     path = str(tmp_path / "tiny.pte")
     to_executorch(quantized, (calibration[0],), path)
-    int8._check_lowering(path, quantized, (calibration[0],), {})
+    int8._check_lowering(path, quantized, model, (calibration[0],), {})
     with pytest.raises(RuntimeError, match="computes other outputs than the quantized PyTorch model.*--target onnx"):
-        int8._check_lowering(path, other, (calibration[0],), {})
+        int8._check_lowering(path, other, other_model, (calibration[0],), {})
+
+
+def test_executorch_int8_from_channels_last_clips(tmp_path):
+    """Calibration clips in channels_last (as MMAction2's pipeline decodes them): the program still takes
+    contiguous inputs and computes the quantized module (it read them as channels_last before)."""
+    pytest.importorskip("executorch")
+    from tsm_surgery.integrations.export.int8_pt2e import quantize_module, to_executorch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1)).eval()
+    calibration = [torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last) for _ in range(3)]
+    quantized = quantize_module(model, (calibration[0],), lambda p: [p(c) for c in calibration])
+    path = str(tmp_path / "tiny.pte")
+    to_executorch(quantized, (calibration[0],), path)
+    int8._check_lowering(path, quantized, model, (calibration[0],), {})

@@ -1,22 +1,29 @@
 """int8 for OpenVINO: NNCF's ``nncf.quantize`` on the OpenVINO model of the float ONNX graph.
 
 NNCF inserts ``FakeQuantize`` ops where the CPU plugin runs int8 (inputs of convolutions,
-matmuls, adds) and propagates them up through quantization-agnostic ops. For the shift this
-is already the right graph: the quantizers meet at the shift's ``Concat``, which NNCF puts in
-one *unified scale* group, so every slot of the shifted tensor, the online cache read and the
-zero slot are quantized by FakeQuantize ops with identical ranges, one requantize-free int8
-tensor from the Concat into the next layer. :func:`fake_quantize_ranges` reads those ranges
-back so tests can check it. The caches stay float at the model's I/O (OpenVINO's FakeQuantize
-is a float op the CPU plugin turns into int8 kernels); the cache read is quantized on entry by
-the FakeQuantize of the tensor it joins, so the state the next frame computes with is the same
-int8 codes as the clip network's shifted slot.
+matmuls, adds) and propagates them up through quantization-agnostic ops. The quantizers meet at
+the shift's ``Concat``, which NNCF puts in one *unified scale* group, so every slot of the shifted
+tensor and the online cache read are quantized by FakeQuantize ops with identical ranges, one
+requantize-free int8 tensor from the Concat into the next layer. Three settings and one rewrite
+make the online step and the clip network the same int8 network:
+
+* activation ranges are the global min/max and weights use the full 8-bit range
+  (:func:`_same_ranges_in_every_form`), so neither form's quantization depends on how its
+  calibration data was cut into samples or on which layers read a model input (a cache);
+* :func:`quantize_zero_slots` gives the clip network's zero slot the FakeQuantize of the slot it
+  joins, made from data, so the Concat and the layer reading it run in int8 as in the step.
+
+:func:`fake_quantize_ranges` reads the ranges back so tests can check them. The caches stay float
+at the model's I/O (OpenVINO's FakeQuantize is a float op the CPU plugin turns into int8 kernels);
+the cache read is quantized on entry by the FakeQuantize of the tensor it joins, so the state the
+next frame computes with is the same int8 codes as the clip network's shifted slot.
 """
 
 from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["quantize_openvino", "fake_quantize_ranges", "concat_ranges"]
+__all__ = ["quantize_openvino", "quantize_zero_slots", "fake_quantize_ranges", "concat_ranges"]
 
 
 def quantize_openvino(float_onnx: str, xml_path: str, feeds: Sequence[dict[str, np.ndarray]],
@@ -32,7 +39,9 @@ def quantize_openvino(float_onnx: str, xml_path: str, feeds: Sequence[dict[str, 
     # The calibration shapes, static: the clip graph's dynamic clip count leaves shapes the CPU plugin
     # cannot reorder in the quantized graph ("Can not clone with new dims").
     model.reshape({name: list(array.shape) for name, array in feeds[0].items()})
-    quantized = nncf.quantize(model, nncf.Dataset(list(feeds)), subset_size=len(feeds))
+    quantized = nncf.quantize(model, nncf.Dataset(list(feeds)), subset_size=len(feeds),
+                              advanced_parameters=_same_ranges_in_every_form())
+    quantize_zero_slots(quantized)
     ov.save_model(quantized, xml_path, compress_to_fp16=False)
     _check_compiles(ov, xml_path)
     found = {}
@@ -48,6 +57,73 @@ def quantize_openvino(float_onnx: str, xml_path: str, feeds: Sequence[dict[str, 
     return found
 
 
+def _same_ranges_in_every_form():
+    """NNCF's settings under which the clip network and the online step quantize alike.
+
+    * ``MINMAX`` activation ranges: NNCF's default for per-tensor activations averages each
+      sample's min and max, so a range depended on the samples, a clip for the clip network and
+      a frame for the step (the stream drifted from the clip network by 8% of the logits' spread
+      on MobileNetV2); the global min/max is the same however the frames are grouped.
+    * No overflow fix: NNCF's default halves the weight range of the first convolution after each
+      model input, and every cache is a model input, so each site's first layer got 7-bit weights
+      in the step and 8-bit ones in the clip network. The full range is right for CPUs with VNNI
+      or AMX (this project's bench machine has AVX-512 VNNI); on older AVX2/AVX-512 CPUs without
+      VNNI, int8 convolutions may saturate, see NNCF's ``OverflowFix``.
+
+    NNCF's default fast bias correction stays: it corrects each bias from the mean of the layer's
+    input, which is the same in both forms (its slower ``BiasCorrection`` is not: the two forms'
+    biases then differed by about 1e-3, enough to flip codes).
+    """
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    return AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX,
+                                          overflow_fix=OverflowFix.DISABLE)
+
+
+def _is_zero_fill(node) -> bool:
+    """A Constant of zeros, or a Broadcast of one (the zero slot of a shift)."""
+    if node.get_type_name() == "Broadcast":
+        node = node.input_value(0).get_node()
+    return node.get_type_name() == "Constant" and not np.any(node.get_data())
+
+
+def quantize_zero_slots(model) -> int:
+    """Quantizes each shift's zero slot like the slot it joins, from data; returns how many.
+
+    NNCF puts a FakeQuantize on the data inputs of a ``Concat`` but not on a constant one, and the
+    CPU plugin folds a FakeQuantize of a constant into a float constant anyway; a Concat with a
+    float input then runs in float, and so does the convolution that reads it (every site's first
+    layer in the clip network), while the online step's zero cache is a model input and stays int8.
+    The zero slot becomes ``FakeQuantize(slice of the joined slot * 0)`` with the joined slot's
+    ranges: the quantized zero, computed from data so the plugin keeps it in int8. It also removes
+    a compile failure of the plugin at shift sites of 1x1 pixel (MobileNetV2's last stage below
+    64 px: a Concat whose input shape it re-inferred wrongly).
+    """
+    from openvino import opset13 as ops
+
+    done = 0
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "Concat" or not op.get_output_element_type(0).is_real():
+            continue
+        sources = [op.input_value(i).get_node() for i in range(op.get_input_size())]
+        fq = next((s for s in sources if s.get_type_name() == "FakeQuantize"), None)
+        if fq is None:
+            continue
+        axis = op.get_attributes()["axis"]
+        for i, source in enumerate(sources):
+            length = source.get_output_partial_shape(0).to_shape()[axis]
+            if not _is_zero_fill(source) or length > fq.get_output_partial_shape(0).to_shape()[axis]:
+                continue
+            first = ops.slice(fq.input_value(0), [0], [length], [1], [axis])
+            zeros = ops.multiply(first, ops.constant(np.zeros((), np.float32)))
+            ranges = [fq.input_value(k) for k in range(1, 5)]
+            quantized = ops.fake_quantize(zeros, *ranges, fq.get_attributes()["levels"])
+            op.input(i).replace_source_output(quantized.output(0))
+            done += 1
+    return done
+
+
 def _check_compiles(ov, xml_path: str) -> None:
     """Reads the saved IR back and compiles it for the CPU, so that a model the plugin rejects is never written."""
     try:
@@ -56,8 +132,7 @@ def _check_compiles(ov, xml_path: str) -> None:
         cause = next((line for line in str(err).splitlines() if "While validating" in line), str(err).splitlines()[0])
         raise RuntimeError(
             f"OpenVINO's CPU plugin cannot compile the int8 network NNCF made ({cause.strip()[:200]}). Hint: "
-            "this is seen in the clip network when a shift site's activation is 1x1 pixel (MobileNetV2 below "
-            "64 px); export with a larger --size, or the online step (it has no such reshape)."
+            "export this network without --int8 (float32), or int8 with --target onnx."
         ) from err
 
 
@@ -92,7 +167,8 @@ def _leaves(op) -> list:
 
 
 def concat_ranges(model) -> list[dict]:
-    """For each outermost Concat (a shift): the FakeQuantize ranges of its slots, nested Concats flattened.
+    """For each outermost Concat of activations (a shift): the FakeQuantize ranges of its slots, nested
+    Concats flattened.
 
     A slot that is a constant appears as ``("constant", max |value|)``; any other unquantized
     producer as ``(type, None)``.
@@ -101,6 +177,8 @@ def concat_ranges(model) -> list[dict]:
     for op in model.get_ordered_ops():
         users = [t.get_node() for t in op.output(0).get_target_inputs()] if op.get_output_size() else []
         if op.get_type_name() != "Concat" or any(u.get_type_name() == "Concat" for u in users):
+            continue
+        if not op.get_output_element_type(0).is_real():  # a shape computed for a Reshape, not activations
             continue
         consumers = [u.get_type_name() for u in users]
         rows.append({"name": op.get_friendly_name(), "slots": _leaves(op), "consumers": consumers})

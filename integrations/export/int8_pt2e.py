@@ -103,14 +103,30 @@ def share_shift_qparams(model: fx.GraphModule) -> None:
             input_qspec_map={i: spec for i in inputs if isinstance(i, fx.Node)}, output_qspec=spec, _annotated=True)
 
 
+def _contiguous(args: tuple) -> tuple:
+    """``args`` with every tensor in the default (NCHW) memory format.
+
+    ``torch.export`` records each input's memory format (dim order) in the program: an ExecuTorch
+    program exported from a channels_last example takes channels_last inputs and reads a contiguous
+    buffer (what the runtime and ``_check_lowering`` feed) as if it were one, silently; and with
+    ``to_edge`` + ``to_backend`` a channels_last int8 graph splits around ops XNNPACK does not take
+    (``max_pool2d_with_indices``, the shift's ``full_like``) into delegates whose int8 channels_last
+    inputs XNNPACK's ``ChannelsLastTaggedReshapePass`` misreads (it tests ``meta["val"][0]``, a
+    3-D slice, for channels_last). Clips decoded by MMAction2's pipeline are channels_last views.
+    """
+    return tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
+
+
 def quantize_module(module: nn.Module, example_args: tuple, calibrate: Callable[[nn.Module], None]) -> fx.GraphModule:
     """PT2E static int8 of ``module``: export, annotate, calibrate with ``calibrate(prepared)``, convert.
 
-    Returns the converted graph module; it runs in PyTorch and takes the same arguments.
+    Returns the converted graph module; it runs in PyTorch and takes the same arguments. It is
+    exported from contiguous copies of ``example_args``: a channels_last example would bake the
+    shift's channels_last form (permutes around it) into the graph.
     """
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    exported = torch.export.export(module.eval(), example_args).module()
+    exported = torch.export.export(module.eval(), _contiguous(example_args)).module()
     prepared = prepare_pt2e(exported, ShiftAwareXNNPACKQuantizer())
     with torch.no_grad():
         calibrate(prepared)
@@ -143,7 +159,8 @@ def to_executorch(quantized: fx.GraphModule, example_args: tuple, path: str, int
     from executorch.exir import to_edge
     from executorch.exir.passes.quantize_io_pass import QuantizeInputs, QuantizeOutputs
 
-    edge = to_edge(torch.export.export(quantized, example_args))
+    # the program takes contiguous (NCHW) inputs, as the runtime feeds them, whatever the example's layout
+    edge = to_edge(torch.export.export(quantized, _contiguous(example_args)))
     passes = []
     if int8_inputs:
         passes.append(QuantizeInputs(edge, list(int8_inputs)))

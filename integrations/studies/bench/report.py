@@ -22,7 +22,7 @@ from .running import BenchResult
 __all__ = ["render", "merge_sections", "write", "write_section"]
 
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16 autocast", "fp16": "float16 autocast"}
-_MARK = re.compile(r"<!-- bench:(\w+) -->\n(.*?)<!-- /bench:\1 -->\n?", re.S)
+_MARK = re.compile(r"<!-- bench:([\w-]+) -->\n(.*?)<!-- /bench:\1 -->\n?", re.S)  # keys like "deploy-accuracy"
 
 
 def render(r: BenchResult) -> str:
