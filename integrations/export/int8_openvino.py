@@ -8,7 +8,7 @@ requantize-free int8 tensor from the Concat into the next layer. Three settings 
 make the online step and the clip network the same int8 network:
 
 * activation ranges are the global min/max and weights use the full 8-bit range
-  (:func:`_same_ranges_in_every_form`), so neither form's quantization depends on how its
+  (:func:`_nncf_settings`), so neither form's quantization depends on how its
   calibration data was cut into samples or on which layers read a model input (a cache);
 * :func:`quantize_zero_slots` gives the clip network's zero slot the FakeQuantize of the slot it
   joins, made from data, so the Concat and the layer reading it run in int8 as in the step.
@@ -40,7 +40,7 @@ def quantize_openvino(float_onnx: str, xml_path: str, feeds: Sequence[dict[str, 
     # cannot reorder in the quantized graph ("Can not clone with new dims").
     model.reshape({name: list(array.shape) for name, array in feeds[0].items()})
     quantized = nncf.quantize(model, nncf.Dataset(list(feeds)), subset_size=len(feeds),
-                              advanced_parameters=_same_ranges_in_every_form())
+                              advanced_parameters=_nncf_settings())
     quantize_zero_slots(quantized)
     ov.save_model(quantized, xml_path, compress_to_fp16=False)
     _check_compiles(ov, xml_path)
@@ -57,13 +57,12 @@ def quantize_openvino(float_onnx: str, xml_path: str, feeds: Sequence[dict[str, 
     return found
 
 
-def _same_ranges_in_every_form():
+def _nncf_settings():
     """NNCF's settings under which the clip network and the online step quantize alike.
 
     * ``MINMAX`` activation ranges: NNCF's default for per-tensor activations averages each
       sample's min and max, so a range depended on the samples, a clip for the clip network and
-      a frame for the step (the stream drifted from the clip network by 8% of the logits' spread
-      on MobileNetV2); the global min/max is the same however the frames are grouped.
+      a frame for the step; the global min/max is the same however the frames are grouped.
     * No overflow fix: NNCF's default halves the weight range of the first convolution after each
       model input, and every cache is a model input, so each site's first layer got 7-bit weights
       in the step and 8-bit ones in the clip network. The full range is right for CPUs with VNNI
@@ -73,6 +72,10 @@ def _same_ranges_in_every_form():
     NNCF's default fast bias correction stays: it corrects each bias from the mean of the layer's
     input, which is the same in both forms (its slower ``BiasCorrection`` is not: the two forms'
     biases then differed by about 1e-3, enough to flip codes).
+
+    Measured with :func:`quantize_zero_slots`, int8 stream against int8 clip network: a four-block
+    ResNet from 2-5% of the logits' spread to exactly equal; a random MobileNetV2 (64 px) from 7-8%
+    to 3-4%, less than its int8 clip network moves under a 1e-4 relative change of its input (7-9%).
     """
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
