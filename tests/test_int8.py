@@ -123,11 +123,11 @@ def test_onnx_graph_shift_and_caches(clips, tmp_path):
     rows = concat_qparams(model)
     assert len(rows) == 10
     for row in rows:
-        quantized = [p for p in row["inputs"] if p != "int8 input"]
+        quantized = [p for p in row["inputs"] if p != "quantized input"]
         assert None not in quantized and set(quantized) == set(row["outputs"]), row
     types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}
     for cache in art.caches:
-        assert types[cache["input"]] == types[cache["output"]] == onnx.TensorProto.INT8
+        assert types[cache["input"]] == types[cache["output"]] == onnx.TensorProto.UINT8  # onnxruntime's U8S8
     # each cache is read at the parameters of the tensor it joins
     from tsm_surgery.integrations.export.int8_onnx import _Graph, qparams
 
@@ -347,7 +347,7 @@ def test_export_verb_int8_onnx_streams_through_the_runner(tmp_path, verb_inputs)
 
     side = json.loads(open(int8_sidecar).read())
     assert side["dtype"] == "int8" and side["form"] == "online" and side["calibration"] == str(root / "data")
-    assert all(c["dtype"] == "int8" and isinstance(c["zero_point"], int) and c["scale"] > 0 for c in side["state"])
+    assert all(c["dtype"] == "uint8" and isinstance(c["zero_point"], int) and c["scale"] > 0 for c in side["state"])
     clips = load_calibration(root / "data", size=SIZE, n_frames=8, max_clips=4)
     float_top, float_logits = _stream_top1(float_sidecar, clips)
     int8_top, int8_logits = _stream_top1(int8_sidecar, clips)

@@ -17,7 +17,7 @@ The shift is exact in int8 when it keeps its input's quantization parameters, so
 makes it do so: the shift's slices, concatenation and zero slot share the scale and zero point
 of the tensor they move (no requantize around it), the empty slot is the quantized zero, no
 observer calibrates a zero-filled slot alone, and the online caches are int8 at the scale of
-what they cache (onnxruntime and ExecuTorch take and return them as int8 codes; OpenVINO keeps
+what they cache (onnxruntime and ExecuTorch take and return them as 8-bit codes; OpenVINO keeps
 its I/O in float and quantizes the cache with the shifted tensor's FakeQuantize on entry). The
 int8 step streamed over a clip then gives the int8 clip network's outputs frame by frame.
 
@@ -46,6 +46,7 @@ from torch import nn
 import tsm_surgery
 
 from .calibration import check_calibration, online_feeds
+from .runtime import CODE_DTYPES
 
 __all__ = ["TARGETS", "FORMS", "Int8Artifact", "quantize", "quantize_pytorch", "load"]
 
@@ -59,7 +60,7 @@ class Int8Artifact:
     """What :func:`quantize` wrote: the files (all of them belong together) and the I/O contract.
 
     ``caches``: one dict per online cache, in input order: ``input``/``output`` names, ``shape``,
-    ``dtype`` (``"int8"`` where the runtime takes codes, else ``"float32"``), ``scale`` and
+    ``dtype`` (``"uint8"`` or ``"int8"`` where the runtime takes codes, else ``"float32"``), ``scale`` and
     ``zero_point`` (the first frame's cache is all ``zero_point`` codes, i.e. the quantized zero).
     """
 
@@ -75,8 +76,8 @@ class Int8Artifact:
         out = []
         for c in self.caches:
             shape = (batch_size, *c["shape"][1:])
-            if c["dtype"] == "int8":
-                out.append(np.full(shape, c["zero_point"], np.int8))
+            if c["dtype"] in CODE_DTYPES:
+                out.append(np.full(shape, c["zero_point"], np.dtype(c["dtype"])))
             else:
                 out.append(np.zeros(shape, np.float32))
         return out
@@ -215,12 +216,12 @@ def _cache_specs(net, frame_shape, form, pairs, qparams: dict, dtype: str) -> li
 
 
 def _quantize_onnx(net, clips, staged, frame_shape, form, tmp) -> Int8Artifact:
-    from .int8_onnx import quantize_onnx
+    from .int8_onnx import CODES, quantize_onnx
 
     float_path, names, pairs = _float_onnx(net, clips, frame_shape, form, tmp)
     found = quantize_onnx(float_path, staged, _feeds(net, clips, frame_shape, form, names), pairs)
     return Int8Artifact("onnx", form, [staged], frame_shape, net.n_segments if form == "clip" else None,
-                        _cache_specs(net, frame_shape, form, pairs, found, "int8"))
+                        _cache_specs(net, frame_shape, form, pairs, found, CODES))
 
 
 def _quantize_openvino(net, clips, staged, frame_shape, form, tmp) -> Int8Artifact:

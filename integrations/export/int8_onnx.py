@@ -11,9 +11,14 @@ being shifted: the ``Slice`` ops before it already share them (``QDQDirect8BitOp
 becomes ``DequantizeLinear -> Slice/Concat -> QuantizeLinear`` with one scale, which is exact and
 which onnxruntime's QDQ optimizer may run on int8 directly; the zero slot quantizes to the zero point.
 
-:func:`int8_cache_io` then makes the step take and return its caches as int8 codes: the
+:func:`int8_cache_io` then makes the step take and return its caches as 8-bit codes: the
 ``QuantizeLinear`` after each cache input and the ``DequantizeLinear`` before each new-cache
 output are removed, so the state between frames never leaves int8.
+
+Activations are uint8 (asymmetric, a zero point per tensor) and weights int8 per channel, the
+U8S8 form that onnxruntime's x86 kernels run fastest: measured on the online step, paired
+against float32 on AVX-512 VNNI, MobileNetV2 1.65 ms against 2.33 ms with int8 activations
+(float32 3.60 ms), ResNet-50 15.8 against 17.4 ms (float32 39.1 ms).
 """
 
 import collections
@@ -21,16 +26,18 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import numpy_helper
 
-__all__ = ["quantize_onnx", "tie_shift_qparams", "int8_cache_io", "concat_qparams", "qparams"]
+__all__ = ["CODES", "quantize_onnx", "tie_shift_qparams", "int8_cache_io", "concat_qparams", "qparams"]
+
+CODES = "uint8"  # activations and so the online caches: onnxruntime's U8S8 (see above)
 
 _CONSTANT_FILL = {"Expand", "ConstantOfShape", "Constant"}  # producers of a zero slot: no data of their own
 
 
 def quantize_onnx(float_path: str, out_path: str, feeds: Iterable[dict[str, np.ndarray]],
                   cache_pairs: Sequence[tuple[str, str]] = ()) -> dict[str, tuple[float, int]]:
-    """``quantize_static`` (QDQ, per-channel int8 weights, int8 activations, min/max) + the shift's rules.
+    """``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations, min/max) + the shift's rules.
 
     Args:
         float_path: the float32 ONNX graph.
@@ -57,7 +64,7 @@ def quantize_onnx(float_path: str, out_path: str, feeds: Iterable[dict[str, np.n
             return next(self.feeds, None)
 
     quantize_static(float_path, out_path, _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax)
     model = onnx.load(out_path)
     tie_shift_qparams(model)
@@ -151,7 +158,8 @@ def tie_shift_qparams(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def int8_cache_io(model: onnx.ModelProto, cache_pairs: Sequence[tuple[str, str]]) -> dict[str, tuple[float, int]]:
-    """Turns each cache input and output into int8 codes; returns input name -> (scale, zero_point)."""
+    """Turns each cache input and output into 8-bit codes (the type of its quantizer's zero point);
+    returns input name -> (scale, zero_point)."""
     g = _Graph(model)
     found = {}
     for cache_in, cache_out in cache_pairs:
@@ -164,7 +172,8 @@ def int8_cache_io(model: onnx.ModelProto, cache_pairs: Sequence[tuple[str, str]]
                 if name == quant.output[0]:
                     user.input[k] = cache_in
         g.graph.node.remove(quant)
-        _set_type(g.graph.input, cache_in, TensorProto.INT8)
+        codes = g.init[quant.input[2]].data_type
+        _set_type(g.graph.input, cache_in, codes)
         dequant = g.producer[cache_out]
         if dequant.op_type != "DequantizeLinear":
             raise RuntimeError(f"cache output {cache_out!r} comes from {dequant.op_type}, not DequantizeLinear")
@@ -176,7 +185,7 @@ def int8_cache_io(model: onnx.ModelProto, cache_pairs: Sequence[tuple[str, str]]
             if user is not dequant:
                 user.input[list(user.input).index(dequant.input[0])] = cache_out
         g.graph.node.remove(dequant)
-        _set_type(g.graph.output, cache_out, TensorProto.INT8)
+        _set_type(g.graph.output, cache_out, codes)
     return found
 
 
@@ -199,7 +208,7 @@ def concat_qparams(model: onnx.ModelProto) -> list[dict]:
         for i in node.input:
             p = g.producer.get(i)
             ins.append(qparams(model, p) if p is not None and p.op_type == "DequantizeLinear" else
-                       ("int8 input" if i in g.inputs else None))
+                       ("quantized input" if i in g.inputs else None))
         outs = [qparams(model, u) for u in g.consumers[node.output[0]] if u.op_type == "QuantizeLinear"]
         rows.append({"name": node.name, "inputs": ins, "outputs": outs})
     return rows

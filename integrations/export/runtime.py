@@ -206,7 +206,7 @@ class OnlineRunner:
     def init_state(self, batch_size: int) -> dict[str, torch.Tensor]:
         """Caches for ``batch_size`` streams before the first frame: zeros in the cache's dtype.
 
-        A quantized cache (sidecar ``dtype`` ``int8``) starts at its ``zero_point``: the quantized zero.
+        A quantized cache (sidecar ``dtype`` ``int8`` or ``uint8``) starts at its ``zero_point``: the quantized zero.
         """
         return {s["input"]: torch.full([batch_size] + list(s["shape"][1:]), _initial_value(s),
                                        dtype=getattr(torch, s.get("dtype", "float32")))
@@ -239,7 +239,7 @@ class OnlineRunner:
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         n = frames.shape[0]
         inputs = [_pad_rows(_numpy(frames), self.batch_size)]
-        # caches keep their dtype (float32, or int8 codes in a quantized step)
+        # caches keep their dtype (float32, or 8-bit codes in a quantized step)
         inputs += [_pad_rows(np.ascontiguousarray(state[name].numpy()), self.batch_size) for name in self.state_names]
         outs = self.engine.run(inputs)
         if n == self.batch_size:
@@ -272,13 +272,16 @@ class StepEngine:
         self.step = runner.step_state
 
 
+CODE_DTYPES = ("int8", "uint8")  # caches held as quantized codes (onnxruntime: uint8, ExecuTorch: int8)
+
+
 def _initial_value(cache: dict[str, Any]) -> int:
-    """A cache's value before the first frame: the zero point of int8 codes, else 0.0.
+    """A cache's value before the first frame: the zero point of quantized codes, else 0.0.
 
     A float cache of a quantized network (OpenVINO's, quantized on entry) also records a zero
     point; it still starts at the real zero.
     """
-    return int(cache.get("zero_point") or 0) if cache.get("dtype") == "int8" else 0
+    return int(cache.get("zero_point") or 0) if cache.get("dtype") in CODE_DTYPES else 0
 
 
 def _numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
