@@ -31,17 +31,20 @@ class Tokens(nn.Module):
         return self.head(x.mean(1))
 
 
-def _online(spec):
+def _uni_net(spec, direction="uni"):
     torch.manual_seed(0)
     if spec == "tokens":
         model, frame = Tokens().eval(), (6, 12)
-        net = tsm_surgery.convert(model, n_segments=FRAMES, direction="uni",
-                                  example_input=torch.randn(FRAMES, *frame))
     else:
         head = {} if spec.startswith("mmaction:") else {"num_classes": 5}  # an MMAction2 backbone has no head
         model, frame = randomize_norms(build_model(spec, **head)), (3, SIZE, SIZE)
         model.eval()  # mmaction's ResNet.eval returns None: never chain it
-        net = tsm_surgery.convert(model, n_segments=FRAMES, direction="uni")
+    net = tsm_surgery.convert(model, n_segments=FRAMES, direction=direction, example_input=torch.randn(FRAMES, *frame))
+    return net.eval(), frame
+
+
+def _online(spec):
+    net, frame = _uni_net(spec)
     return tsm_surgery.to_online(net, frame_shape=frame), frame
 
 
@@ -106,3 +109,31 @@ def test_folding_leaves_the_online_network_as_it_was():
     assert len(online.step_module.graph.nodes) == nodes
     after = online.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# -- the clip network (TSMNet.folded_module): the same folding, the slot moved one frame along the clip --
+
+
+@pytest.mark.parametrize("spec,folds", CASES)
+def test_folded_clip_network_equals_the_network(spec, folds):
+    net, frame = _uni_net(spec)
+    folded = net.folded_module()
+    assert len(folded.folded_sites) == (len(net.sites) if folds == "all" else 0)
+    clips = torch.randn(2 * FRAMES, *frame, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert _rel(folded(clips), net(clips)) < RTOL
+        # a change at frame 0 of the first clip reaches frame 1 (only through the moved slot), not the other clip
+        changed = clips.clone()
+        changed[0] += 1.0
+        moved = (folded(changed) - folded(clips)).flatten(1).abs().amax(1)
+    assert moved[1] > 0 and moved[FRAMES:].max() == 0
+
+
+def test_folded_clip_network_keeps_bi_sites_and_the_network():
+    net, frame = _uni_net("timm:resnet18", direction="bi")
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    folded = net.folded_module()
+    clips = torch.randn(FRAMES, *frame)
+    with torch.no_grad():
+        assert folded.folded_sites == [] and torch.equal(folded(clips), net(clips))  # bi reads the future: kept
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())

@@ -152,37 +152,43 @@ def test_onnx_clip_zero_slot_is_quantized_with_the_shifted_tensor(clips, tmp_pat
         assert None not in row["inputs"] and set(row["inputs"]) == set(row["outputs"]), row
 
 
+def _zero_is_a_level(low: float, high: float, levels: int) -> bool:
+    zero_level = -low / ((high - low) / (levels - 1))
+    return abs(zero_level - round(zero_level)) < 1e-3
+
+
 @pytest.mark.slow
-def test_openvino_graph_shift_is_one_unified_quantizer(clips, tmp_path):
+def test_openvino_graph_moved_slot_is_one_quantizer_holding_zero(clips, tmp_path):
+    """The folded forms move only the slot: in the clip network a Concat of the zero frame and the
+    earlier frames, quantized by FakeQuantize ops of one range; in the online step the cache. Either
+    way the zero (the first frame's slot, the initial cache) is a level of that range, so it is exact."""
     pytest.importorskip("nncf")
     import openvino as ov
 
-    from tsm_surgery.integrations.export.int8_openvino import concat_ranges
+    from tsm_surgery.integrations.export.int8_openvino import concat_ranges, fake_quantize_ranges
 
-    for form in ("online", "clip"):
-        art = int8.quantize("openvino", _converted("mobilenetv2"), clips[:2], str(tmp_path / f"{form}.xml"), FRAME,
-                            form=form)
-        rows = concat_ranges(ov.Core().read_model(art.files[0]))
-        assert rows
-        for row in rows:
-            quantized = {r for r in row["slots"] if r[0] != "constant"}
-            zeros = [r for r in row["slots"] if r[0] == "constant"]
-            # every moved or kept slot (and the online cache) enters through a FakeQuantize of one range...
-            assert len(quantized) == 1 and None not in next(iter(quantized)), row
-            # ...and a constant slot is the zero, which that range quantizes exactly (its levels hold 0)
-            assert all(value == 0.0 for _, value in zeros), row
-            low, high, levels = next(iter(quantized))
-            zero_level = -low / ((high - low) / (levels - 1))
-            assert abs(zero_level - round(zero_level)) < 1e-3, row
+    net = _converted("mobilenetv2")
+    art = int8.quantize("openvino", net, clips[:2], str(tmp_path / "clip.xml"), FRAME, form="clip")
+    rows = [r for r in concat_ranges(ov.Core().read_model(art.files[0])) if len(r["slots"]) == 2]
+    assert len(rows) == len(net.sites)
+    for row in rows:
+        (quantized,) = set(row["slots"])  # the zero frame and the moved frames: one range
+        assert None not in quantized and _zero_is_a_level(*quantized), row
+    art = int8.quantize("openvino", net, clips[:2], str(tmp_path / "step.xml"), FRAME)
+    model = ov.Core().read_model(art.files[0])
+    caches = [p for p in model.get_parameters() if p.output(0).get_any_name() in {c["input"] for c in art.caches}]
+    assert len(caches) == len(net.sites)
+    for cache in caches:
+        (fq,) = [t.get_node() for t in cache.output(0).get_target_inputs()]
+        assert fq.get_type_name() == "FakeQuantize" and _zero_is_a_level(*fake_quantize_ranges(fq))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("form", ["online", "clip"])
-def test_openvino_int8_shift_and_its_convolutions_run_in_int8(clips, tmp_path, form):
-    """The CPU plugin runs every Concat of the shift and every convolution on int8 codes. In the clip
-    network the zero slot is made from data (``quantize_zero_slots``): a FakeQuantize of a constant is
-    folded into a float constant, and a Concat with a float input ran in float, with the convolution
-    reading it (every site's first layer)."""
+def test_openvino_int8_forms_are_folded_and_run_in_int8(clips, tmp_path, form):
+    """Both int8 forms are quantized from the folded network (each site's first convolution split in
+    two, no channel split and concat of the activation, which the CPU plugin runs in reference
+    kernels), and the plugin runs every convolution on int8 codes."""
     pytest.importorskip("nncf")
     import openvino as ov
 
@@ -191,10 +197,9 @@ def test_openvino_int8_shift_and_its_convolutions_run_in_int8(clips, tmp_path, f
     layers = [(op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["runtimePrecision"].astype(str))
               for op in compiled.get_runtime_model().get_ordered_ops()]
     convs = [p for kind, p in layers if kind == "Convolution"]
-    concats = [p for kind, p in layers if kind == "Concatenation"]
-    # 12 convolutions (stem, 2 per block, 3 projections), 4 sites with one Concat online and two offline
-    assert len(convs) == 12 and len(concats) == (4 if form == "online" else 8), layers
-    assert set(convs + concats) <= {"u8", "i8"}, layers
+    # 12 convolutions (stem, 2 per block, 3 projections) and one for the moved slot at each of the 4 sites
+    assert len(convs) == 16 and set(convs) <= {"u8", "i8"}, layers
+    assert not [kind for kind, _ in layers if kind in ("VariadicSplit", "Split")], layers
 
 
 # -- streams -------------------------------------------------------------------------------------------------------
@@ -399,9 +404,9 @@ def test_export_verb_int8_every_target_and_form(tmp_path, verb_inputs, target, f
 @pytest.mark.slow
 def test_openvino_int8_clip_the_plugin_rejects_is_one_line_and_not_written(tmp_path, verb_inputs, capsys, monkeypatch):
     """With the zero slots left as NNCF leaves them (constants), the CPU plugin rejects MobileNetV2's
-    int8 clip network at 32 px (a shift site of 1x1 pixel: a Concat whose input shape it re-infers
-    wrongly); the export compiles the saved IR once, so that is one line and nothing is written. The
-    export itself makes the zero slots from data, and the same network compiles (test above)."""
+    int8 clip network at 32 px (a shift site of 1x1 pixel, whose shapes it re-infers wrongly); the
+    export compiles the saved IR once, so that is one line and nothing is written. The export itself
+    makes the zero slots from data, and the same network compiles (the tests above)."""
     pytest.importorskip("nncf")
     from tsm_surgery.integrations.export import int8_openvino
 

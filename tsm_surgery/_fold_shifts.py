@@ -18,16 +18,21 @@ faster; onnxruntime and ExecuTorch run the concat form as fast or faster.
 import copy
 import operator
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor, fx, nn
 from torch.nn import functional as F
 
-from ._graph_module import ONLINE_SHIFTS
+from ._fast_paths import without_fast_paths
+from ._graph_module import ONLINE_SHIFTS, SHIFTS
 from ._online_graph import OnlineShift, _restore_slot
+from ._shift import TemporalShift
 
-__all__ = ["fold_shifts"]
+if TYPE_CHECKING:
+    from ._net import TSMNet
+
+__all__ = ["fold_shifts", "fold_clip_shifts"]
 
 _FOLDED = "folded"  # holds the new weights in the folded graph's root
 
@@ -75,6 +80,71 @@ def fold_shifts(step: fx.GraphModule) -> fx.GraphModule:
     return module.eval()
 
 
+def fold_clip_shifts(net: "TSMNet") -> fx.GraphModule:
+    """A copy of a uni-directional clip network with each site's shift folded into its first layer.
+
+    The clip form of :func:`fold_shifts`: ``conv(shift(x))`` becomes ``conv(x, W with the slot's
+    input channels zeroed) + conv(past(x[:, slot]), W[:, slot])``, where ``past`` moves the slot's
+    channels one frame later (zeros at each clip's first frame). Only the slot's ``fold`` channels
+    move, and the two layers are the folded online step's, so an int8 quantization of both forms
+    quantizes the same weights. Bi-directional sites keep their shift. The clip length is fixed at
+    the network's ``n_segments`` when this is called; ``net`` is not modified.
+
+    Args:
+        net: a :class:`~tsm_surgery.TSMNet`.
+
+    Returns:
+        A graph module taking and returning what ``net`` does in eval mode, with ``folded_sites``.
+
+    Example:
+        >>> import torch, torchvision, tsm_surgery
+        >>> net = tsm_surgery.convert(torchvision.models.resnet18(), n_segments=4, direction="uni").eval()
+        >>> folded = fold_clip_shifts(net)
+        >>> x = torch.randn(4, 3, 64, 64)
+        >>> len(folded.folded_sites), torch.allclose(folded(x), net(x), atol=1e-5)
+        (8, True)
+    """
+    root = nn.Module()
+    root.add_module("net", net)
+    root.add_module(_FOLDED, nn.Module())
+    graph = without_fast_paths(net.eval_graph)
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            node.target = f"net.{node.target}"
+    folded: list[str] = []
+    for node in list(graph.nodes):
+        if node.op != "call_module" or not str(node.target).startswith(f"net.{SHIFTS}."):
+            continue
+        shift = root.get_submodule(str(node.target))
+        assert isinstance(shift, TemporalShift)
+        found = _single_layer(node, [], root, shift.channel_dim) if shift.direction == "uni" else None
+        if found is None:
+            continue
+        reader, layer = found
+        start, fold = _slot(layer, shift.shift_div, 0 if shift.uni_slot == "first" else 1)
+        with graph.inserting_before(reader):
+            slot = graph.call_method("narrow", (node.args[0], shift.channel_dim, start, fold))
+            moved = graph.call_function(past_frames, (slot, shift.n_segments))
+            total = _folded_layer(graph, root, layer, f"site{len(folded)}", node.args[0], moved, start, fold)
+        reader.replace_all_uses_with(total)
+        graph.erase_node(reader)
+        graph.erase_node(node)
+        folded.append(str(node.target).removeprefix(f"net.{SHIFTS}."))
+    graph.lint()
+    module = fx.GraphModule(root, graph, class_name="FoldedClipNetwork")
+    module.__dict__["folded_sites"] = folded
+    return module.eval()
+
+
+def past_frames(x: Tensor, n_segments: int) -> Tensor:
+    """Each frame of ``x`` (``(N*T, ...)``, clips of ``n_segments`` contiguous frames) replaced by the
+    frame before it, zeros at each clip's first frame; rank 4 at most inside."""
+    shape = list(x.shape)
+    clips = x.reshape([shape[0] // n_segments, n_segments, shape[1], -1])
+    moved = torch.cat([torch.zeros_like(clips.narrow(1, 0, 1)), clips.narrow(1, 0, n_segments - 1)], dim=1)
+    return moved.reshape(shape)
+
+
 class _Layer(NamedTuple):
     """A linear layer as its functional call: ``function(input, weight, bias, *options)``."""
 
@@ -91,34 +161,54 @@ def _fold_site(graph: fx.Graph, root: nn.Module, node: fx.Node, shift: OnlineShi
         return False
     shifted, new_cache = outputs[0], outputs[1]
     restores = [u for u in shifted.users if u.op == "call_function" and u.target is _restore_slot]
-    readers = [u for u in shifted.users if u not in restores]
+    found = _single_layer(shifted, restores, root, shift.channel_dim)
+    if found is None:
+        return False
+    reader, layer = found
+    source, cache = node.args[0], node.args[1]
+    start, fold = _slot(layer, shift.shift_div, shift.slot)
+    with graph.inserting_before(reader):
+        total = _folded_layer(graph, root, layer, key, source, cache, start, fold)
+        kept = graph.call_method("clone", (graph.call_method("narrow", (source, shift.channel_dim, start, fold)),))
+    reader.replace_all_uses_with(total)
+    new_cache.replace_all_uses_with(kept)
+    for dead in (*restores, reader, shifted, new_cache, node):
+        graph.erase_node(dead)
+    return True
+
+
+def _single_layer(shifted: fx.Node, ignored: list[fx.Node], root: nn.Module, channel_dim: int
+                  ) -> tuple[fx.Node, "_Layer"] | None:
+    """The one conv/linear layer reading ``shifted`` (besides ``ignored``) on its channels, or None."""
+    readers = [u for u in shifted.users if u not in ignored]
     if len(readers) != 1 or readers[0].args[:1] != (shifted,) or shifted in readers[0].args[1:]:
-        return False
+        return None
     layer = _as_layer(readers[0], root)
-    if layer is None or shift.channel_dim not in _CHANNEL_DIMS[layer.function]:
-        return False
-    fold = layer.weight.shape[1] // shift.shift_div
-    start = shift.slot * fold
+    if layer is None or channel_dim not in _CHANNEL_DIMS[layer.function]:
+        return None
+    return readers[0], layer
+
+
+def _slot(layer: "_Layer", shift_div: int, slot: int) -> tuple[int, int]:
+    fold = layer.weight.shape[1] // shift_div
+    return slot * fold, fold
+
+
+def _folded_layer(graph: fx.Graph, root: nn.Module, layer: "_Layer", key: str, source: fx.node.Argument,
+                  moved: fx.node.Argument, start: int, fold: int) -> fx.Node:
+    """``layer(source, W with the slot's input channels zeroed) + layer(moved, W[:, slot])`` inserted in ``graph``."""
     main = layer.weight.detach().clone()
     main[:, start:start + fold] = 0
     side = layer.weight.detach()[:, start:start + fold].clone()
     holder = root.get_submodule(_FOLDED)
     holder.register_buffer(f"{key}_main", main)
     holder.register_buffer(f"{key}_side", side)
-    source, cache = node.args[0], node.args[1]
-    with graph.inserting_before(readers[0]):
-        bias = None if layer.bias is None else graph.get_attr(layer.bias)
-        main_out = graph.call_function(layer.function, (source, graph.get_attr(f"{_FOLDED}.{key}_main"), bias,
-                                                        *layer.options))
-        side_out = graph.call_function(layer.function, (cache, graph.get_attr(f"{_FOLDED}.{key}_side"), None,
-                                                        *layer.options))
-        total = graph.call_function(operator.add, (main_out, side_out))
-        kept = graph.call_method("clone", (graph.call_method("narrow", (source, shift.channel_dim, start, fold)),))
-    readers[0].replace_all_uses_with(total)
-    new_cache.replace_all_uses_with(kept)
-    for dead in (*restores, readers[0], shifted, new_cache, node):
-        graph.erase_node(dead)
-    return True
+    bias = None if layer.bias is None else graph.get_attr(layer.bias)
+    main_out = graph.call_function(layer.function, (source, graph.get_attr(f"{_FOLDED}.{key}_main"), bias,
+                                                    *layer.options))
+    side_out = graph.call_function(layer.function, (moved, graph.get_attr(f"{_FOLDED}.{key}_side"), None,
+                                                    *layer.options))
+    return graph.call_function(operator.add, (main_out, side_out))
 
 
 _CHANNEL_DIMS = {F.conv2d: (1, -3), F.linear: (-1,)}  # where each layer reads its input channels

@@ -102,6 +102,24 @@ class TSMNet(fx.GraphModule):
         scriptable.train(self.training)
         return scriptable
 
+    def folded_module(self) -> fx.GraphModule:
+        """The eval clip network with each uni site's shift folded into the layer that reads it.
+
+        ``conv(shift(x))`` becomes ``conv(x, W with the slot zeroed) + conv(slot of the frame
+        before, W[:, slot])``: the clip form of :meth:`OnlineTSM.folded_step_module`, with the same
+        two layers per site, so both forms quantize the same weights. The folded sites are in its
+        ``folded_sites``; this network is not changed.
+
+        Example:
+            >>> import torch, torchvision, tsm_surgery
+            >>> net = tsm_surgery.convert(torchvision.models.resnet18(), n_segments=4, direction="uni")
+            >>> len(net.folded_module().folded_sites)
+            8
+        """
+        from ._fold_shifts import fold_clip_shifts
+
+        return fold_clip_shifts(self)
+
     def _parts(self):
         graphs = (self.train_graph, self.eval_graph)
         state = {k: self.__dict__[k] for k in _COPIED_ATTRIBUTES if k in self.__dict__}

@@ -227,12 +227,32 @@ def _quantize_onnx(net, clips, staged, frame_shape, form, tmp) -> Int8Artifact:
 def _quantize_openvino(net, clips, staged, frame_shape, form, tmp) -> Int8Artifact:
     from .int8_openvino import quantize_openvino
 
-    float_path, names, pairs = _float_onnx(net, clips, frame_shape, form, tmp)
+    float_path, names, pairs = _float_openvino(net, clips, frame_shape, form, tmp)
     xml = os.path.splitext(staged)[0] + ".xml"
     found = quantize_openvino(float_path, xml, _feeds(net, clips, frame_shape, form, names), [i for i, _ in pairs])
     return Int8Artifact("openvino", form, [xml, os.path.splitext(xml)[0] + ".bin"], frame_shape,
                         net.n_segments if form == "clip" else None,
                         _cache_specs(net, frame_shape, form, pairs, found, "float32"))
+
+
+def _float_openvino(net, clips, frame_shape, form, tmp) -> tuple[str, list[str], list[tuple[str, str]]]:
+    """The float IR NNCF quantizes: the folded forms (no channel split and concat, which the CPU plugin
+    runs in reference kernels), the online step's and the clip network's folded alike."""
+    from .artifacts import offline_example, online_example, online_io
+    from .openvino import write
+
+    path = os.path.join(tmp, "float", "model.xml")
+    os.makedirs(os.path.dirname(path))
+    if form == "clip":
+        example, _ = offline_example(net, frame_shape, 1)
+        write(net.folded_module(), (example,), path, ["clips"], ["output"])
+        return path, ["clips"], []
+    online = tsm_surgery.to_online(net, frame_shape=frame_shape)
+    frames, state, out = online_example(online, 1, frame_shape)
+    io = online_io(frames, state, out)
+    write(online.folded_step_module(), (frames, *state.values()), path, [i["name"] for i in io["inputs"]],
+          [o["name"] for o in io["outputs"]])
+    return path, [i["name"] for i in io["inputs"]], [(s["input"], s["output"]) for s in io["state"]]
 
 
 def _quantize_executorch(net, clips, staged, frame_shape, form, tmp) -> Int8Artifact:

@@ -26,16 +26,16 @@ import numpy as np
 __all__ = ["quantize_openvino", "quantize_zero_slots", "fake_quantize_ranges", "concat_ranges"]
 
 
-def quantize_openvino(float_onnx: str, xml_path: str, feeds: Sequence[dict[str, np.ndarray]],
+def quantize_openvino(float_model: str, xml_path: str, feeds: Sequence[dict[str, np.ndarray]],
                       cache_inputs: Sequence[str] = ()) -> dict[str, tuple[float, int]]:
-    """Quantizes ``float_onnx`` with NNCF on ``feeds`` and saves ``xml_path`` (+ ``.bin``).
+    """Quantizes ``float_model`` (ONNX or IR) with NNCF on ``feeds`` and saves ``xml_path`` (+ ``.bin``).
 
     Returns cache input name -> (scale, zero_point) of the FakeQuantize that reads it.
     """
     import nncf
     import openvino as ov
 
-    model = ov.convert_model(float_onnx)
+    model = ov.Core().read_model(float_model)
     # The calibration shapes, static: the clip graph's dynamic clip count leaves shapes the CPU plugin
     # cannot reorder in the quantized graph ("Can not clone with new dims").
     model.reshape({name: list(array.shape) for name, array in feeds[0].items()})
@@ -46,7 +46,7 @@ def quantize_openvino(float_onnx: str, xml_path: str, feeds: Sequence[dict[str, 
     _check_compiles(ov, xml_path)
     found = {}
     for param in quantized.get_parameters():
-        name = param.get_friendly_name()
+        name = param.output(0).get_any_name()
         if name in cache_inputs:
             users = [t.get_node() for t in param.output(0).get_target_inputs()]
             fq = next((u for u in users if u.get_type_name() == "FakeQuantize"), None)
@@ -85,8 +85,8 @@ def _nncf_settings():
 
 
 def _is_zero_fill(node) -> bool:
-    """A Constant of zeros, or a Broadcast of one (the zero slot of a shift)."""
-    if node.get_type_name() == "Broadcast":
+    """A Constant of zeros, or a Broadcast or Convert of one (the zero slot of a shift)."""
+    while node.get_type_name() in ("Broadcast", "Convert"):
         node = node.input_value(0).get_node()
     return node.get_type_name() == "Constant" and not np.any(node.get_data())
 
