@@ -1,22 +1,22 @@
-"""int8 for OpenVINO: NNCF's ``nncf.quantize`` on the OpenVINO model of the float ONNX graph.
+"""int8 for OpenVINO: NNCF's ``nncf.quantize`` on the OpenVINO model of the folded float network.
 
-NNCF inserts ``FakeQuantize`` ops where the CPU plugin runs int8 (inputs of convolutions,
-matmuls, adds) and propagates them up through quantization-agnostic ops. The quantizers meet at
-the shift's ``Concat``, which NNCF puts in one *unified scale* group, so every slot of the shifted
-tensor and the online cache read are quantized by FakeQuantize ops with identical ranges, one
-requantize-free int8 tensor from the Concat into the next layer. Three settings and one rewrite
-make the online step and the clip network the same int8 network:
+Both forms are quantized from their folded graphs (``OnlineTSM.folded_step_module()`` and
+``TSMNet.folded_module()``): each site's first convolution is split into the part reading the
+moved slot (the cache online, the slot of the frame before in the clip network) and the rest, so
+there is no channel split and concat of the activation, which the CPU plugin ran in reference
+``VariadicSplit`` kernels, and both forms quantize the same split weights. NNCF inserts
+``FakeQuantize`` ops where the CPU plugin runs int8 (inputs of convolutions, matmuls, adds).
+Two settings and one rewrite make the online step and the clip network the same int8 network:
 
 * activation ranges are the global min/max and weights use the full 8-bit range
-  (:func:`_nncf_settings`), so neither form's quantization depends on how its
-  calibration data was cut into samples or on which layers read a model input (a cache);
-* :func:`quantize_zero_slots` gives the clip network's zero slot the FakeQuantize of the slot it
-  joins, made from data, so the Concat and the layer reading it run in int8 as in the step.
+  (:func:`_nncf_settings`), so neither form's quantization depends on how its calibration data
+  was cut into samples or on which layers read a model input (a cache);
+* :func:`quantize_zero_slots` gives the clip network's zero frame of the moved slot the
+  FakeQuantize of the frames it joins, made from data, so the layer reading it runs in int8.
 
 :func:`fake_quantize_ranges` reads the ranges back so tests can check them. The caches stay float
-at the model's I/O (OpenVINO's FakeQuantize is a float op the CPU plugin turns into int8 kernels);
-the cache read is quantized on entry by the FakeQuantize of the tensor it joins, so the state the
-next frame computes with is the same int8 codes as the clip network's shifted slot.
+at the model's I/O (OpenVINO's FakeQuantize is a float op the CPU plugin turns into int8 kernels)
+and are quantized on entry by the FakeQuantize of the slot's layer.
 """
 
 from collections.abc import Sequence
