@@ -182,7 +182,7 @@ def quantize(target: str, net: "tsm_surgery.TSMNet", calibration: Sequence[torch
 
 
 def _float_onnx(net, clips, frame_shape, form, tmp) -> tuple[str, list[str], list[tuple[str, str]]]:
-    """The float ONNX graph the onnxruntime and OpenVINO routes start from: path, input names, cache pairs."""
+    """The float ONNX graph the onnxruntime route starts from: path, input names, cache pairs."""
     from .onnx import export_offline, export_online
 
     path = os.path.join(tmp, "float", "model.onnx")
@@ -238,8 +238,8 @@ def _quantize_openvino(net, clips, staged, frame_shape, form, tmp) -> Int8Artifa
 def _float_openvino(net, clips, frame_shape, form, tmp) -> tuple[str, list[str], list[tuple[str, str]]]:
     """The float IR NNCF quantizes: the folded forms (no channel split and concat, which the CPU plugin
     runs in reference kernels), the online step's and the clip network's folded alike."""
-    from .artifacts import offline_example, online_example, online_io
-    from .openvino import write
+    from .artifacts import offline_example
+    from .openvino import export_online, write
 
     path = os.path.join(tmp, "float", "model.xml")
     os.makedirs(os.path.dirname(path))
@@ -247,11 +247,7 @@ def _float_openvino(net, clips, frame_shape, form, tmp) -> tuple[str, list[str],
         example, _ = offline_example(net, frame_shape, 1)
         write(net.folded_module(), (example,), path, ["clips"], ["output"])
         return path, ["clips"], []
-    online = tsm_surgery.to_online(net, frame_shape=frame_shape)
-    frames, state, out = online_example(online, 1, frame_shape)
-    io = online_io(frames, state, out)
-    write(online.folded_step_module(), (frames, *state.values()), path, [i["name"] for i in io["inputs"]],
-          [o["name"] for o in io["outputs"]])
+    io = export_online(tsm_surgery.to_online(net, frame_shape=frame_shape), path, 1, frame_shape)  # folded
     return path, [i["name"] for i in io["inputs"]], [(s["input"], s["output"]) for s in io["state"]]
 
 
