@@ -18,7 +18,7 @@ INTEGRATION_MODULES = ["tsm_surgery.integrations.models.norms",
                        "tsm_surgery.integrations.models.specs"]
 # Internal plumbing without a public entry point of its own; its behaviour is tested in tests/.
 WITHOUT_EXAMPLES = {"tsm_surgery._aliasing", "tsm_surgery._graph", "tsm_surgery._graph_module", "tsm_surgery._index",
-                    "tsm_surgery._net", "tsm_surgery._no_residual", "tsm_surgery.cli"}
+                    "tsm_surgery._no_residual", "tsm_surgery.cli"}
 
 
 @pytest.mark.parametrize("name", CORE_MODULES + INTEGRATION_MODULES)

@@ -18,7 +18,7 @@ faster; onnxruntime and ExecuTorch run the concat form as fast or faster.
 import copy
 import operator
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, fx, nn
@@ -28,9 +28,6 @@ from ._fast_paths import without_fast_paths
 from ._graph_module import ONLINE_SHIFTS, SHIFTS
 from ._online_graph import OnlineShift, _restore_slot
 from ._shift import TemporalShift
-
-if TYPE_CHECKING:
-    from ._net import TSMNet
 
 __all__ = ["fold_shifts", "fold_clip_shifts"]
 
@@ -80,7 +77,7 @@ def fold_shifts(step: fx.GraphModule) -> fx.GraphModule:
     return module.eval()
 
 
-def fold_clip_shifts(net: "TSMNet") -> fx.GraphModule:
+def fold_clip_shifts(net: nn.Module, eval_graph: fx.Graph) -> fx.GraphModule:
     """A copy of a uni-directional clip network with each site's shift folded into its first layer.
 
     The clip form of :func:`fold_shifts`: ``conv(shift(x))`` becomes ``conv(x, W with the slot's
@@ -92,6 +89,7 @@ def fold_clip_shifts(net: "TSMNet") -> fx.GraphModule:
 
     Args:
         net: a :class:`~tsm_surgery.TSMNet`.
+        eval_graph: its eval graph (``net.eval_graph``).
 
     Returns:
         A graph module taking and returning what ``net`` does in eval mode, with ``folded_sites``.
@@ -99,7 +97,7 @@ def fold_clip_shifts(net: "TSMNet") -> fx.GraphModule:
     Example:
         >>> import torch, torchvision, tsm_surgery
         >>> net = tsm_surgery.convert(torchvision.models.resnet18(), n_segments=4, direction="uni").eval()
-        >>> folded = fold_clip_shifts(net)
+        >>> folded = fold_clip_shifts(net, net.eval_graph)
         >>> x = torch.randn(4, 3, 64, 64)
         >>> len(folded.folded_sites), torch.allclose(folded(x), net(x), atol=1e-5)
         (8, True)
@@ -107,7 +105,7 @@ def fold_clip_shifts(net: "TSMNet") -> fx.GraphModule:
     root = nn.Module()
     root.add_module("net", net)
     root.add_module(_FOLDED, nn.Module())
-    graph = without_fast_paths(net.eval_graph)
+    graph = without_fast_paths(eval_graph)
     for node in graph.nodes:
         if node.op in ("call_module", "get_attr"):
             node.target = f"net.{node.target}"

@@ -6,6 +6,7 @@ import torch
 from torch import fx, nn
 
 from ._fast_paths import add_fast_paths, without_fast_paths
+from ._fold_shifts import fold_clip_shifts
 from ._graph_module import SHIFTS, adopt_module_tree, deepcopy_graph_module, module_key, reduce_graph_module
 from ._recompute import in_graph_capture, install_recompute_scope
 from ._shift import TemporalShift, check_shift_args
@@ -116,9 +117,7 @@ class TSMNet(fx.GraphModule):
             >>> len(net.folded_module().folded_sites)
             8
         """
-        from ._fold_shifts import fold_clip_shifts
-
-        return fold_clip_shifts(self)
+        return fold_clip_shifts(self, self.eval_graph)
 
     def _parts(self):
         graphs = (self.train_graph, self.eval_graph)
