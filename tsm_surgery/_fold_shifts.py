@@ -57,13 +57,7 @@ def fold_shifts(step: fx.GraphModule) -> fx.GraphModule:
         >>> len(folded.folded_sites) == len(online.state_names)
         True
     """
-    root = nn.Module()
-    root.add_module("step", step)
-    root.add_module(_FOLDED, nn.Module())
-    graph = copy.deepcopy(step.graph)
-    for node in graph.nodes:
-        if node.op in ("call_module", "get_attr"):
-            node.target = f"step.{node.target}"
+    root, graph = _folding_root("step", step, copy.deepcopy(step.graph))
     folded: list[str] = []
     for node in list(graph.nodes):
         if node.op == "call_module" and str(node.target).startswith(f"step.{ONLINE_SHIFTS}."):
@@ -71,10 +65,7 @@ def fold_shifts(step: fx.GraphModule) -> fx.GraphModule:
             assert isinstance(shift, OnlineShift)
             if _fold_site(graph, root, node, shift, key=f"site{len(folded)}"):
                 folded.append(shift.site)
-    graph.lint()
-    module = fx.GraphModule(root, graph, class_name="FoldedOnlineStep")
-    module.__dict__["folded_sites"] = folded  # a plain attribute, not a submodule or tensor
-    return module.eval()
+    return _folded_module(root, graph, "FoldedOnlineStep", folded)
 
 
 def fold_clip_shifts(net: nn.Module, eval_graph: fx.Graph) -> fx.GraphModule:
@@ -102,13 +93,7 @@ def fold_clip_shifts(net: nn.Module, eval_graph: fx.Graph) -> fx.GraphModule:
         >>> len(folded.folded_sites), torch.allclose(folded(x), net(x), atol=1e-5)
         (8, True)
     """
-    root = nn.Module()
-    root.add_module("net", net)
-    root.add_module(_FOLDED, nn.Module())
-    graph = without_fast_paths(eval_graph)
-    for node in graph.nodes:
-        if node.op in ("call_module", "get_attr"):
-            node.target = f"net.{node.target}"
+    root, graph = _folding_root("net", net, without_fast_paths(eval_graph))
     folded: list[str] = []
     for node in list(graph.nodes):
         if node.op != "call_module" or not str(node.target).startswith(f"net.{SHIFTS}."):
@@ -128,9 +113,24 @@ def fold_clip_shifts(net: nn.Module, eval_graph: fx.Graph) -> fx.GraphModule:
         graph.erase_node(reader)
         graph.erase_node(node)
         folded.append(str(node.target).removeprefix(f"net.{SHIFTS}."))
+    return _folded_module(root, graph, "FoldedClipNetwork", folded)
+
+
+def _folding_root(name: str, module: nn.Module, graph: fx.Graph) -> tuple[nn.Module, fx.Graph]:
+    """A root holding ``module`` under ``name`` and the folded weights, and ``graph`` (a copy) retargeted to it."""
+    root = nn.Module()
+    root.add_module(name, module)
+    root.add_module(_FOLDED, nn.Module())
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            node.target = f"{name}.{node.target}"
+    return root, graph
+
+
+def _folded_module(root: nn.Module, graph: fx.Graph, class_name: str, folded: list[str]) -> fx.GraphModule:
     graph.lint()
-    module = fx.GraphModule(root, graph, class_name="FoldedClipNetwork")
-    module.__dict__["folded_sites"] = folded
+    module = fx.GraphModule(root, graph, class_name=class_name)
+    module.__dict__["folded_sites"] = folded  # a plain attribute, not a submodule or tensor
     return module.eval()
 
 
