@@ -31,10 +31,16 @@ _TAG = "_tsm_shift_of"
 
 
 def in_graph_capture() -> bool:
-    """True while the code is scripted, traced, exported or compiled (no eager tensors to tag)."""
-    if torch.jit.is_scripting() or torch.jit.is_tracing():
+    """True while the code is scripted, traced, exported or compiled (no eager tensors to tag).
+
+    Every ONNX exporter runs the model under one of these (the TorchScript-based one under the
+    JIT tracer, the dynamo-based one under ``torch.export``), so ``torch.onnx.is_in_onnx_export``,
+    which imports two modules on each call, is not asked: this runs at every site and join of a
+    forward.
+    """
+    if torch.jit.is_scripting():
         return True
-    return bool(torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export())
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
 
 
 class _Recompute(threading.local):
