@@ -8,6 +8,7 @@ import ast
 import os
 import pathlib
 import re
+import time
 
 import pytest
 import torch
@@ -136,6 +137,24 @@ def test_report_describes_the_machine_it_ran_on(tiny_result):
     assert cpu in setup and f"{os.cpu_count()} logical CPUs" in setup
     assert f"{torch.get_num_threads()} threads" in setup and "load average" in setup
     assert "2-core" not in text
+
+
+@pytest.mark.parametrize("load_end, own, busy", [(1.9, 1.9, False), (3.8, 1.9, True), (1.9, 0.0, True)])
+def test_busy_text_takes_the_runs_own_threads_off_the_load(load_end, own, busy):
+    machine = bench.machine.describe(torch.device("cpu"))
+    machine.usable_cpus, machine.load_start, machine.load_end, machine.own_load = 2, (0.1,) * 3, (load_end,) * 3, own
+    text = machine.busy_text()
+    assert text.startswith("the host was busy") == busy, text
+    assert f"load {max(load_end - own, 0.1):.1f} " in text
+
+
+def test_finish_measures_the_runs_own_load():
+    machine = bench.machine.describe(torch.device("cpu"))
+    deadline = machine._started[0] + 0.2
+    while time.perf_counter() < deadline:  # one thread busy
+        pass
+    machine.finish()
+    assert 0.5 < machine.own_load < 1.5
 
 
 def test_result_numbers_are_consistent(tiny_result):

@@ -8,7 +8,8 @@ Example:
 
 import os
 import platform
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,7 +18,7 @@ __all__ = ["Machine", "describe", "load_average"]
 
 @dataclass
 class Machine:
-    """The host and device of one run. ``load_end`` is filled when the run ends."""
+    """The host and device of one run. ``load_end`` and ``own_load`` are filled by :meth:`finish`."""
 
     cpu: str
     physical_cores: int | None
@@ -27,9 +28,17 @@ class Machine:
     torch_version: str
     load_start: tuple[float, float, float]
     load_end: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    own_load: float = 0.0  # this process's CPU seconds per second of the run: its share of load_end
     gpu: str | None = None  # name, memory and compute capability
     gpu_memory_bytes: int | None = None
     cuda_version: str | None = None
+    _started: tuple[float, float] = field(default_factory=lambda: (time.perf_counter(), time.process_time()))
+
+    def finish(self) -> None:
+        """Records the load at the end of the run and how much of it the run's own threads were."""
+        self.load_end = load_average()
+        wall = time.perf_counter() - self._started[0]
+        self.own_load = (time.process_time() - self._started[1]) / wall if wall > 0 else 0.0
 
     @property
     def device_name(self) -> str:
@@ -47,12 +56,17 @@ class Machine:
         return out
 
     def busy_text(self) -> str:
-        """How busy the host was, in words (other processes add noise to wall-clock ratios)."""
-        load = max(self.load_start[0], self.load_end[0])
-        if load >= 0.75 * self.usable_cpus:
-            return (f"the host was busy (load {load:.1f} on {self.usable_cpus} CPUs), so other processes "
-                    "shared the cores and wall-clock ratios carry their noise")
-        return f"the host was mostly idle (load {load:.1f} on {self.usable_cpus} CPUs)"
+        """How busy other processes kept the host, in words (they add noise to wall-clock ratios).
+
+        The 1-minute load at the end counts this run's own threads too (two busy threads read as
+        load 2.0 on an otherwise idle host), so their average, ``own_load``, is taken off.
+        """
+        others = max(self.load_start[0], self.load_end[0] - self.own_load, 0.0)
+        own = f", this run's own threads {self.own_load:.1f} more" if self.own_load else ""
+        if others >= 0.75 * self.usable_cpus:
+            return (f"the host was busy (load {others:.1f} from other processes on {self.usable_cpus} CPUs{own}), "
+                    "so they shared the cores and wall-clock ratios carry their noise")
+        return f"other processes left the host mostly idle (load {others:.1f} on {self.usable_cpus} CPUs{own})"
 
 
 def load_average() -> tuple[float, float, float]:

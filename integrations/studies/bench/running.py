@@ -199,7 +199,7 @@ def run_bench(settings: Settings) -> BenchResult:
         faults=faults, malloc_tuned=tuned, notes=notes)
     if device.type == "cuda":
         result.throughput = _throughput(run, models)
-    machine.load_end = machine_info.load_average()
+    machine.finish()
     result.elapsed_s = time.perf_counter() - started
     return result
 
