@@ -162,7 +162,7 @@ def test_result_numbers_are_consistent(tiny_result):
     assert r.batch == TINY.frames * TINY.clips and r.sites == 8  # torchvision ResNet-18: 8 blocks
     assert r.agreement["zero-fill"] == 0.0  # the paper's zero-fill shift computes the same numbers
     assert r.shift_effect > 0.01  # ... and the shift changes the 2D output
-    assert 0 < r.packs_per_step <= 2 * r.sites  # each branch's first conv packs its input and weight
+    assert r.packs_per_step == 0  # each branch starts with a conv: shift and conv are one autograd unit
     assert r.op_in_place_s is not None and r.op_in_place_s > 0 and r.copy_floor_s > 0
     assert set(r.eval) == {"2d", bench.CONTROL, "ours", "zero-fill"} and r.eval["2d"]["ratio"] == 1.0
     # At 32 px parameters and gradients dominate the peak: they count from the start.

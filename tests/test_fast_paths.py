@@ -1,9 +1,11 @@
-"""The converted network's eager fast paths: recompute hooks only at the shift sites in training,
-in-place slot moves around the first layer in eval, and no graph breaks under torch.compile.
+"""The converted network's eager fast paths: in training, shift and conv as one autograd unit and
+recompute hooks only at the other sites; in eval, in-place slot moves around the first layer;
+no graph breaks under torch.compile.
 
 Behaviour only; ``tsm-surgery bench`` prints the ratios and the packs per step.
 """
 
+import contextlib
 import copy
 
 import pytest
@@ -13,8 +15,9 @@ import torchvision
 from torch import fx, nn
 from utils import randomize_norms
 
-from tsm_surgery import _online_graph, _recompute, convert, temporal_shift, to_online
+from tsm_surgery import TemporalShift, _online_graph, _recompute, convert, temporal_shift, to_online
 from tsm_surgery._fast_paths import swapped_sites, without_fast_paths
+from tsm_surgery._shifted_conv import _ShiftedConv, shifted_conv2d, shifted_conv_module
 
 SEGMENTS = 4
 
@@ -36,22 +39,6 @@ class _Packs:
 def _copy_form(net):
     """The same modules running the eval graph without the in-place moves (every site copies)."""
     return fx.GraphModule(net, without_fast_paths(net.eval_graph)).eval()
-
-
-def test_resnet50_train_step_packs_two_tensors_per_site(monkeypatch):
-    # Only the shift outputs' consumers (each branch's first conv: its input and its weight)
-    # save through the Python hooks; every other saved tensor stays with autograd.
-    net = convert(torchvision.models.resnet50(num_classes=10), SEGMENTS, example_input=torch.randn(1, 3, 32, 32))
-    net.train()
-    x = torch.randn(SEGMENTS, 3, 32, 32)
-    packs = _Packs(monkeypatch)
-    net(x).sum().backward()
-    assert len(net.sites) == 16
-    assert 0 < packs.count <= 2 * len(net.sites)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(1) or t, lambda t: t):
-        net(x).sum()
-    assert len(saved) > 10 * packs.count  # what hooks over the whole forward would have packed
 
 
 def test_site_hooks_keep_gradients_and_the_in_place_check():
@@ -184,6 +171,210 @@ def test_in_place_eval_refusals(case):
         assert _largest_copy(net, x) <= activation // 4  # the scratch: the two moving slots
     else:
         assert _largest_copy(net, x) == activation  # the shifted copy
+
+
+def _fused_sites(graph):
+    return [n for n in graph.nodes if n.op == "call_function" and n.target in (shifted_conv2d, shifted_conv_module)]
+
+
+def test_resnet50_train_step_packs_no_tensor_through_python(monkeypatch):
+    # Each branch's first conv and its shift are one autograd unit that saves the block input
+    # with autograd's own check: no tensor of a ResNet-50 step goes through the Python hooks.
+    net = convert(torchvision.models.resnet50(num_classes=10), SEGMENTS, example_input=torch.randn(1, 3, 32, 32))
+    net.train()
+    assert len(net.sites) == 16 and len(_fused_sites(net.train_graph)) == 16
+    x = torch.randn(SEGMENTS, 3, 32, 32)
+    packs = _Packs(monkeypatch)
+    net(x).sum().backward()
+    assert packs.count == 0
+
+
+def test_sites_without_a_conv_pack_what_their_first_layer_saves(monkeypatch):
+    # A ViT block's shift feeds a LayerNorm: that consumer saves five tensors (the shift output,
+    # as a recipe, its weight, bias, mean and rstd) through the hooks opened around it, and
+    # nothing else packs through Python.
+    net = convert(_vit(), SEGMENTS, example_input=torch.randn(1, 3, 32, 32)).train()
+    assert _fused_sites(net.train_graph) == []
+    x = torch.randn(SEGMENTS, 3, 32, 32)
+    packs = _Packs(monkeypatch)
+    net(x).sum().backward()
+    assert packs.count == 5 * len(net.sites)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(1) or t, lambda t: t):
+        net(x).sum()
+    assert len(saved) > 2 * packs.count  # what hooks over the whole forward would have packed
+
+
+def _plain_train_form(net):
+    """The same modules running the train graph as shift and conv, two ops (a shifted copy per site)."""
+    return fx.GraphModule(net, without_fast_paths(net.train_graph)).train()
+
+
+def _train_step(model, x):
+    torch.manual_seed(0)  # the same dropout masks for both forms
+    for param in model.parameters():
+        param.grad = None
+    x = x.clone().requires_grad_()
+    out = model(x)
+    out.square().mean().backward()
+    return out.detach(), x.grad, {name: param.grad for name, param in model.named_parameters()}
+
+
+def _mmaction_resnet18():
+    from mmaction.models.backbones import ResNet
+
+    return nn.Sequential(ResNet(depth=18, pretrained=None, norm_eval=False), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+TRAIN_MODELS = {
+    "resnet18": MODELS["resnet18"],  # torchvision: the conv is a module call
+    "mmaction_resnet18": _mmaction_resnet18,  # mmcv's ConvModule traces to F.conv2d
+    "mobilenet_v2": MODELS["mobilenet_v2"],  # each branch starts with a 1x1 expansion conv
+    "convnext_atto": MODELS["convnext_atto"],  # a depthwise 7x7 conv (groups = channels)
+}
+
+
+@pytest.mark.parametrize("name", TRAIN_MODELS)
+@pytest.mark.parametrize("direction", ["bi", "uni"])
+def test_shift_and_conv_unit_equals_the_two_ops(name, direction):
+    net = convert(randomize_norms(TRAIN_MODELS[name]()), SEGMENTS, direction=direction,
+                  example_input=torch.randn(1, 3, 32, 32)).train()
+    assert len(_fused_sites(net.train_graph)) == len(net.sites)
+    x = torch.randn(2 * SEGMENTS, 3, 32, 32)
+    if name == "resnet18":
+        net = net.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    ours, reference = _train_step(net, x), _train_step(_plain_train_form(net), x)
+    assert torch.equal(ours[0], reference[0])
+    torch.testing.assert_close(ours[1], reference[1], rtol=1e-5, atol=1e-7)
+    for param_name, grad in reference[2].items():
+        torch.testing.assert_close(ours[2][param_name], grad, rtol=1e-5, atol=1e-7, msg=param_name)
+
+
+def test_shift_and_conv_unit_leaves_its_input_as_it_was():
+    shift, conv = TemporalShift(SEGMENTS), nn.Conv2d(16, 8, 3, padding=1, bias=True)
+    x = torch.randn(2 * SEGMENTS, 16, 5, 5, requires_grad=True)
+    block_input = x * 1.0  # a non-leaf with autograd history, like a block input
+    before, version = block_input.detach().clone(), block_input._version
+    with _recording():
+        out = shifted_conv_module(block_input, shift, conv)
+    assert out.grad_fn is not None and type(out.grad_fn).__name__ == "_ShiftedConvBackward"
+    assert torch.equal(block_input, before) and block_input._version == version
+    out.square().sum().backward()
+    assert torch.equal(block_input, before) and block_input._version == version
+    reference_x = x.detach().clone().requires_grad_()
+    conv_grads = [p.grad.clone() for p in conv.parameters()]
+    conv.zero_grad()
+    conv(temporal_shift(reference_x, SEGMENTS)).square().sum().backward()
+    torch.testing.assert_close(x.grad, reference_x.grad)
+    for ours, theirs in zip(conv_grads, conv.parameters()):
+        torch.testing.assert_close(ours, theirs.grad)
+
+
+def test_shift_and_conv_unit_keeps_the_in_place_check():
+    # The block input written in place after the forward, before the backward: autograd's own
+    # version check refuses, as it would for the conv of the two-op form.
+    shift, conv = TemporalShift(SEGMENTS), nn.Conv2d(16, 8, 1)
+    block_input = torch.randn(SEGMENTS, 16, 3, 3, requires_grad=True) * 1.0
+    with _recording():
+        out = shifted_conv_module(block_input, shift, conv)
+    block_input.detach().add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+def test_shift_and_conv_unit_double_backward():
+    shift = TemporalShift(SEGMENTS, shift_div=4)
+    weight = torch.randn(4, 8, 3, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, weight, bias):
+        with _recording():
+            return shifted_conv2d(x * 1.0, shift, weight, bias, stride=2, padding=1)
+
+    x = torch.randn(SEGMENTS, 8, 5, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fn, (x, weight, bias))
+    assert torch.autograd.gradgradcheck(fn, (x, weight, bias))
+
+
+@contextlib.contextmanager
+def _recording():
+    """A converted network's train forward, for calling the unit on its own."""
+    _recompute._RECOMPUTE.depth += 1
+    try:
+        yield
+    finally:
+        _recompute._RECOMPUTE.depth -= 1
+
+
+def _unit_calls(monkeypatch):
+    calls = []
+    original = _ShiftedConv.apply
+    monkeypatch.setattr(_ShiftedConv, "apply", lambda *args: calls.append(1) or original(*args))
+    return calls
+
+
+# case -> what changes how the train step runs; every case must give the two-op form's gradients
+FALLBACKS = {
+    "recompute_off": lambda net: setattr(net, "recompute_shifts", False),
+    "hook_on_the_conv": lambda net: net.layer1[0].conv1.register_forward_hook(lambda m, i, o: None),
+    "autocast": None,
+    "checkpointing_hooks": None,
+    "shift_module_replaced": lambda net: _replace_first_shift(net),
+}
+
+
+class _OwnShift(TemporalShift):
+    """A shift module of the user's own kind (here computing the same): the unit leaves it to run."""
+
+    def forward(self, x, swap=False):
+        return super().forward(x, swap)
+
+
+def _replace_first_shift(net):
+    shifts = net.temporal_shifts
+    key = next(iter(shifts.keys()))
+    shifts[key] = _OwnShift(SEGMENTS)
+
+
+@pytest.mark.parametrize("case", FALLBACKS)
+def test_shift_and_conv_unit_falls_back_to_the_two_ops(case, monkeypatch):
+    net = convert(randomize_norms(torchvision.models.resnet18(num_classes=5)), SEGMENTS,
+                  example_input=torch.randn(1, 3, 32, 32)).train()
+    x = torch.randn(SEGMENTS, 3, 32, 32)
+    reference = _train_step(_plain_train_form(net), x)
+    if FALLBACKS[case] is not None:
+        FALLBACKS[case](net)
+    calls = _unit_calls(monkeypatch)
+    if case == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours = _train_step(net, x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            reference = _train_step(_plain_train_form(net), x)
+    elif case == "checkpointing_hooks":
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            ours = _train_step(net, x)
+    else:
+        ours = _train_step(net, x)
+    expected_calls = len(net.sites) - 1 if case in ("hook_on_the_conv", "shift_module_replaced") else 0
+    assert len(calls) == expected_calls
+    assert torch.equal(ours[0], reference[0])
+    for name, grad in reference[2].items():
+        torch.testing.assert_close(ours[2][name], grad, msg=name)
+
+
+def test_shift_and_conv_unit_refusals_in_the_graph():
+    # A reader of the block input between the shift and the conv, a block input written in place
+    # after the branch, a first layer that is not a conv: the site keeps shift and layer apart.
+    for make_block, fused in ((lambda: Block(), 1), (lambda: Block(shortcut_first=True), 0),
+                              (lambda: Block(write_after=True), 0), (lambda: Block(first=nn.BatchNorm2d(16)), 0),
+                              (lambda: Block(first=nn.Conv2d(16, 16, 3, padding=1, padding_mode="circular")), 0)):
+        net = convert(Net(make_block()), SEGMENTS, example_input=torch.randn(1, 3, 6, 6)).train()
+        assert len(net.sites) == 1
+        assert len(_fused_sites(net.train_graph)) == fused
+        x = torch.randn(2 * SEGMENTS, 3, 6, 6)
+        ours, reference = _train_step(net, x), _train_step(_plain_train_form(net), x)
+        torch.testing.assert_close(ours[1], reference[1])
 
 
 def test_in_place_shift_restores_its_input_exactly():

@@ -1,8 +1,12 @@
 """Graph edits that make a converted network's eager forward cheaper, and their removal.
 
-* Train graph: each consumer of a shift output runs between :func:`open_site_hooks` and
-  :func:`close_site_hooks`, so the saved-tensor hooks that store a shift output as a recipe
-  (``_recompute``) see only what those consumers save, not every tensor of the forward.
+* Train graph: a shift whose result feeds one plain 2D conv and nothing else, right after it,
+  becomes one call of :func:`shifted_conv2d` (or :func:`shifted_conv_module`): an autograd unit
+  that moves the block input's slots in place around the conv and its backward, with no
+  shifted copy and nothing saved through Python (:mod:`._shifted_conv`). Every other consumer
+  of a shift output runs between :func:`open_site_hooks` and :func:`close_site_hooks`, so the
+  saved-tensor hooks that store a shift output as a recipe (``_recompute``) see only what those
+  consumers save, not every tensor of the forward.
 * Eval graph: a residual ``left + right`` whose left operand is a fresh layer output read only
   there adds into it (:mod:`._joins`), as an eager ``out += identity`` does: FX records
   ``+=`` as ``+``, which would allocate one more activation per block than the 2D network.
@@ -23,6 +27,7 @@ for the shifts (the online rewrite, MMAction2's module insertion) sees the same 
 import copy
 import operator
 
+import torch
 from torch import fx, nn
 
 from ._graph_module import SHIFTS
@@ -30,6 +35,7 @@ from ._joins import _join, _join_in_place
 from ._online_graph import swap_consumer
 from ._recompute import close_site_hooks, open_site_hooks
 from ._shift import restore_slots
+from ._shifted_conv import shifted_conv2d, shifted_conv_module
 
 __all__ = ["add_fast_paths", "without_fast_paths", "swapped_sites"]
 
@@ -38,6 +44,53 @@ _MARKERS = (open_site_hooks, close_site_hooks, restore_slots)
 
 def _shift_nodes(graph: fx.Graph):
     return [n for n in graph.nodes if n.op == "call_module" and str(n.target).startswith(SHIFTS + ".")]
+
+
+def _plain_conv2d(node: fx.Node, root: nn.Module) -> bool:
+    """A 2D conv that :func:`shifted_conv2d` computes exactly: zero padding given as numbers."""
+    if node.op == "call_function":
+        padding = node.kwargs.get("padding", node.args[4] if len(node.args) > 4 else 0)
+        return node.target is torch.conv2d and not isinstance(padding, str)
+    module = root.get_submodule(str(node.target))
+    return (type(module).forward is nn.Conv2d.forward and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str))
+
+
+def _fuse_first_convs(graph: fx.Graph, root: nn.Module) -> None:
+    for shift in _shift_nodes(graph):
+        consumer = _swap_site(shift, root)
+        if consumer is None or not _plain_conv2d(consumer, root):
+            continue
+        with graph.inserting_before(consumer):
+            shift_module = graph.create_node("get_attr", str(shift.target))  # get_attr() would warn: a module
+            if consumer.op == "call_module":
+                args = (shift.args[0], shift_module, graph.create_node("get_attr", str(consumer.target)))
+                fused = graph.call_function(shifted_conv_module, args)
+            else:
+                fused = graph.call_function(shifted_conv2d, (shift.args[0], shift_module, *consumer.args[1:]),
+                                            dict(consumer.kwargs))
+        consumer.replace_all_uses_with(fused)
+        graph.erase_node(consumer)
+        graph.erase_node(shift)
+
+
+def _unfuse(graph: fx.Graph, fused: fx.Node) -> None:
+    """``shift`` and its conv as two nodes again, in place of one :func:`_fuse_first_convs` call."""
+    x, shift_module, *rest = fused.args
+    assert isinstance(shift_module, fx.Node)
+    with graph.inserting_before(fused):
+        shifted = graph.call_module(str(shift_module.target), (x,))
+        if fused.target is shifted_conv_module:
+            (conv_module,) = rest
+            assert isinstance(conv_module, fx.Node)
+            conv = graph.call_module(str(conv_module.target), (shifted,))
+        else:
+            conv = graph.call_function(torch.conv2d, (shifted, *rest), dict(fused.kwargs))
+    fused.replace_all_uses_with(conv)
+    graph.erase_node(fused)
+    for ref in (shift_module, *rest):
+        if isinstance(ref, fx.Node) and ref.op == "get_attr" and not ref.users:
+            graph.erase_node(ref)
 
 
 def _add_site_hooks(graph: fx.Graph) -> None:
@@ -83,10 +136,12 @@ def _add_slot_swaps(graph: fx.Graph, root: nn.Module) -> None:
 
 
 def add_fast_paths(train_graph: fx.Graph, eval_graph: fx.Graph, root: nn.Module) -> None:
-    """Adds the per-site recompute hooks to ``train_graph``, the in-place slot moves and joins to ``eval_graph``.
+    """Adds the shift-and-conv units and per-site recompute hooks to ``train_graph``, the in-place
+    slot moves and joins to ``eval_graph``.
 
     Idempotent: a graph that has them already is left as it is.
     """
+    _fuse_first_convs(train_graph, root)
     _add_site_hooks(train_graph)
     _add_slot_swaps(eval_graph, root)
     _join_in_place(eval_graph, root)
@@ -112,6 +167,8 @@ def without_fast_paths(graph: fx.Graph) -> fx.Graph:
     for node in reversed(list(graph.nodes)):
         if node.op == "call_function" and node.target in _MARKERS:
             graph.erase_node(node)
+        elif node.op == "call_function" and node.target in (shifted_conv2d, shifted_conv_module):
+            _unfuse(graph, node)
         elif node.op == "call_function" and node.target is _join:
             node.target = operator.add
     for shift in _shift_nodes(graph):

@@ -225,18 +225,23 @@ def _shift_copy(v: Tensor, channel_dim: int, fold: int, direction: str, reverse:
     return out
 
 
-def _shift_slots_in_place(v: Tensor, channel_dim: int, fold: int, direction: str) -> Tensor:
+def _slot_span(direction: str, reverse: bool, fold: int) -> tuple[int, int]:
+    """First channel and width of the adjacent moving slots of a kernel mode."""
+    slots = [slot for slot, _ in _SLOTS[(direction, reverse)]]
+    return min(slots) * fold, (max(slots) - min(slots) + 1) * fold
+
+
+def _shift_slots_in_place(v: Tensor, channel_dim: int, fold: int, direction: str, reverse: bool = False) -> Tensor:
     """Shifts the moving slots of the dense ``(N, T, ...)`` view ``v`` in place; returns them as they were.
 
     The returned scratch (the adjacent moving slots, one slot for ``"uni"``, two for ``"bi"``)
     is what :func:`restore_slots` writes back. Moved data: the scratch copy, the shifted copy
     back and the restore, each of ``2/shift_div`` of the tensor for ``"bi"``: 0.75 of a clone's
-    traffic, with no new full-size tensor.
+    traffic, with no new full-size tensor. ``reverse`` shifts the other way (a gradient).
     """
-    slots = _SLOTS[(direction, False)]
-    lo = min(slot for slot, _ in slots) * fold
-    scratch = v.narrow(channel_dim, lo, (max(slot for slot, _ in slots) + 1) * fold - lo).clone()
-    for slot, offset in slots:
+    lo, width = _slot_span(direction, reverse, fold)
+    scratch = v.narrow(channel_dim, lo, width).clone()
+    for slot, offset in _SLOTS[(direction, reverse)]:
         src = scratch.narrow(channel_dim, slot * fold - lo, fold)
         dst = v.narrow(channel_dim, slot * fold, fold)
         _move_slot(src, dst, offset)
@@ -248,7 +253,12 @@ _SWAPPED = "_tsm_swapped_slots"  # set on a tensor whose slots a shift moved in 
 
 def _can_shift_in_place(x: Tensor) -> bool:
     """In-place use of ``x`` is safe: no autograd, not a view of another tensor, dense memory."""
-    if torch.is_grad_enabled() or x.requires_grad or x._base is not None:
+    return not (torch.is_grad_enabled() or x.requires_grad) and owns_dense_memory(x)
+
+
+def owns_dense_memory(x: Tensor) -> bool:
+    """``x`` is writable, dense (contiguous or channels_last) and not a view of another tensor."""
+    if x._base is not None:
         return False
     if x.is_inference() and not torch.is_inference_mode_enabled():
         return False  # torch refuses in-place writes to inference tensors outside inference mode
@@ -290,8 +300,7 @@ def _clips(x: Tensor, n_segments: int, channel_dim: int):
 def _swap_shift(x: Tensor, n_segments: int, fold: int, mode: str, channel_dim: int) -> Tensor:
     clips, dim = _clips(x, n_segments, channel_dim)
     scratch = _shift_slots_in_place(clips, dim, fold, mode)
-    lo = min(slot for slot, _ in _SLOTS[(mode, False)]) * fold
-    setattr(x, _SWAPPED, (scratch, n_segments, channel_dim, lo))
+    setattr(x, _SWAPPED, (scratch, n_segments, channel_dim, _slot_span(mode, False, fold)[0]))
     return x
 
 

@@ -28,8 +28,9 @@ def memory_method(r: BenchResult) -> str:
                   "tensors and are not counted. ")
     return (method + f"Ours with the shift outputs kept for backward (`net.recompute_shifts = False`): {mib(kept)} "
             f"({times(kept_ratio)} the 2D model): the first conv of each branch saves its input for the weight "
-            "gradient, and a shifted copy is one extra activation per site; by default the converted network "
-            "saves the shift's input (alive anyway) and rebuilds the copy in backward.")
+            "gradient, and a shifted copy is one extra activation per site; by default the shift and the conv it "
+            "feeds are one autograd unit that saves the block input (alive anyway, the shortcut) and moves its "
+            "slots in place again in backward.")
 
 
 def remaining_cost(r: BenchResult) -> list[str]:
@@ -58,9 +59,12 @@ def remaining_cost(r: BenchResult) -> list[str]:
             "which is the compiled op-level figure; it runs once per site on data the previous loop just wrote.")
     bullets.append(_noise(r))
     bullets += [
-        "A training step runs the shift three times per site: forward, the reverse shift of the gradient, and "
-        "the rebuild in backward that keeps peak memory at the 2D model's (each a copy). "
-        "`net.recompute_shifts = False` drops the rebuild and pays one activation per site instead.",
+        "A training step makes no shifted copy where a site's shift feeds a 2D conv: the two are one autograd "
+        "unit that moves the slots of the block input in place around the conv's forward and again around its "
+        "backward, and shifts the conv's input gradient in place (each a copy of 2/shift_div of the channels "
+        "and its restore); what is left is those moves and their Python calls. Other sites copy three times: "
+        "the shift, the reverse shift of the gradient and the rebuild in backward that keeps peak memory at "
+        "the 2D model's. `net.recompute_shifts = False` runs every site as two ops and keeps the shifted copy.",
         "The online step swaps the cache into the site's activation in place around the branch's first layer "
         "(three copies of 1/8 of the channels, not a shifted copy of all of them); what is left is those copies, "
         "the state handling of `step` and per-call Python overhead, a larger share at one frame than in a clip "
