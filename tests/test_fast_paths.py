@@ -72,16 +72,20 @@ MODELS = {
 }
 
 
+def _converted_with_clip(make, direction, channels_last=False):
+    net = convert(randomize_norms(make()), SEGMENTS, direction=direction, example_input=torch.randn(1, 3, 32, 32))
+    x = torch.randn(2 * SEGMENTS, 3, 32, 32)
+    if channels_last:
+        net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    return net, x
+
+
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("direction", ["bi", "uni"])
 def test_in_place_eval_equals_the_copy_form(name, direction):
-    net = convert(randomize_norms(MODELS[name]()), SEGMENTS, direction=direction,
-                  example_input=torch.randn(1, 3, 32, 32)).eval()
+    net, x = _converted_with_clip(MODELS[name], direction, channels_last=name == "resnet18")
+    net.eval()
     assert len(swapped_sites(net.eval_graph)) == len(net.sites)
-    x = torch.randn(2 * SEGMENTS, 3, 32, 32)
-    if name == "resnet18":
-        net = net.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         assert torch.equal(net(x), _copy_form(net)(x))
     with torch.inference_mode():
@@ -237,13 +241,9 @@ TRAIN_MODELS = {
 @pytest.mark.parametrize("name", TRAIN_MODELS)
 @pytest.mark.parametrize("direction", ["bi", "uni"])
 def test_shift_and_conv_unit_equals_the_two_ops(name, direction):
-    net = convert(randomize_norms(TRAIN_MODELS[name]()), SEGMENTS, direction=direction,
-                  example_input=torch.randn(1, 3, 32, 32)).train()
+    net, x = _converted_with_clip(TRAIN_MODELS[name], direction, channels_last=name == "resnet18")
+    net.train()
     assert len(_fused_sites(net.train_graph)) == len(net.sites)
-    x = torch.randn(2 * SEGMENTS, 3, 32, 32)
-    if name == "resnet18":
-        net = net.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
     ours, reference = _train_step(net, x), _train_step(_plain_train_form(net), x)
     assert torch.equal(ours[0], reference[0])
     torch.testing.assert_close(ours[1], reference[1], rtol=1e-5, atol=1e-7)

@@ -123,8 +123,9 @@ def _fusable(x: Tensor, shift: TemporalShift, weight: Tensor, padding) -> bool:
     off too). Autocast would convolve a cast copy, so it falls back as well, and so does a shift
     module replaced by another kind (whose semantics the unit does not know).
     """
-    return (type(shift).forward is TemporalShift.forward and recording() and not in_graph_capture() and not torch.is_autocast_enabled(x.device.type)
-            and shift.channel_dim == 1 and x.dim() == 4 and weight.dim() == 4 and not isinstance(padding, str)
+    return (type(shift).forward is TemporalShift.forward and recording() and not in_graph_capture()
+            and not torch.is_autocast_enabled(x.device.type) and shift.channel_dim == 1
+            and x.dim() == 4 and weight.dim() == 4 and not isinstance(padding, str)
             and owns_dense_memory(x) and not hasattr(x, _SWAPPED))
 
 
