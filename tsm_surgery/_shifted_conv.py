@@ -84,28 +84,28 @@ class _ShiftedConv(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
             return (*_differentiable_backward(ctx, grad, x, weight), None, None)
         n_segments, fold, mode = ctx.shift
-        stride, padding, dilation, groups = ctx.conv
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
         with _SlotsMoved(x, n_segments, fold, mode) as shifted:
-            grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-                grad, shifted, weight, [weight.shape[0]] if ctx.has_bias else None, stride, padding, dilation,
-                False, [0, 0], groups, mask)
+            grad_x, grad_w, grad_b = _conv_backward(ctx, grad, shifted, weight)
         if grad_x is not None:
             grad_x = _shift_back_in_place(grad_x, n_segments, fold, mode)
         return grad_x, grad_w, grad_b, None, None
 
 
+def _conv_backward(ctx, grad: Tensor, shifted: Tensor, weight: Tensor):
+    """The conv's gradients for what the forward was asked for: input, weight, bias (None where not)."""
+    stride, padding, dilation, groups = ctx.conv
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+    return torch.ops.aten.convolution_backward(grad, shifted, weight, [weight.shape[0]] if ctx.has_bias else None,
+                                               stride, padding, dilation, False, [0, 0], groups, mask)
+
+
 def _differentiable_backward(ctx, grad: Tensor, x: Tensor, weight: Tensor):
     """The backward as differentiable ops on a shifted copy (double backward, gradient penalties)."""
     n_segments, fold, mode = ctx.shift
-    stride, padding, dilation, groups = ctx.conv
     shape = list(x.shape)
     clips = [shape[0] // n_segments, n_segments, *shape[1:]]
     shifted = _shift_copy(x.reshape(clips).contiguous(), 2, fold, mode, reverse=False).reshape(shape)
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-    grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-        grad, shifted, weight, [weight.shape[0]] if ctx.has_bias else None, stride, padding, dilation,
-        False, [0, 0], groups, mask)
+    grad_x, grad_w, grad_b = _conv_backward(ctx, grad, shifted, weight)
     if grad_x is not None:
         grad_x = _shift_copy(grad_x.reshape(clips).contiguous(), 2, fold, mode, reverse=True).reshape(shape)
     return grad_x, grad_w, grad_b
