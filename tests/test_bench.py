@@ -17,7 +17,7 @@ from tsm_surgery.integrations.cli import bench as bench_verb
 from tsm_surgery.integrations.cli.bench import QUICK, add_arguments, settings_from_args
 from tsm_surgery.integrations.studies import bench
 from tsm_surgery.integrations.studies.bench import TARGETS, Figure, Settings, Target, merge_sections, render, run_bench
-from tsm_surgery.integrations.studies.bench.headline import figures, judge, targets_for, verdict
+from tsm_surgery.integrations.studies.bench.headline import figures, judge, verdict
 
 TINY = Settings(model="torchvision:resnet18", frames=4, eval_size=32, train_size=32, online_size=32, rounds=2,
                 repeats=1, op_repeats=2, compile=False, profile=False, convert_model="torchvision:resnet18",
@@ -116,15 +116,13 @@ def test_one_targets_table_drives_the_headline_and_the_verdicts(tiny_result):
     text = render(tiny_result)
     headline, verdicts = _section(text, "Headline"), _section(text, "Targets")
     rows = {fig.key: fig for fig in figures(tiny_result)}
-    for target in targets_for("cpu"):
+    for target in TARGETS:
         line = next(line for line in headline if line.startswith(f"| {rows[target.figure].label} |"))
         assert target.short in line.rsplit("|", 2)[1], (target, line)
         verdict_line = next(line for line in verdicts if line.startswith(f"| {target.name}"))
         assert verdict_line.rstrip(" |").endswith(judge(target, rows[target.figure]))
-    # Every target's figure exists, and a GPU-only target stays out of a CPU report.
-    assert {t.figure for t in TARGETS} <= {f.key for f in figures(tiny_result)} | {"op_compiled", "eval_compiled"}
-    gpu_only = [t for t in TARGETS if "cpu" not in t.devices]
-    assert gpu_only and not any(t.name in text for t in gpu_only)
+    # Every target's figure has a row, measured or not.
+    assert {t.figure for t in TARGETS} <= {f.key for f in figures(tiny_result)}
 
 
 def test_report_describes_the_machine_it_ran_on(tiny_result):

@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable
 
 from .explain import memory_method, remaining_cost
-from .headline import COLUMNS, figures, judge, mib, ms, pct, ratio, targets_for
+from .headline import COLUMNS, TARGETS, figures, judge, mib, ms, pct, ratio
 from .measure import CONTROL
 from .running import BenchResult
 
@@ -128,7 +128,7 @@ def _headline(r: BenchResult, add) -> None:
     add("")
     add("| figure | ours | mmaction ResNetTSM | zero-fill (paper) | A/A control | target |")
     add("|---|---|---|---|---|---|")
-    targets = targets_for(r.settings.device)
+    targets = TARGETS
     for fig in figures(r):
         limits = " and ".join(t.short for t in targets if t.figure == fig.key) or "(none set)"
         add(f"| {fig.label} | " + " | ".join(fig.cells.get(c, "") for c in COLUMNS) + f" | {limits} |")
@@ -144,7 +144,7 @@ def _targets(r: BenchResult, add) -> None:
     add("| target | status |")
     add("|---|---|")
     by_key = {fig.key: fig for fig in figures(r)}
-    for target in targets_for(r.settings.device):
+    for target in TARGETS:
         fig = by_key.get(target.figure)
         note = f" ({fig.note})" if fig is not None and fig.note else ""
         add(f"| {target.name}{note} | {judge(target, fig)} |")
