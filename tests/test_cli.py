@@ -89,13 +89,18 @@ def test_mismatching_checkpoint_one_strict_message(tmp_path, capsys):
     assert "2 have other shapes" in err
 
 
-def test_convert_checkpoint_loads_the_weights(tmp_path):
+def test_convert_checkpoint_loads_the_weights(tmp_path, monkeypatch):
     import timm
+
+    from tsm_surgery.integrations.checkpoints import loading
 
     model = timm.create_model("resnet18", num_classes=1000)
     ckpt, out = tmp_path / "w.pth", tmp_path / "net.pt"
     torch.save({"state_dict": {"module." + k: v for k, v in model.state_dict().items()}}, ckpt)
+    reads = []
+    monkeypatch.setattr(loading, "_load", lambda path, *a, _load=loading._load: reads.append(path) or _load(path, *a))
     assert main(["convert", "timm:resnet18", "--n-segments", "2", "--checkpoint", str(ckpt), "--out", str(out)]) == 0
+    assert reads == [str(ckpt)] * 2  # the strict load, then one read for the shift and layout checks
     net = torch.load(out, weights_only=False)
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in model.state_dict().items())
 

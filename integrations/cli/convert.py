@@ -8,7 +8,7 @@ import torch
 
 import tsm_surgery
 from tsm_surgery.cli import positive_int
-from tsm_surgery.integrations.checkpoints import check_checkpoint_layout, shift_for_checkpoint
+from tsm_surgery.integrations.checkpoints import check_checkpoint_layout, read_state_dict, shift_for_checkpoint
 from tsm_surgery.integrations.checkpoints.loading import cli_log
 from tsm_surgery.integrations.models import build_model
 from tsm_surgery.integrations.outputs import atomic_outputs, claim_outputs
@@ -40,10 +40,11 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if args.uni_slot and args.direction != "uni":
         raise ValueError("--uni-slot applies to a uni shift: add --direction uni.")
-    direction, slot = shift_for_checkpoint(args.checkpoint, args.direction, args.uni_slot, "--checkpoint", log=cli_log)
+    weights = read_state_dict(args.checkpoint)[0] if args.checkpoint else None  # read once for both checks
+    direction, slot = shift_for_checkpoint(weights, args.direction, args.uni_slot, "--checkpoint", log=cli_log)
     net = tsm_surgery.convert(model, args.n_segments, shift_div=args.shift_div, direction=direction,
                               uni_slot=slot, place=args.place, select=args.select)
-    check_checkpoint_layout(args.checkpoint, net, "--checkpoint", log=cli_log)
+    check_checkpoint_layout(weights, net, "--checkpoint", log=cli_log)
     seconds = time.perf_counter() - start
     print(tsm_surgery.site_table(net.sites))
     print(f"\n{len(net.sites)} sites shifted ({args.direction}, 1/{args.shift_div} each way, place={args.place}) "

@@ -35,7 +35,7 @@ import torch
 
 import tsm_surgery
 from tsm_surgery.cli import positive_int
-from tsm_surgery.integrations.checkpoints import check_checkpoint_layout, shift_for_checkpoint
+from tsm_surgery.integrations.checkpoints import check_checkpoint_layout, read_state_dict, shift_for_checkpoint
 from tsm_surgery.integrations.checkpoints.loading import cli_log
 from tsm_surgery.integrations.export import SUFFIX, TARGETS, export_int8_set, export_set, target_module
 from tsm_surgery.integrations.export.artifacts import require_target
@@ -155,10 +155,11 @@ def _network_of_model(args: argparse.Namespace) -> tuple["tsm_surgery.TSMNet", t
     frame_shape = (3, size, size)
     n_segments, shift_div = args.n_segments or 8, args.shift_div or 8
     direction = "uni" if args.online else (args.direction or "bi")
-    direction, slot = shift_for_checkpoint(args.checkpoint, direction, args.uni_slot, "--checkpoint", log=cli_log)
+    weights = read_state_dict(args.checkpoint)[0] if args.checkpoint else None  # read once for both checks
+    direction, slot = shift_for_checkpoint(weights, direction, args.uni_slot, "--checkpoint", log=cli_log)
     net = tsm_surgery.convert(model, n_segments, shift_div=shift_div, direction=direction,
                               uni_slot=slot, example_input=torch.randn((1,) + frame_shape), inplace=True)
-    check_checkpoint_layout(args.checkpoint, net, "--checkpoint", log=cli_log)
+    check_checkpoint_layout(weights, net, "--checkpoint", log=cli_log)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return net, frame_shape, {
         "model": args.model, "checkpoint": args.checkpoint, "shift_div": shift_div, "direction": direction,

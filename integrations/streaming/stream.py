@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tsm_surgery
-from tsm_surgery.integrations.checkpoints import check_checkpoint_layout, shift_for_checkpoint
+from tsm_surgery.integrations.checkpoints import check_checkpoint_layout, read_state_dict, shift_for_checkpoint
 from tsm_surgery.integrations.checkpoints.loading import cli_log
 from tsm_surgery.integrations.models import build_model, default_frame_size
 
@@ -148,10 +148,11 @@ def _from_timm(args: argparse.Namespace) -> Models:
     pre = Preprocess(size, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
     # inplace: the converted and online networks reuse the 2D model's modules, so the
     # benchmark compares the same weights in the same memory.
-    _, slot = shift_for_checkpoint(args.checkpoint, "uni", args.uni_slot, "--checkpoint", log=cli_log)
+    weights = read_state_dict(args.checkpoint)[0] if args.checkpoint else None  # read once for both checks
+    _, slot = shift_for_checkpoint(weights, "uni", args.uni_slot, "--checkpoint", log=cli_log)
     net = tsm_surgery.convert(model, n_segments=8, shift_div=args.shift_div, direction="uni",
                               uni_slot=slot, example_input=torch.zeros(1, 3, size, size), inplace=True)
-    check_checkpoint_layout(args.checkpoint, net, "--checkpoint", log=cli_log)
+    check_checkpoint_layout(weights, net, "--checkpoint", log=cli_log)
     online = tsm_surgery.to_online(net, frame_shape=(3, size, size), inplace=True)
     return Models(model, online, None, pre)
 
