@@ -38,7 +38,7 @@ import tsm_surgery
 from tsm_surgery.integrations.export import export_int8_set, export_set, load, open_engine, target_module
 from tsm_surgery.integrations.export.artifacts import require_target, sidecar_path
 from tsm_surgery.integrations.models import build_model, randomize_norms
-from tsm_surgery.integrations.studies.bench.machine import describe, load_average
+from tsm_surgery.integrations.studies.bench.machine import describe
 from tsm_surgery.integrations.studies.bench.measure import CONTROL, paired_ratios, wall_time
 from tsm_surgery.integrations.studies.bench.report import write_section
 
@@ -105,7 +105,6 @@ class DeployResult:
     int8_rows: list[Int8Row] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     machine: Any = None
-    load_end: tuple[float, float, float] = (0.0, 0.0, 0.0)
     elapsed_s: float = 0.0
 
 
@@ -228,7 +227,7 @@ def run_deploy(settings: DeploySettings, log: Any = print) -> DeployResult:
                     q = result.int8_rows[-1]
                     log(f"{spec} {runtime} int8: step {q.int8_ms:.2f} ms, f32 {q.float_ms:.2f} ms, int8/f32 "
                         f"{q.ratio:.3f}, difference {q.difference:.1e}, top-1 agreement {q.top1_agreement:.2f}")
-    result.load_end = load_average()
+    result.machine.finish()
     result.elapsed_s = time.perf_counter() - start
     return result
 
@@ -245,7 +244,7 @@ def render(r: DeployResult) -> str:
              "named; regenerate with the same command.", ""]
     lines += m.lines()[:1]
     lines += [f"- load average (1/5/15 min, `/proc/loadavg`) at start {_fmt_load(m.load_start)}, at end "
-              f"{_fmt_load(r.load_end)}; run time {r.elapsed_s:.0f} s",
+              f"{_fmt_load(m.load_end)}: {m.busy_text()}; run time {r.elapsed_s:.0f} s",
               f"- frames {s.size}x{s.size}; clip network {s.n_segments} frames; streaming equality on a "
               f"{s.clip_frames}-frame clip; {s.rounds} paired rounds per latency ratio; "
               f"{'weights from ' + s.checkpoint if s.checkpoint else 'random weights (norms randomised)'}", "",
