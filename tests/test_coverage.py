@@ -244,13 +244,16 @@ def one_thread():
 def test_chaotic_frames_are_left_out_but_a_wrong_cache_still_fails(one_thread, monkeypatch):
     """Random tf_efficientnetv2_m at 64 px is chaotic in its last frames: a 1e-15 change of its input
     moves its float64 output there past the tolerance, so online and offline cannot be compared on
-    those frames. They are left out with a note; frames 0 and 1 (the first cache read) still decide."""
+    those frames. They are left out with a note; frames 0 and 1 (the first cache read) still decide.
+    Whether it is chaotic depends on the CPU's kernels: on AVX-512 hosts it is, on an AVX2-only
+    EPYC it is not (every frame compared, no note); the broken cache must fail on both."""
     spec = ModelSpec("timm", "efficientnet", ("tf_efficientnetv2_m",))
     res = check_model(spec)
-    assert res.status == "pass" and res.note.startswith("online equals offline on frames [0, 1"), res.reason
-    assert "3] are chaotic" in res.note, res.note
-    report = coverage.Report(coverage.Meta(selection="test", frames=4, jobs=1, timeout=0), [res])
-    assert f"- `tf_efficientnetv2_m` (efficientnet): {res.note}" in coverage.render_markdown(report)
+    assert res.status == "pass", res.reason
+    if res.note:
+        assert res.note.startswith("online equals offline on frames [0, 1") and "3] are chaotic" in res.note, res.note
+        report = coverage.Report(coverage.Meta(selection="test", frames=4, jobs=1, timeout=0), [res])
+        assert f"- `tf_efficientnetv2_m` (efficientnet): {res.note}" in coverage.render_markdown(report)
 
     real = OnlineShift.forward
     monkeypatch.setattr(OnlineShift, "forward", lambda self, x, cache, swap=False: real(self, x, None, swap))

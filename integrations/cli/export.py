@@ -84,6 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration", metavar="VIDEO_DIR_OR_DATA_CONFIG",
                         help="videos for --int8 calibration: a folder of videos or an MMAction2 data config "
                              "(default: the demo's synthetic videos; pass the --config itself for its own data)")
+    parser.add_argument("--int8-portable", action=argparse.BooleanOptionalAction, default=None,
+                        help="--int8 weights that x86 CPUs without VNNI run without saturating (onnxruntime uint8 "
+                             "weights, OpenVINO 7-bit weights); default: on exactly when this CPU has no VNNI")
     parser.add_argument("--output", help="artifact path (default: <model>_<online|offline><suffix>, suffix .onnx, "
                         ".xml or .pte); the sidecar is the same path with .json, ONNX weights go to <output>.data, "
                         "OpenVINO weights to .bin")
@@ -107,6 +110,8 @@ def _check(args: argparse.Namespace) -> None:
                          "future frames); drop --direction bi or use --offline.")
     if args.calibration and not args.int8:
         raise ValueError("--calibration is for --int8; add --int8 or drop --calibration.")
+    if args.int8_portable is not None and not args.int8:
+        raise ValueError("--int8-portable is for --int8; add --int8 or drop it.")
     if args.int8 and args.batch_size != 1:
         raise ValueError(f"--batch-size {args.batch_size}: the int8 online step takes one stream; drop --batch-size.")
     if args.int8 and args.precision != "f32":
@@ -205,4 +210,4 @@ def _export_int8(args: argparse.Namespace, net: "tsm_surgery.TSMNet", path: str,
     metadata = {**metadata, "calibration": args.calibration or "demo data (tsm-surgery synth-data)",
                 "calibration_clips": len(clips)}
     export_int8_set(args.target, net, path, clips, frame_shape=frame_shape, online=args.online, force=args.force,
-                    metadata=metadata)
+                    metadata=metadata, portable=args.int8_portable)

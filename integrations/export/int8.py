@@ -46,6 +46,7 @@ from torch import nn
 import tsm_surgery
 
 from .calibration import check_calibration, online_feeds
+from .int8_cpu import portable_default
 from .runtime import CODE_DTYPES
 
 __all__ = ["TARGETS", "FORMS", "Int8Artifact", "quantize", "quantize_pytorch", "load"]
@@ -62,6 +63,7 @@ class Int8Artifact:
     ``caches``: one dict per online cache, in input order: ``input``/``output`` names, ``shape``,
     ``dtype`` (``"uint8"`` or ``"int8"`` where the runtime takes codes, else ``"float32"``), ``scale`` and
     ``zero_point`` (the first frame's cache is all ``zero_point`` codes, i.e. the quantized zero).
+    ``portable``: made to run without saturation on x86 CPUs without VNNI too (see :mod:`.int8_cpu`).
     """
 
     target: str
@@ -70,6 +72,7 @@ class Int8Artifact:
     frame_shape: tuple[int, ...]
     n_segments: int | None = None
     caches: list[dict] = field(default_factory=list)
+    portable: bool = True
 
     def zero_caches(self, batch_size: int = 1) -> list[np.ndarray]:
         """The state before the first frame, in the dtype the artifact takes."""
@@ -144,7 +147,7 @@ def _pt2e_form(net, clips, frame_shape, form):
 
 
 def quantize(target: str, net: "tsm_surgery.TSMNet", calibration: Sequence[torch.Tensor], path: str,
-             frame_shape: Sequence[int], form: str = "online") -> Int8Artifact:
+             frame_shape: Sequence[int], form: str = "online", portable: bool | None = None) -> Int8Artifact:
     """Static int8 of ``net``'s online step or clip network for ``target``, written to ``path``.
 
     Args:
@@ -154,6 +157,10 @@ def quantize(target: str, net: "tsm_surgery.TSMNet", calibration: Sequence[torch
         path: the artifact's path; its companion files go beside it. Written only when all succeed.
         frame_shape: ``(C, H, W)`` of one frame.
         form: ``"online"`` or ``"clip"``.
+        portable: int8 weights that no x86 CPU's kernels saturate (onnxruntime: uint8 weights;
+            OpenVINO: 7-bit weights), a little slower or less precise on CPUs with VNNI, where
+            the full int8 range is exact. ``None`` (the default): portable exactly when this CPU
+            has no VNNI (:func:`.int8_cpu.saturating_int8`). ExecuTorch's export is the same either way.
 
     Returns:
         The :class:`Int8Artifact`.
@@ -171,7 +178,7 @@ def quantize(target: str, net: "tsm_surgery.TSMNet", calibration: Sequence[torch
     os.makedirs(os.path.dirname(final), exist_ok=True)
     with tempfile.TemporaryDirectory(dir=os.path.dirname(final), prefix=".int8_") as tmp:
         staged = os.path.join(tmp, os.path.basename(final))
-        art = _QUANTIZERS[target](net, clips, staged, frame_shape, form, tmp)
+        art = _QUANTIZERS[target](net, clips, staged, frame_shape, form, tmp, portable_default(portable))
         files = []
         for name in art.files:
             dest = os.path.join(os.path.dirname(final), os.path.basename(name))
@@ -215,24 +222,25 @@ def _cache_specs(net, frame_shape, form, pairs, qparams: dict, dtype: str) -> li
     return specs
 
 
-def _quantize_onnx(net, clips, staged, frame_shape, form, tmp) -> Int8Artifact:
+def _quantize_onnx(net, clips, staged, frame_shape, form, tmp, portable) -> Int8Artifact:
     from .int8_onnx import CODES, quantize_onnx
 
     float_path, names, pairs = _float_onnx(net, clips, frame_shape, form, tmp)
-    found = quantize_onnx(float_path, staged, _feeds(net, clips, frame_shape, form, names), pairs)
+    found = quantize_onnx(float_path, staged, _feeds(net, clips, frame_shape, form, names), pairs, portable)
     return Int8Artifact("onnx", form, [staged], frame_shape, net.n_segments if form == "clip" else None,
-                        _cache_specs(net, frame_shape, form, pairs, found, CODES))
+                        _cache_specs(net, frame_shape, form, pairs, found, CODES), portable)
 
 
-def _quantize_openvino(net, clips, staged, frame_shape, form, tmp) -> Int8Artifact:
+def _quantize_openvino(net, clips, staged, frame_shape, form, tmp, portable) -> Int8Artifact:
     from .int8_openvino import quantize_openvino
 
     float_path, names, pairs = _float_openvino(net, clips, frame_shape, form, tmp)
     xml = os.path.splitext(staged)[0] + ".xml"
-    found = quantize_openvino(float_path, xml, _feeds(net, clips, frame_shape, form, names), [i for i, _ in pairs])
+    found = quantize_openvino(float_path, xml, _feeds(net, clips, frame_shape, form, names), [i for i, _ in pairs],
+                              portable)
     return Int8Artifact("openvino", form, [xml, os.path.splitext(xml)[0] + ".bin"], frame_shape,
                         net.n_segments if form == "clip" else None,
-                        _cache_specs(net, frame_shape, form, pairs, found, "float32"))
+                        _cache_specs(net, frame_shape, form, pairs, found, "float32"), portable)
 
 
 def _float_openvino(net, clips, frame_shape, form, tmp) -> tuple[str, list[str], list[tuple[str, str]]]:
@@ -251,7 +259,7 @@ def _float_openvino(net, clips, frame_shape, form, tmp) -> tuple[str, list[str],
     return path, [i["name"] for i in io["inputs"]], [(s["input"], s["output"]) for s in io["state"]]
 
 
-def _quantize_executorch(net, clips, staged, frame_shape, form, tmp) -> Int8Artifact:
+def _quantize_executorch(net, clips, staged, frame_shape, form, tmp, portable) -> Int8Artifact:
     from .int8_pt2e import quantize_module, to_executorch
 
     module, example, calibrate = _pt2e_form(net, clips, frame_shape, form)

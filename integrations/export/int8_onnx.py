@@ -18,7 +18,8 @@ output are removed, so the state between frames never leaves int8.
 Activations are uint8 (asymmetric, a zero point per tensor) and weights int8 per channel, the
 U8S8 form that onnxruntime's x86 kernels run fastest: measured on the online step, paired
 against float32 on AVX-512 VNNI, MobileNetV2 1.65 ms against 2.33 ms with int8 activations
-(float32 3.60 ms), ResNet-50 15.8 against 17.4 ms (float32 39.1 ms).
+(float32 3.60 ms), ResNet-50 15.8 against 17.4 ms (float32 39.1 ms). A portable export (the
+default on a CPU without VNNI, where U8S8 sums saturate, see :mod:`.int8_cpu`) has uint8 weights.
 """
 
 import collections
@@ -36,7 +37,7 @@ _CONSTANT_FILL = {"Expand", "ConstantOfShape", "Constant"}  # producers of a zer
 
 
 def quantize_onnx(float_path: str, out_path: str, feeds: Iterable[dict[str, np.ndarray]],
-                  cache_pairs: Sequence[tuple[str, str]] = ()) -> dict[str, tuple[float, int]]:
+                  cache_pairs: Sequence[tuple[str, str]] = (), portable: bool = False) -> dict[str, tuple[float, int]]:
     """``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations, min/max) + the shift's rules.
 
     Args:
@@ -44,6 +45,7 @@ def quantize_onnx(float_path: str, out_path: str, feeds: Iterable[dict[str, np.n
         out_path: where the int8 graph goes (weights inside it).
         feeds: calibration inputs, one dict per run.
         cache_pairs: ``(input name, output name)`` of each online cache, made int8.
+        portable: uint8 weights (U8U8), which no x86 kernel saturates, instead of int8 (U8S8).
 
     Returns:
         cache input name -> ``(scale, zero_point)`` (empty for the clip network).
@@ -64,7 +66,7 @@ def quantize_onnx(float_path: str, out_path: str, feeds: Iterable[dict[str, np.n
             return next(self.feeds, None)
 
     quantize_static(float_path, out_path, _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QUInt8 if portable else QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax)
     model = onnx.load(out_path)
     tie_shift_qparams(model)

@@ -8,8 +8,8 @@ there is no channel split and concat of the activation, which the CPU plugin ran
 ``FakeQuantize`` ops where the CPU plugin runs int8 (inputs of convolutions, matmuls, adds).
 Two settings and one rewrite make the online step and the clip network the same int8 network:
 
-* activation ranges are the global min/max and weights use the full 8-bit range
-  (:func:`_nncf_settings`), so neither form's quantization depends on how its calibration data
+* activation ranges are the global min/max and every layer's weights the same range (8 bits, or
+  7 in a portable export) (:func:`_nncf_settings`), so neither form's quantization depends on how its calibration data
   was cut into samples or on which layers read a model input (a cache);
 * :func:`quantize_zero_slots` gives the clip network's zero frame of the moved slot the
   FakeQuantize of the frames it joins, made from data, so the layer reading it runs in int8.
@@ -27,8 +27,11 @@ __all__ = ["quantize_openvino", "quantize_zero_slots", "fake_quantize_ranges", "
 
 
 def quantize_openvino(float_model: str, xml_path: str, feeds: Sequence[dict[str, np.ndarray]],
-                      cache_inputs: Sequence[str] = ()) -> dict[str, tuple[float, int]]:
+                      cache_inputs: Sequence[str] = (), portable: bool = False) -> dict[str, tuple[float, int]]:
     """Quantizes ``float_model`` (ONNX or IR) with NNCF on ``feeds`` and saves ``xml_path`` (+ ``.bin``).
+
+    ``portable``: 7-bit weights in every layer (NNCF's overflow fix), which CPUs without VNNI run
+    without saturating; otherwise the full 8-bit range.
 
     Returns cache input name -> (scale, zero_point) of the FakeQuantize that reads it.
     """
@@ -40,7 +43,7 @@ def quantize_openvino(float_model: str, xml_path: str, feeds: Sequence[dict[str,
     # cannot reorder in the quantized graph ("Can not clone with new dims").
     model.reshape({name: list(array.shape) for name, array in feeds[0].items()})
     quantized = nncf.quantize(model, nncf.Dataset(list(feeds)), subset_size=len(feeds),
-                              advanced_parameters=_nncf_settings())
+                              advanced_parameters=_nncf_settings(portable))
     quantize_zero_slots(quantized)
     ov.save_model(quantized, xml_path, compress_to_fp16=False)
     _check_compiles(ov, xml_path)
@@ -57,17 +60,17 @@ def quantize_openvino(float_model: str, xml_path: str, feeds: Sequence[dict[str,
     return found
 
 
-def _nncf_settings():
+def _nncf_settings(portable: bool = False):
     """NNCF's settings under which the clip network and the online step quantize alike.
 
     * ``MINMAX`` activation ranges: NNCF's default for per-tensor activations averages each
       sample's min and max, so a range depended on the samples, a clip for the clip network and
       a frame for the step; the global min/max is the same however the frames are grouped.
-    * No overflow fix: NNCF's default halves the weight range of the first convolution after each
-      model input, and every cache is a model input, so each site's first layer got 7-bit weights
-      in the step and 8-bit ones in the clip network. The full range is right for CPUs with VNNI
-      or AMX (this project's bench machine has AVX-512 VNNI); on older AVX2/AVX-512 CPUs without
-      VNNI, int8 convolutions may saturate, see NNCF's ``OverflowFix``.
+    * The overflow fix on every layer or on none: NNCF's default halves the weight range of the
+      first convolution after each model input, and every cache is a model input, so each site's
+      first layer got 7-bit weights in the step and 8-bit ones in the clip network. The full range
+      is right for CPUs with VNNI or AMX; on x86 CPUs without VNNI int8 convolutions may saturate,
+      and ``portable`` halves every layer's range (see :mod:`.int8_cpu`).
 
     NNCF's default fast bias correction stays: it corrects each bias from the mean of the layer's
     input, which is the same in both forms (its slower ``BiasCorrection`` is not: the two forms'
@@ -81,7 +84,7 @@ def _nncf_settings():
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
     return AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX,
-                                          overflow_fix=OverflowFix.DISABLE)
+                                          overflow_fix=OverflowFix.ENABLE if portable else OverflowFix.DISABLE)
 
 
 def _is_zero_fill(node) -> bool:

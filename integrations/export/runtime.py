@@ -19,6 +19,7 @@ Example::
 """
 
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -153,8 +154,21 @@ def load(sidecar_path: str, engine: str | None = None, precision: str | None = N
     path = os.path.join(os.path.dirname(os.path.abspath(sidecar_path)), sidecar["artifact"])
     compiled = open_engine(engine, path, precision or sidecar.get("precision"), threads)
     _check_against(compiled, sidecar, sidecar_path)
+    _warn_if_saturating(sidecar, engine, sidecar_path)
     runner = OnlineRunner if sidecar["form"] == "online" else ClipRunner
     return runner(compiled, sidecar)
+
+
+def _warn_if_saturating(sidecar: dict[str, Any], engine: str, path: str) -> None:
+    """An int8 export made for VNNI CPUs, run on an x86 CPU without VNNI: its sums may saturate."""
+    if sidecar.get("dtype") != "int8" or sidecar.get("int8_portable", True) or engine == "executorch":
+        return
+    from .int8_cpu import saturating_int8
+
+    if saturating_int8():
+        warnings.warn(f"{path}: this int8 export uses the full 8-bit weight range, which this CPU (x86 without VNNI) "
+                      "may saturate, moving outputs by a large fraction of their range. Hint: re-export with "
+                      "--int8-portable.", RuntimeWarning, stacklevel=3)
 
 
 class ClipRunner:

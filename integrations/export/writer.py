@@ -111,7 +111,7 @@ def export_set(target: str, network: "tsm_surgery.OnlineTSM | tsm_surgery.TSMNet
 
 def export_int8_set(target: str, net: "tsm_surgery.TSMNet", path: str, calibration: Sequence[torch.Tensor], *,
                     frame_shape: tuple[int, int, int] = (3, 224, 224), online: bool = True, force: bool = False,
-                    metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+                    metadata: dict[str, Any] | None = None, portable: bool | None = None) -> dict[str, Any]:
     """Static int8 of ``net`` for ``target`` (:func:`.int8.quantize`) at ``path`` with its sidecar, all or nothing.
 
     The sidecar is :func:`export_set`'s, read off the quantized artifact itself (names, shapes,
@@ -128,6 +128,8 @@ def export_int8_set(target: str, net: "tsm_surgery.TSMNet", path: str, calibrati
         online: the one-frame step (default) or the clip network.
         force: replace an existing set.
         metadata: more sidecar fields (model, checkpoint, preprocess, ...).
+        portable: int8 that CPUs without VNNI run without saturating (:func:`.int8.quantize`);
+            ``None``: portable where this CPU has no VNNI. The sidecar's ``int8_portable`` says which.
 
     Raises:
         ValueError: calibration of the wrong shape, a bi network asked for the online form.
@@ -140,7 +142,8 @@ def export_int8_set(target: str, net: "tsm_surgery.TSMNet", path: str, calibrati
     require_target(target)
     with atomic_outputs(outputs, force) as temps:
         staged = dict(zip([p for p, _ in outputs], temps)).__getitem__
-        art = int8.quantize(target, net, calibration, staged(path), frame_shape, "online" if online else "clip")
+        art = int8.quantize(target, net, calibration, staged(path), frame_shape, "online" if online else "clip",
+                            portable)
         sites = list(tsm_surgery.to_online(net, frame_shape=frame_shape).init_state(1, frame_shape=frame_shape)
                      ) if online else []
         io = _int8_io(runtime.open_engine(target, art.files[0]), art, net.n_segments, sites)
@@ -149,6 +152,7 @@ def export_int8_set(target: str, net: "tsm_surgery.TSMNet", path: str, calibrati
             "files": [os.path.basename(p) for p, _ in outputs[:-1] if os.path.exists(staged(p))],
             **({"onnx": os.path.basename(path)} if target == "onnx" else {}),
             "form": "online" if online else "offline", "dtype": "int8", "quantization": _QUANTIZERS[target],
+            "int8_portable": art.portable,
             "precision": "f32", "batch_size": io["inputs"][0]["shape"][0],
             "n_segments": None if online else net.n_segments, "direction": net.direction,
             "shift_div": net.shift_div, "input_size": frame_shape[-1], "preprocess": _default_preprocess(frame_shape),
