@@ -2,6 +2,7 @@
 online caches are int8 at the scale of what they cache, and the int8 stream equals the int8 clip
 network frame by frame, in onnxruntime, OpenVINO (NNCF) and ExecuTorch (PT2E + XNNPACK)."""
 
+import json
 import os
 
 import numpy as np
@@ -180,27 +181,6 @@ def test_onnx_portable_int8_kernels_compute_the_quantized_graph(clips, tmp_path)
     # rounding: the kernels requantize in integers, the graph in float, and a code at a rounding edge
     # that flips grows through the layers (measured 3% of the range here; 0% on the export verb's model)
     assert np.abs(kernels - graph).max() <= 0.05 * np.abs(graph).max()
-
-
-def test_full_range_int8_on_a_cpu_without_vnni_warns_at_load(tmp_path, verb_inputs, monkeypatch):
-    """The sidecar says which form an export is; the runner warns where a full-range one may saturate."""
-    import json
-    import warnings
-
-    from tsm_surgery.integrations.export import int8_cpu
-    from tsm_surgery.integrations.export.runtime import load as load_sidecar
-
-    root, checkpoint = verb_inputs
-    sidecar = _export(tmp_path, checkpoint, "onnx", "--int8", "--no-int8-portable", "--calibration",
-                      str(root / "data"))
-    assert json.loads(open(sidecar).read())["int8_portable"] is False
-    monkeypatch.setattr(int8_cpu, "saturating_int8", lambda: True)
-    with pytest.warns(RuntimeWarning, match="--int8-portable"):
-        load_sidecar(sidecar)
-    monkeypatch.setattr(int8_cpu, "saturating_int8", lambda: False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
-        load_sidecar(sidecar)
 
 
 @pytest.mark.slow
@@ -436,7 +416,7 @@ def _stream_top1(sidecar: str, clips) -> tuple[list[int], "np.ndarray"]:
     return tops, np.concatenate(logits)
 
 
-def test_export_verb_int8_onnx_streams_through_the_runner(tmp_path, verb_inputs):
+def test_export_verb_int8_onnx_streams_through_the_runner(tmp_path, verb_inputs, monkeypatch):
     from tsm_surgery.integrations.export.int8_cpu import saturating_int8
     from tsm_surgery.integrations.streaming.calibration import load_calibration
 
@@ -444,8 +424,6 @@ def test_export_verb_int8_onnx_streams_through_the_runner(tmp_path, verb_inputs)
     float_sidecar = _export(tmp_path / "f32", checkpoint, "onnx")
     int8_sidecar = _export(tmp_path / "int8", checkpoint, "onnx", "--int8", "--calibration", str(root / "data"))
     assert sorted(p.name for p in (tmp_path / "int8").iterdir()) == ["m.json", "m.onnx"]
-    import json
-
     side = json.loads(open(int8_sidecar).read())
     assert side["dtype"] == "int8" and side["form"] == "online" and side["calibration"] == str(root / "data")
     assert side["int8_portable"] is saturating_int8()  # the default: portable where this CPU lacks VNNI
@@ -454,6 +432,26 @@ def test_export_verb_int8_onnx_streams_through_the_runner(tmp_path, verb_inputs)
     float_top, float_logits = _stream_top1(float_sidecar, clips)
     int8_top, int8_logits = _stream_top1(int8_sidecar, clips)
     _assert_int8_follows_float(float_top, float_logits, int8_top, int8_logits)
+    _full_range_warns_at_load(int8_sidecar, monkeypatch)
+
+
+def _full_range_warns_at_load(sidecar: str, monkeypatch) -> None:
+    """The runner warns where a full-range int8 export (``int8_portable: false``) may saturate, only there."""
+    import warnings
+
+    from tsm_surgery.integrations.export import int8_cpu
+    from tsm_surgery.integrations.export.runtime import load as load_sidecar
+
+    side = json.loads(open(sidecar).read())
+    for portable, saturating in [(False, True), (False, False), (True, True)]:
+        with open(sidecar, "w") as f:
+            json.dump({**side, "int8_portable": portable}, f)
+        monkeypatch.setattr(int8_cpu, "saturating_int8", lambda saturating=saturating: saturating)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            load_sidecar(sidecar)
+        warned = [c for c in caught if issubclass(c.category, RuntimeWarning)]
+        assert len(warned) == (saturating and not portable) and all("--int8-portable" in str(c.message) for c in warned)
 
 
 def _assert_int8_follows_float(float_top, float_logits, int8_top, int8_logits):
