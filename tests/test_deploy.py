@@ -332,6 +332,9 @@ def test_bench_deploy_quick_writes_its_own_section(tmp_path, capsys):
     int8_ms, float_ms, ratio = float(cells[2]), float(cells[3]), float(cells[4].split()[0])
     assert int8_ms > 0 and float_ms > 0 and ratio == pytest.approx(int8_ms / float_ms, rel=1.0)
     assert float(cells[5]) < 0.3 and 0.0 <= float(cells[6]) <= 1.0  # random weights: near, not equal
+    from tsm_surgery.integrations.export.int8_cpu import saturating_int8
+
+    assert ("portable weights" if saturating_int8() else "full-range int8 weights") in text  # the int8 form run
     machine = deploy.describe(torch.device("cpu"))
     result = deploy.DeployResult(deploy.DeploySettings(runtimes=("onnx",)), machine=machine)
     deploy.write(str(out), result)  # a second run replaces the section and keeps the others

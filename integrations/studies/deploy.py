@@ -271,7 +271,11 @@ def render(r: DeployResult) -> str:
 def _int8_lines(r: DeployResult) -> list[str]:
     if not r.int8_rows:
         return ["- int8: not measured in this run."]
-    lines = [f"**int8** (static, calibrated on {r.settings.calibration_clips} demo videos; the online step): "
+    from tsm_surgery.integrations.export.int8_cpu import saturating_int8
+
+    form = ("portable weights (this CPU has no VNNI: onnxruntime uint8 weights, OpenVINO 7-bit)" if saturating_int8()
+            else "full-range int8 weights (this CPU has VNNI)")
+    lines = [f"**int8** (static, calibrated on {r.settings.calibration_clips} demo videos, {form}; the online step): "
              "**int8 / f32**: median over paired rounds of the int8 step / the same runtime's float32 step "
              "(target <= 0.6 on AVX-512 VNNI); **difference**: the int8 stream's largest difference from the "
              "float32 stream on the same clip, relative to its largest output; **top-1 agreement**: frames "
