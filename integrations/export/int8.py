@@ -158,9 +158,10 @@ def quantize(target: str, net: "tsm_surgery.TSMNet", calibration: Sequence[torch
         frame_shape: ``(C, H, W)`` of one frame.
         form: ``"online"`` or ``"clip"``.
         portable: int8 weights that no x86 CPU's kernels saturate (onnxruntime: uint8 weights;
-            OpenVINO: 7-bit weights), a little slower or less precise on CPUs with VNNI, where
-            the full int8 range is exact. ``None`` (the default): portable exactly when this CPU
-            has no VNNI (:func:`.int8_cpu.saturating_int8`). ExecuTorch's export is the same either way.
+            OpenVINO: 7-bit weights): slower in onnxruntime (its U8U8 kernels) and a little less
+            precise in OpenVINO than the full int8 range, which is exact on CPUs with VNNI.
+            ``None`` (the default): portable exactly when this CPU has no VNNI
+            (:func:`.int8_cpu.saturating_int8`). ExecuTorch's export is the same either way.
 
     Returns:
         The :class:`Int8Artifact`.
