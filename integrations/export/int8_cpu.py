@@ -6,10 +6,11 @@ kernels and OpenVINO's CPU plugin use it on such CPUs (onnxruntime's quantizatio
 to use reduce_range"; NNCF's ``OverflowFix``). With VNNI (AVX512-VNNI, AVX-VNNI) or AMX the
 products accumulate in int32 and nothing clamps; ARM's dot products do not clamp either.
 
-A *portable* int8 export avoids the clamp on every CPU, at some cost where VNNI exists:
-onnxruntime gets uint8 weights (U8U8, kernels that widen to 16 bits before multiplying) and
-OpenVINO 7-bit weights (NNCF's overflow fix on every layer). ExecuTorch's XNNPACK kernels widen
-its int8 operands before multiplying, so its export is the same either way. Measured on an
+A *portable* int8 export avoids the clamp on every CPU, at some cost in speed or precision:
+onnxruntime gets uint8 weights (U8U8, which onnxruntime documents as free of the clamp, and whose
+kernels are slower) and OpenVINO 7-bit weights (NNCF's overflow fix on every layer). ExecuTorch's
+XNNPACK int8 (signed activations and weights) is the same either way; its int8 tests pass on an
+AVX2-only host. Measured on an
 AVX2-only AMD EPYC, a random MobileNetV2's int8 online step (onnxruntime, U8S8) was 26% of its
 output range away from the same graph's QDQ reference and agreed with float32 on 69% of top-1
 frames against the reference's 81%; as U8U8 it equalled the reference exactly.
