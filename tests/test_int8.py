@@ -143,15 +143,20 @@ def test_onnx_graph_shift_and_caches(clips, tmp_path):
 # -- CPUs without VNNI: a portable export's int8 kernels compute its quantized graph ------------------------------
 
 
-def _onnx_stream(path: str, caches: list[np.ndarray], clips, optimized: bool) -> np.ndarray:
-    """The step's logits over ``clips``, caches fed back; not ``optimized``: onnxruntime runs every
-    QDQ pair in float, the quantized graph's own arithmetic with no int8 kernel."""
+def _onnx_session(path: str, optimized: bool):
+    """An onnxruntime session; not ``optimized``: every QDQ pair runs in float, the quantized graph's
+    own arithmetic with no int8 kernel."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if not optimized:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def _onnx_stream(path: str, caches: list[np.ndarray], clips, optimized: bool) -> np.ndarray:
+    """The step's logits over ``clips``, caches fed back (see :func:`_onnx_session` for ``optimized``)."""
+    session = _onnx_session(path, optimized)
     names = [i.name for i in session.get_inputs()]
     logits = []
     for clip in clips:
@@ -333,15 +338,11 @@ def test_onnx_stream_equals_clip_network_mobilenetv2(clips, tmp_path, portable):
     are compared on the four-block ResNet above: in this network a code at a rounding edge that one
     kernel path rounds the other way grows to a few percent of the logits (measured: U8S8 kernels
     stream and clip alike to 1e-7, U8U8 kernels at batch 1 and 4 differ by 9% of the range)."""
-    import onnxruntime as ort
-
     net = _converted("mobilenetv2")
     online = int8.quantize("onnx", net, clips[:3], str(tmp_path / "step.onnx"), FRAME, portable=portable)
     clip_net = int8.quantize("onnx", net, clips[:3], str(tmp_path / "clip.onnx"), FRAME, form="clip", portable=portable)
     stream = _onnx_stream(online.files[0], online.zero_caches(), clips[:3], optimized=False)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(clip_net.files[0], options, providers=["CPUExecutionProvider"])
+    session = _onnx_session(clip_net.files[0], optimized=False)
     reference = np.concatenate([session.run(None, {"clips": c.numpy()})[0] for c in clips[:3]])
     assert np.abs(stream - reference).max() <= 1e-5 * np.abs(reference).max()
 
