@@ -398,6 +398,41 @@ def test_in_place_shift_restores_its_input_exactly():
             assert torch.equal(x, before)
 
 
+def _at_storage_offset(x: torch.Tensor, offset: int) -> torch.Tensor:
+    """``x``'s values in a tensor that starts ``offset`` elements into its storage and is not a view."""
+    storage = torch.empty(offset + x.numel() + 3, dtype=x.dtype)
+    out = torch.empty(0, dtype=x.dtype).set_(storage.untyped_storage(), offset, x.shape, x.stride())
+    out.copy_(x)
+    return out
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["shift", "gradient"])
+@pytest.mark.parametrize("mode", ["bi", "uni", "uni_first"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "tokens", "5d", "one frame", "storage offset"])
+def test_slot_moves_equal_the_copy_form_and_put_back_exactly(layout, mode, reverse):
+    from tsm_surgery._in_place import move_slots, put_back
+    from tsm_surgery._shift import _shift_copy
+
+    frames, dim = (1 if layout == "one frame" else SEGMENTS), (-1 if layout == "tokens" else 1)
+    shape = {"tokens": (2 * frames, 5, 24), "5d": (2 * frames, 24, 2, 3, 2)}.get(layout, (2 * frames, 24, 3, 5))
+    x = torch.randn(shape)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    if layout == "storage offset":
+        x = _at_storage_offset(x, 7)
+    dim %= x.dim()
+    # the reference: the (N, T, ...) clips of the memory order's view, shifted by the copy form
+    memory_order = x.permute(0, 2, 3, 1) if layout == "channels_last" else x
+    view_dim = 3 if layout == "channels_last" else dim
+    clips = memory_order.reshape(2, frames, *memory_order.shape[1:])
+    expected = _shift_copy(clips.contiguous(), view_dim + 1, 3, mode, reverse).reshape(memory_order.shape)
+    before = x.clone()
+    scratch, slots = move_slots(x, frames, 3, mode, dim, reverse)
+    assert torch.equal(memory_order, expected)
+    put_back(x, scratch, slots)
+    assert torch.equal(x, before)
+
+
 def test_copies_pickles_script_and_online_forms_keep_working():
     net = convert(randomize_norms(torchvision.models.resnet18(num_classes=5)), SEGMENTS, direction="uni",
                   example_input=torch.randn(1, 3, 32, 32)).eval()

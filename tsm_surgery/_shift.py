@@ -27,6 +27,7 @@ import numbers
 import torch
 from torch import Tensor, nn
 
+from ._in_place import SLOTS, channels_last_4d, move_slots, put_back
 from ._recompute import in_graph_capture, mark_recomputable, recording
 
 __all__ = ["temporal_shift", "TemporalShift", "DIRECTIONS", "UNI_SLOTS", "restore_slots"]
@@ -168,19 +169,6 @@ def _shift_selecting(x: Tensor, n_segments: int, fold: int, direction: str, chan
     return torch.where(channel < fold, from_future, torch.where(channel < 2 * fold, from_past, x))
 
 
-# Which frame each moving slot reads, as (first channel in folds, frame offset): +1 reads frame
-# t+1 (a shift towards the past), -1 reads frame t-1. The backward of a shift is the shift with
-# every offset negated: the op is a permutation of entries with some of them replaced by zeros.
-_SLOTS = {
-    ("bi", False): ((0, 1), (1, -1)),
-    ("bi", True): ((0, -1), (1, 1)),
-    ("uni", False): ((1, -1),),
-    ("uni", True): ((1, 1),),
-    ("uni_first", False): ((0, -1),),
-    ("uni_first", True): ((0, 1),),
-}
-
-
 def _move_slot(src: Tensor, dst: Tensor, offset: int) -> None:
     """Writes slot ``src`` of a ``(N, T, ...)`` view into ``dst`` one frame along ``T`` (``offset`` +1: frame
     ``t`` reads ``t+1``), and zeros the frame at the clip end that has nothing to read."""
@@ -211,13 +199,13 @@ def _shift_copy(v: Tensor, channel_dim: int, fold: int, direction: str, reverse:
     channels = v.shape[channel_dim]
     whole_first = channel_dim == v.dim() - 1
     out = v.clone() if whole_first else torch.empty_like(v)
-    for slot, offset in _SLOTS[(direction, reverse)]:
+    for slot, offset in SLOTS[(direction, reverse)]:
         src = v.narrow(channel_dim, slot * fold, fold)
         dst = out.narrow(channel_dim, slot * fold, fold)
         _move_slot(src, dst, offset)
     if whole_first:
         return out
-    slots = [slot for slot, _ in _SLOTS[(direction, reverse)]]
+    slots = [slot for slot, _ in SLOTS[(direction, reverse)]]
     lo, hi = min(slots) * fold, (max(slots) + 1) * fold  # the moving slots are adjacent
     if lo:
         out.narrow(channel_dim, 0, lo).copy_(v.narrow(channel_dim, 0, lo))
@@ -225,30 +213,7 @@ def _shift_copy(v: Tensor, channel_dim: int, fold: int, direction: str, reverse:
     return out
 
 
-def _slot_span(direction: str, reverse: bool, fold: int) -> tuple[int, int]:
-    """First channel and width of the adjacent moving slots of a kernel mode."""
-    slots = [slot for slot, _ in _SLOTS[(direction, reverse)]]
-    return min(slots) * fold, (max(slots) - min(slots) + 1) * fold
-
-
-def _shift_slots_in_place(v: Tensor, channel_dim: int, fold: int, direction: str, reverse: bool = False) -> Tensor:
-    """Shifts the moving slots of the dense ``(N, T, ...)`` view ``v`` in place; returns them as they were.
-
-    The returned scratch (the adjacent moving slots, one slot for ``"uni"``, two for ``"bi"``)
-    is what :func:`restore_slots` writes back. Moved data: the scratch copy, the shifted copy
-    back and the restore, each of ``2/shift_div`` of the tensor for ``"bi"``: 0.75 of a clone's
-    traffic, with no new full-size tensor. ``reverse`` shifts the other way (a gradient).
-    """
-    lo, width = _slot_span(direction, reverse, fold)
-    scratch = v.narrow(channel_dim, lo, width).clone()
-    for slot, offset in _SLOTS[(direction, reverse)]:
-        src = scratch.narrow(channel_dim, slot * fold - lo, fold)
-        dst = v.narrow(channel_dim, slot * fold, fold)
-        _move_slot(src, dst, offset)
-    return scratch
-
-
-_SWAPPED = "_tsm_swapped_slots"  # set on a tensor whose slots a shift moved in place: (scratch, how to find them)
+_SWAPPED = "_tsm_swapped_slots"  # set on a tensor whose slots a shift moved in place: (scratch, their view)
 
 
 def _can_shift_in_place(x: Tensor) -> bool:
@@ -280,27 +245,12 @@ def restore_slots(x: Tensor) -> None:
     if swapped is None:
         return None
     delattr(x, _SWAPPED)
-    scratch, n_segments, channel_dim, lo = swapped
-    clips, dim = _clips(x, n_segments, channel_dim)
-    clips.narrow(dim, lo, scratch.shape[dim]).copy_(scratch)
+    put_back(x, *swapped)
     return None
 
 
-def _clips(x: Tensor, n_segments: int, channel_dim: int):
-    """The ``(N, T, ...)`` view of ``x`` (of its NHWC view when ``x`` is channels_last) and its channel dim."""
-    channels_last = (channel_dim == 1 and x.dim() == 4 and not x.is_contiguous()
-                     and x.is_contiguous(memory_format=torch.channels_last))
-    if channels_last:
-        x = x.permute(0, 2, 3, 1)
-        channel_dim = 3
-    shape: list[int] = list(x.shape)
-    return x.reshape([shape[0] // n_segments, n_segments] + shape[1:]), channel_dim + 1
-
-
 def _swap_shift(x: Tensor, n_segments: int, fold: int, mode: str, channel_dim: int) -> Tensor:
-    clips, dim = _clips(x, n_segments, channel_dim)
-    scratch = _shift_slots_in_place(clips, dim, fold, mode)
-    setattr(x, _SWAPPED, (scratch, n_segments, channel_dim, _slot_span(mode, False, fold)[0]))
+    setattr(x, _SWAPPED, move_slots(x, n_segments, fold, mode, channel_dim))
     return x
 
 
@@ -347,11 +297,12 @@ def _temporal_shift(x: Tensor, n_segments: int, shift_div: int, direction: str, 
     mode = _mode(direction, uni_slot)
     if _compiling_not_exporting():
         return _shift_selecting(x, n_segments, fold, mode, channel_dim)
+    if not torch.jit.is_scripting():
+        if swap and not _use_functional_form() and _can_shift_in_place(x) and not hasattr(x, _SWAPPED):
+            return _swap_shift(x, n_segments, fold, mode, channel_dim)
     # channels_last: shift the (N*T, H, W, C) view, whose memory is contiguous, so the result
     # keeps the caller's memory format without an extra copy.
-    channels_last = (channel_dim == 1 and x.dim() == 4 and not x.is_contiguous()
-                     and x.is_contiguous(memory_format=torch.channels_last))
-    given_dim = channel_dim
+    channels_last = channels_last_4d(x, channel_dim)
     if channels_last:
         x = x.permute(0, 2, 3, 1)
         channel_dim = 3
@@ -360,8 +311,6 @@ def _temporal_shift(x: Tensor, n_segments: int, shift_div: int, direction: str, 
         out = _shift_flat_clips(x, n_segments, fold, mode, channel_dim)
     elif _use_functional_form():
         out = _shift_flat_clips(x, n_segments, fold, mode, channel_dim)
-    elif swap and _can_shift_in_place(source) and not hasattr(source, _SWAPPED):
-        return _swap_shift(source, n_segments, fold, mode, given_dim)
     else:
         clips = x.reshape([shape[0] // n_segments, n_segments] + shape[1:])
         out = _eager_shift(clips.contiguous(), channel_dim + 1, fold, mode).reshape(shape)

@@ -24,18 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from ._in_place import move_slots, put_back
 from ._recompute import close_site_hooks, in_graph_capture, open_site_hooks, recording
-from ._shift import (
-    _SWAPPED,
-    TemporalShift,
-    _check_input,
-    _clips,
-    _mode,
-    _shift_copy,
-    _shift_slots_in_place,
-    _slot_span,
-    owns_dense_memory,
-)
+from ._shift import _SWAPPED, TemporalShift, _check_input, _mode, _shift_copy, owns_dense_memory
 
 __all__ = ["shifted_conv2d", "shifted_conv_module"]
 
@@ -49,21 +40,18 @@ class _SlotsMoved:
     def __enter__(self) -> Tensor:
         self.version = torch.autograd._unsafe_preserve_version_counter(self.x)
         self.version.__enter__()
-        self.clips, self.dim = _clips(self.x, self.n_segments, 1)
-        self.scratch = _shift_slots_in_place(self.clips, self.dim, self.fold, self.mode)
+        self.moved = move_slots(self.x, self.n_segments, self.fold, self.mode)
         return self.x
 
     def __exit__(self, *exc) -> None:
-        lo, width = _slot_span(self.mode, False, self.fold)
-        self.clips.narrow(self.dim, lo, width).copy_(self.scratch)
+        put_back(self.x, *self.moved)
         self.version.__exit__(*exc)
 
 
 def _shift_back_in_place(grad: Tensor, n_segments: int, fold: int, mode: str) -> Tensor:
     if not (grad.is_contiguous() or grad.is_contiguous(memory_format=torch.channels_last)):
         grad = grad.contiguous()
-    clips, dim = _clips(grad, n_segments, 1)
-    _shift_slots_in_place(clips, dim, fold, mode, reverse=True)
+    move_slots(grad, n_segments, fold, mode, reverse=True)
     return grad
 
 
