@@ -58,6 +58,15 @@ def remaining_cost(r: BenchResult) -> list[str]:
             "block input. That loop still reads three frames to write one (`where` evaluates both of its sides), "
             "which is the compiled op-level figure; it runs once per site on data the previous loop just wrote.")
     bullets.append(_noise(r))
+    if r.op_in_place_s is not None:
+        bullets.append(
+            "Eval moves each site's slots in place around the branch's first layer and puts them back: four "
+            "kernels on strided views computed once per shape (the slots into a scratch, every slot's shifted "
+            "frames back in one copy, the clip-end frames zeroed in one, the restore), 0.75 of a clone's bytes. "
+            f"Here it cost {r.op_in_place_s / r.copy_floor_s:.2f}x the `clone`. Both are timed warm on the same "
+            "tensor; the in-place form touches a quarter of it plus a scratch of that size, the clone all of it "
+            "and a new buffer, so their ratio depends on how much of that stays in cache, which can differ "
+            "between processes on the same host.")
     bullets += [
         "A training step makes no shifted copy where a site's shift feeds a 2D conv: the two are one autograd "
         "unit that moves the slots of the block input in place around the conv's forward and again around its "

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Machine", "describe", "load_average"]
+__all__ = ["Machine", "describe", "load_average", "vector_isa"]
 
 
 @dataclass
@@ -27,6 +27,7 @@ class Machine:
     torch_threads: int
     torch_version: str
     load_start: tuple[float, float, float]
+    vector_isa: str = ""  # the x86 vector extensions that set conv and int8 speed ("AVX2, no VNNI")
     load_end: tuple[float, float, float] = (0.0, 0.0, 0.0)
     own_load: float = 0.0  # this process's CPU seconds per second of the run: its share of load_end
     gpu: str | None = None  # name, memory and compute capability
@@ -47,7 +48,8 @@ class Machine:
     def lines(self) -> list:
         """Markdown bullet lines for the report's setup section."""
         cores = f"{self.physical_cores} physical cores, " if self.physical_cores else ""
-        out = [f"- CPU: {self.cpu}; {cores}{self.logical_cpus} logical CPUs, {self.usable_cpus} usable by this "
+        isa = f" ({self.vector_isa})" if self.vector_isa else ""
+        out = [f"- CPU: {self.cpu}{isa}; {cores}{self.logical_cpus} logical CPUs, {self.usable_cpus} usable by this "
                f"process; torch {self.torch_version} with {self.torch_threads} threads"]
         if self.gpu:
             out.append(f"- GPU: {self.gpu}; CUDA {self.cuda_version}")
@@ -76,9 +78,9 @@ def load_average() -> tuple[float, float, float]:
         return (float("nan"),) * 3
 
 
-def _cpu_model() -> tuple[str, int | None]:
-    """CPU model name and physical core count from /proc/cpuinfo, with portable fallbacks."""
-    name, cores = platform.processor() or platform.machine(), set()
+def _cpu_model() -> tuple[str, int | None, str]:
+    """CPU model name, physical core count and vector extensions from /proc/cpuinfo, with portable fallbacks."""
+    name, cores, flags = platform.processor() or platform.machine(), set(), set()
     try:
         with open("/proc/cpuinfo") as f:
             physical = "0"
@@ -91,19 +93,39 @@ def _cpu_model() -> tuple[str, int | None]:
                     physical = value
                 elif key == "core id":
                     cores.add((physical, value))
+                elif key == "flags" and not flags:
+                    flags = set(value.split())
     except OSError:
         pass
-    return name, (len(cores) or None)
+    return name, (len(cores) or None), vector_isa(flags)
+
+
+def vector_isa(flags: set[str]) -> str:
+    """The x86 vector extensions among ``/proc/cpuinfo`` flags, in words; empty for other CPUs.
+
+    Example:
+        >>> vector_isa({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"})
+        'AVX-512 with VNNI, BF16'
+        >>> vector_isa({"avx2"})
+        'AVX2, no VNNI'
+    """
+    extras = [label for flag, label in (("avx512_vnni", "VNNI"), ("avx512_bf16", "BF16"), ("amx_tile", "AMX"))
+              if flag in flags]
+    if "avx512f" in flags:
+        return "AVX-512" + (f" with {', '.join(extras)}" if extras else ", no VNNI")
+    if "avx2" in flags:
+        return "AVX2" + (" with AVX-VNNI" if "avx_vnni" in flags else ", no VNNI")
+    return ""
 
 
 def describe(device: torch.device) -> Machine:
     """The machine as it is now (call at the start of a run)."""
-    cpu, physical = _cpu_model()
+    cpu, physical, isa = _cpu_model()
     logical = os.cpu_count() or 1
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else logical
     machine = Machine(cpu=cpu, physical_cores=physical, logical_cpus=logical, usable_cpus=usable,
                       torch_threads=torch.get_num_threads(), torch_version=torch.__version__,
-                      load_start=load_average())
+                      load_start=load_average(), vector_isa=isa)
     if torch.device(device).type == "cuda":
         props = torch.cuda.get_device_properties(device)
         machine.gpu = (f"{props.name}, {props.total_memory / 2 ** 30:.0f} GiB, compute capability "
