@@ -75,16 +75,17 @@ def _moves_for(shape: tuple[int, ...], channels_last: bool, n_segments: int, fol
     # slot i reads frames [1, T) into [0, T-1) (offset +1) or [0, T-1) into [1, T) (offset -1)
     into_x = [(0 if o > 0 else frame) + s * run for s, o in slots]
     from_scratch = [i * frames * slot + (slot if o > 0 else 0) for i, (_, o) in enumerate(slots)]
-    moved = (clips, frames - 1, inner, run)
-    per_slot = tuple((((moved, (frames * frame, frame, *in_x), dst)),
-                      (moved, (frames * slot * len(slots), slot, *in_scratch), src))
-                     for dst, src in zip(into_x, from_scratch))
-    moves: tuple[tuple[_View, _View], ...] = per_slot
-    if len(slots) == 2 and into_x[1] > into_x[0] and from_scratch[1] > from_scratch[0]:
+    moves: tuple[tuple[_View, _View], ...]
+    if len(slots) == 2 and into_x[1] > into_x[0] and from_scratch[1] > from_scratch[0]:  # one copy for both
         both = (clips, 2, frames - 1, inner, run)
         moves = (((both, (frames * frame, into_x[1] - into_x[0], frame, *in_x), into_x[0]),
                   (both, (frames * slot * 2, from_scratch[1] - from_scratch[0], slot, *in_scratch),
                    from_scratch[0])),)
+    else:
+        moved = (clips, frames - 1, inner, run)
+        moves = tuple(((moved, (frames * frame, frame, *in_x), dst),
+                       (moved, (frames * slot * len(slots), slot, *in_scratch), src))
+                      for dst, src in zip(into_x, from_scratch))
     if frames == 1:
         moves = ()
     ends = sorted((frames - 1 if o > 0 else 0) * frame + s * run for s, o in slots)
