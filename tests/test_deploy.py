@@ -199,6 +199,34 @@ def test_executorch_programs_are_rank4_without_scatter(form):
     _assert_rank4(*_program_ranks(*_networks(form)))
 
 
+def test_executorch_serialises_with_the_default_sigchld_and_puts_the_callers_handler_back(tmp_path):
+    """A DataLoader with workers leaves a Python SIGCHLD handler installed; with it, the exit of
+    ExecuTorch's ``flatc`` child crashed the process (SIGSEGV) in the slow suite. The writer runs the
+    serialisation with the default action and restores the caller's handler."""
+    import signal
+    import subprocess
+
+    pytest.importorskip("executorch.exir")
+    from tsm_surgery.integrations.export import executorch
+
+    calls = []
+    previous = signal.signal(signal.SIGCHLD, lambda *_: calls.append(1))
+    try:
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        assert calls, "the handler should see a child's exit outside the writer"
+        calls.clear()
+        with executorch.default_sigchld():
+            assert signal.getsignal(signal.SIGCHLD) is signal.SIG_DFL
+            subprocess.run([sys.executable, "-c", "pass"], check=True)
+        executorch.write(torch.nn.Conv2d(3, 4, 1).eval(), (torch.randn(1, 3, 4, 4),), str(tmp_path / "c.pte"))
+        assert not calls and (tmp_path / "c.pte").stat().st_size > 0
+        assert signal.getsignal(signal.SIGCHLD) is not signal.SIG_DFL  # the caller's handler is back
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        assert calls
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+
+
 # --- bad input: one line, nothing written --------------------------------------------------------
 
 def _one_line_error(capsys, argv):

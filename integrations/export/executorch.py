@@ -10,6 +10,10 @@ Example::
     tsm-surgery export --target executorch --model timm:mobilenetv2_100 --online --output mbv2.pte
 """
 
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
@@ -18,9 +22,32 @@ import tsm_surgery
 
 from .artifacts import offline_example, offline_io, online_example, online_io, require, sidecar_path, torch_export
 
-__all__ = ["export_online", "export_offline", "output_files", "write"]
+__all__ = ["export_online", "export_offline", "output_files", "write", "default_sigchld"]
 
 
+@contextlib.contextmanager
+def default_sigchld() -> Iterator[None]:
+    """SIGCHLD at its default action while ExecuTorch exports, lowers and serialises (it starts subprocesses).
+
+    A torch ``DataLoader`` with workers installs a Python SIGCHLD handler and never removes it.
+    With that handler in place, a process that had run a few dozen other exports died of SIGSEGV
+    (``si_code=SI_KERNEL``: the kernel could not deliver the signal) when one of those children
+    exited; with the default action the same sequence passes. The caller's handler is put back
+    afterwards (it is also a decorator). Off the main thread, or where the handler was not set from
+    Python, nothing changes.
+    """
+    previous = signal.getsignal(signal.SIGCHLD) if hasattr(signal, "SIGCHLD") else None
+    if previous is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+
+
+@default_sigchld()
 def write(module: nn.Module, args: tuple, path: str, input_names: list[str] | None = None,
           output_names: list[str] | None = None) -> None:
     """Lowers ``module`` traced on ``args`` to XNNPACK and writes the ``.pte`` at ``path``.

@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import fx, nn
 
+from .executorch import default_sigchld
+
 __all__ = ["SHARED_QPARAM_OPS", "ShiftAwareXNNPACKQuantizer", "quantize_module", "to_executorch", "qparams_of"]
 
 _aten = torch.ops.aten
@@ -147,6 +149,7 @@ def qparams_of(quantized: fx.GraphModule, output_index: int | None = None, input
     return float(out.args[1]), int(out.args[2])
 
 
+@default_sigchld()
 def to_executorch(quantized: fx.GraphModule, example_args: tuple, path: str, int8_inputs: Sequence[int] = (),
                   int8_outputs: Sequence[int] = ()) -> dict:
     """Lowers a converted PT2E module to an ExecuTorch ``.pte`` with XNNPACK; returns the int8 I/O qparams.
