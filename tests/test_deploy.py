@@ -200,9 +200,9 @@ def test_executorch_programs_are_rank4_without_scatter(form):
 
 
 def test_executorch_serialises_with_the_default_sigchld_and_puts_the_callers_handler_back(tmp_path):
-    """A DataLoader with workers leaves a Python SIGCHLD handler installed; with it, the exit of
-    ExecuTorch's ``flatc`` child crashed the process (SIGSEGV) in the slow suite. The writer runs the
-    serialisation with the default action and restores the caller's handler."""
+    """A DataLoader with workers leaves a Python SIGCHLD handler installed; with it, a child of an
+    ExecuTorch export exiting crashed the process (SIGSEGV) in the slow suite. The writer runs the
+    whole export with the default action and restores the caller's handler."""
     import signal
     import subprocess
 
